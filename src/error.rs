@@ -1,0 +1,284 @@
+//! The one error type, and the one place it becomes an HTTP status and a JSON body.
+//!
+//! Variants are grouped by how the caller should react: fix the request (4xx), fix the
+//! deployment (422), retry later (503), or report a bug (500). Every body is
+//! `{"error": code, "message": what was wrong, "hint": what to do}`.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use warp::http::{StatusCode, header};
+use warp::reply::Response;
+
+use crate::domain::{TaskId, TaskStatus};
+
+/// A boxed error source, kept for the log line of a 5xx and never shown to clients.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; `field` names the part to fix.
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("missing or wrong push key")]
+    Unauthorized,
+    #[error("task {0} does not exist")]
+    NotFound(TaskId),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("task {task} is already {status}; a finished task accepts no more pushes", status = status.as_str())]
+    Conflict { task: TaskId, status: TaskStatus },
+    #[error("the body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("this endpoint speaks WebSocket; send an Upgrade: websocket request")]
+    UpgradeRequired,
+    /// `public.image_tasks` (or some of its columns) does not exist.
+    #[error("public.image_tasks is missing {}", missing.join(", "))]
+    SchemaMissing { missing: Vec<String> },
+    /// A dependency (the database, a bounded queue) cannot take the request right now.
+    #[error("{what} is unavailable")]
+    Unavailable {
+        what: &'static str,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("internal error while {context}")]
+    Internal {
+        context: &'static str,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl warp::reject::Reject for Error {}
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'static str,
+    message: &'a str,
+    hint: &'a str,
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, message: String) -> Self {
+        Error::Invalid { field, message }
+    }
+
+    pub fn unavailable(what: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Unavailable {
+            what,
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn internal(context: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Internal {
+            context,
+            source: source.into(),
+        }
+    }
+
+    /// The stable machine-readable code, used in HTTP bodies and WebSocket error messages.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } => "invalid_input",
+            Error::Unauthorized => "unauthorized",
+            Error::NotFound(_) => "not_found",
+            Error::RouteNotFound => "route_not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::Conflict { .. } => "task_finished",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::UnsupportedMediaType => "unsupported_media_type",
+            Error::UpgradeRequired => "upgrade_required",
+            Error::SchemaMissing { .. } => "schema_missing",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Internal { .. } => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::NotFound(_) | Error::RouteNotFound => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Conflict { .. } => StatusCode::CONFLICT,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Error::SchemaMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } => "fix the named field and send the request again",
+            Error::Unauthorized => {
+                "send Authorization: Bearer <key>, and check that TASK_PROCESS_SECRET_KEY is \
+                 identical in the generator and in taskcast (no extra spaces or newlines); \
+                 restart a service after changing its environment"
+            }
+            Error::NotFound(_) => {
+                "create the task first (POST /api/tasks or an INSERT into public.image_tasks)"
+            }
+            Error::RouteNotFound => "see README.md for the API routes",
+            Error::MethodNotAllowed => "see README.md for the methods each route accepts",
+            Error::Conflict { .. } => {
+                "completed, failed and cancelled are final; create a new task to generate again"
+            }
+            Error::PayloadTooLarge { .. } => {
+                "send a smaller body, or raise TASKCAST_MAX_BODY_BYTES"
+            }
+            Error::UnsupportedMediaType => "set Content-Type: application/json",
+            Error::UpgradeRequired => "connect with a WebSocket client, e.g. new WebSocket(url)",
+            Error::SchemaMissing { .. } => {
+                "run `taskcast migrate` (or apply schema.sql in the Supabase SQL editor); \
+                 taskcast picks the change up without a restart"
+            }
+            Error::Unavailable { .. } => "retry after the Retry-After delay",
+            Error::Internal { .. } => "retry later; if it persists, report it with the server log",
+        }
+    }
+
+    /// The client-facing message: specific for 4xx, opaque for 5xx (no SQL, no causes).
+    fn public_message(&self) -> String {
+        match self {
+            Error::SchemaMissing { missing } => format!(
+                "public.image_tasks is missing {}; run `taskcast migrate`",
+                missing.join(", ")
+            ),
+            Error::Internal { .. } => "internal error".to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The whole cause chain on one line, for logs.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            let _ = write!(out, ": {cause}");
+            source = cause.source();
+        }
+        out
+    }
+
+    fn body(&self) -> String {
+        let message = self.public_message();
+        serde_json::to_string(&Body {
+            error: self.code(),
+            message: &message,
+            hint: self.hint(),
+        })
+        .expect("a struct of strings always serializes")
+    }
+
+    /// The WebSocket form: `{"type":"error","code":...,"message":...,"hint":...}`.
+    pub fn to_ws_json(&self, task_id: Option<TaskId>) -> String {
+        #[derive(Serialize)]
+        struct WsError<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            task_id: Option<TaskId>,
+            code: &'static str,
+            message: &'a str,
+            hint: &'a str,
+        }
+        self.log();
+        let message = self.public_message();
+        serde_json::to_string(&WsError {
+            kind: "error",
+            task_id,
+            code: self.code(),
+            message: &message,
+            hint: self.hint(),
+        })
+        .expect("a struct of strings always serializes")
+    }
+
+    fn log(&self) {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %self.chain(), "request failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "request refused");
+        }
+    }
+
+    /// The single mapping from an error to an HTTP response.
+    pub fn into_response(self) -> Response {
+        self.log();
+        let status = self.status();
+        let mut response = json_response(status, self.body());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+        }
+        response
+    }
+
+    /// Turns warp's own rejections into our error, so they get the same body shape.
+    fn from_rejection(rejection: warp::Rejection) -> Self {
+        if let Some(err) = rejection.find::<Error>() {
+            return clone_rejected(err);
+        }
+        if rejection.is_not_found() {
+            Error::RouteNotFound
+        } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+            Error::MethodNotAllowed
+        } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+            Error::invalid(
+                "query",
+                "the query string is malformed; expected e.g. ?task_id=<uuid>".to_string(),
+            )
+        } else if let Some(h) = rejection.find::<warp::reject::InvalidHeader>() {
+            Error::invalid("header", format!("header {} is malformed", h.name()))
+        } else {
+            Error::internal("routing", format!("unhandled rejection: {rejection:?}"))
+        }
+    }
+}
+
+/// Errors raised inside filters travel as rejections by reference; only plain 4xx variants
+/// are raised there, so a lossless copy is possible.
+fn clone_rejected(err: &Error) -> Error {
+    match err {
+        Error::Invalid { field, message } => Error::invalid(field, message.clone()),
+        Error::Unauthorized => Error::Unauthorized,
+        Error::PayloadTooLarge { limit } => Error::PayloadTooLarge { limit: *limit },
+        Error::UnsupportedMediaType => Error::UnsupportedMediaType,
+        Error::UpgradeRequired => Error::UpgradeRequired,
+        other => Error::internal("routing", other.chain()),
+    }
+}
+
+/// warp's `recover` hook: every rejection goes through [`Error::into_response`].
+pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    Ok(Error::from_rejection(rejection).into_response())
+}
+
+/// A response with a JSON body that is already encoded.
+pub fn json_response(status: StatusCode, body: String) -> Response {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}

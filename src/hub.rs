@@ -1,0 +1,228 @@
+//! The hub: one watch channel per task that has subscribers, holding its latest frame.
+//!
+//! A watch channel keeps exactly one value, so a slow subscriber skips intermediate states
+//! and always gets the latest (latest-state conflation), never blocks the publisher and
+//! never grows memory. A frame is encoded once and its bytes are shared by every
+//! subscriber. An entry exists only while its task has subscribers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use dashmap::DashMap;
+use futures::Stream;
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::domain::{TaskId, TaskState};
+
+/// A committed state and its wire encoding, built once per change.
+#[derive(Debug)]
+pub struct Frame {
+    pub state: TaskState,
+    /// The `{"type":"state",...,"snapshot":false}` message every subscriber is sent.
+    pub text: Utf8Bytes,
+}
+
+impl Frame {
+    fn new(state: TaskState) -> Self {
+        let text = Utf8Bytes::from(state.to_json(false, None));
+        Frame { state, text }
+    }
+
+    pub fn version(&self) -> i64 {
+        self.state.version
+    }
+}
+
+type Slot = watch::Sender<Option<Arc<Frame>>>;
+
+/// Cloning a `Hub` is shallow: it is an `Arc` and costs one atomic increment.
+#[derive(Clone, Default)]
+pub struct Hub {
+    tasks: Arc<DashMap<TaskId, Slot>>,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers interest in `task`. Returns the subscription and the latest frame the hub
+    /// holds, if any. Register first, then read the store: nothing committed after this
+    /// call can be missed.
+    pub fn subscribe(&self, task: TaskId) -> (Subscription, Option<Arc<Frame>>) {
+        let rx = self
+            .tasks
+            .entry(task)
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        let current = rx.borrow().clone();
+        let delivered = current.as_ref().map_or(i64::MIN, |f| f.version());
+        let subscription = Subscription {
+            task,
+            stream: Some(WatchStream::from_changes(rx)),
+            delivered,
+            hub: self.clone(),
+        };
+        (subscription, current)
+    }
+
+    /// Offers a committed state to the task's subscribers. Ignored when nobody subscribes
+    /// or when the hub already holds this version or a newer one, so duplicates from two
+    /// paths collapse into one and nothing ever goes backwards.
+    pub fn publish(&self, state: &TaskState) {
+        // Clone the sender out so no shard lock is held while encoding.
+        let Some(slot) = self.tasks.get(&state.task_id).map(|e| e.value().clone()) else {
+            return;
+        };
+        if slot
+            .borrow()
+            .as_ref()
+            .is_some_and(|f| f.version() >= state.version)
+        {
+            return;
+        }
+        let frame = Arc::new(Frame::new(state.clone()));
+        slot.send_if_modified(|current| {
+            if current
+                .as_ref()
+                .is_some_and(|f| f.version() >= frame.version())
+            {
+                return false;
+            }
+            *current = Some(frame);
+            true
+        });
+    }
+
+    /// Tasks that currently have at least one subscriber.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn release(&self, task: &TaskId) {
+        // Checked and removed under the same shard lock: a subscriber arriving meanwhile
+        // either keeps the entry alive or creates a fresh one.
+        self.tasks
+            .remove_if(task, |_, slot| slot.receiver_count() == 0);
+    }
+}
+
+/// A stream of the task's frames with versions newer than the last one delivered.
+/// Dropping it unsubscribes, and removes the hub entry if it was the last subscriber.
+pub struct Subscription {
+    task: TaskId,
+    stream: Option<WatchStream<Option<Arc<Frame>>>>,
+    delivered: i64,
+    hub: Hub,
+}
+
+impl Subscription {
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
+    /// Records that the client has `version` (the snapshot), so only newer ones follow.
+    pub fn mark_delivered(&mut self, version: i64) {
+        self.delivered = self.delivered.max(version);
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Arc<Frame>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(stream) = this.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match Pin::new(&mut *stream).poll_next(cx) {
+                Poll::Ready(Some(Some(frame))) if frame.version() > this.delivered => {
+                    this.delivered = frame.version();
+                    return Poll::Ready(Some(frame));
+                }
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // Drop the receiver first so the count the hub checks no longer includes it.
+        drop(self.stream.take());
+        self.hub.release(&self.task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::TaskStatus;
+    use futures::StreamExt;
+
+    fn state(task: TaskId, version: i64) -> TaskState {
+        TaskState {
+            task_id: task,
+            progress: Some(version as f64),
+            stage: None,
+            status: TaskStatus::Processing,
+            version,
+            updated_at: chrono::Utc::now(),
+            image_url: None,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn older_versions_are_never_delivered_after_newer_ones() {
+        let hub = Hub::new();
+        let task = TaskId::random();
+        let (mut sub, _) = hub.subscribe(task);
+        hub.publish(&state(task, 2));
+        hub.publish(&state(task, 1));
+        assert_eq!(sub.next().await.unwrap().version(), 2);
+        hub.publish(&state(task, 2));
+        hub.publish(&state(task, 3));
+        assert_eq!(sub.next().await.unwrap().version(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_gets_only_the_latest_state() {
+        let hub = Hub::new();
+        let task = TaskId::random();
+        let (mut sub, _) = hub.subscribe(task);
+        for v in 1..=100 {
+            hub.publish(&state(task, v));
+        }
+        assert_eq!(sub.next().await.unwrap().version(), 100);
+    }
+
+    #[test]
+    fn entry_is_removed_when_the_last_subscriber_leaves() {
+        let hub = Hub::new();
+        let task = TaskId::random();
+        let (a, _) = hub.subscribe(task);
+        let (b, _) = hub.subscribe(task);
+        drop(a);
+        assert_eq!(hub.len(), 1);
+        drop(b);
+        assert!(hub.is_empty());
+    }
+
+    #[test]
+    fn publishing_without_subscribers_keeps_nothing() {
+        let hub = Hub::new();
+        hub.publish(&state(TaskId::random(), 1));
+        assert!(hub.is_empty());
+    }
+}

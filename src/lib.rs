@@ -1,0 +1,169 @@
+//! taskcast: real-time task progress for an image-generation app.
+//!
+//! A generator pushes progress over authenticated HTTP; taskcast commits it to Postgres
+//! and fans it out to browsers subscribed over WebSocket, so no browser polls.
+//!
+//! ```text
+//! generator --POST /api/tasks/{id}/progress--> routes --> domain (parse once)
+//!                                                |
+//!                                                v
+//!                                  writer: group commit, one UPDATE per batch --> store
+//!                                                |  committed
+//!                      +-------------------------+------------------------+
+//!                      v                                                  v
+//!            answer each pusher (2xx)                  hub.publish(state) if version is newer
+//!                                                                         |
+//! browser <--WS text frame (encoded once)-- ws connection <-- per-task watch channel
+//! ```
+
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod hub;
+pub mod routes;
+pub mod store;
+pub mod telemetry;
+pub mod writer;
+pub mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::routes::AppState;
+use crate::store::{MemoryStore, PgStore, Store};
+use crate::writer::Writer;
+use crate::ws::WsContext;
+
+/// How long shutdown waits for WebSocket connections to say goodbye.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A bound, not yet serving, server: the one seam shared by the binary and the tests.
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+    hub: Hub,
+    writer_task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    max_connections: usize,
+}
+
+impl App {
+    /// Opens the store, starts the writer and binds the listener (port 0 is allowed).
+    pub async fn build(config: Config) -> Result<App, Error> {
+        let limits = config.limits.clone();
+        let store = match &config.database_url {
+            Some(url) => {
+                let pg = Store::Postgres(PgStore::connect(url, &limits)?);
+                match pg.check_ready().await {
+                    Ok(()) => tracing::info!("store: postgres, schema complete"),
+                    Err(e) => tracing::warn!(
+                        error = %e.chain(),
+                        "store: postgres, not ready yet; pushes will fail until this is fixed"
+                    ),
+                }
+                pg
+            }
+            None => {
+                tracing::info!(
+                    "DATABASE_URL is not set: using the in-memory store (nothing survives a restart)"
+                );
+                Store::Memory(MemoryStore::new())
+            }
+        };
+        let hub = Hub::new();
+        let (writer, writer_task) = Writer::spawn(
+            store.clone(),
+            hub.clone(),
+            limits.max_batch,
+            limits.writer_queue,
+        );
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::unavailable("the listen address (TASKCAST_LISTEN)", e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::internal("reading the bound address", e))?;
+        let (stop, shutdown) = watch::channel(false);
+        let state = AppState {
+            store: store.clone(),
+            writer,
+            push_key: config.push_key.clone(),
+            max_body_bytes: limits.max_body_bytes,
+            ws: WsContext {
+                hub: hub.clone(),
+                store,
+                connections: Arc::new(Semaphore::new(limits.max_connections)),
+                limits: limits.clone(),
+                shutdown,
+            },
+        };
+        Ok(App {
+            listener,
+            local_addr,
+            state,
+            hub,
+            writer_task,
+            stop,
+            max_connections: limits.max_connections,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The hub, for observing subscriptions (tests, metrics).
+    pub fn hub(&self) -> Hub {
+        self.hub.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, answers every push already
+    /// accepted, sends each WebSocket a Close (1001), and returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let App {
+            listener,
+            local_addr,
+            state,
+            writer_task,
+            stop,
+            max_connections,
+            ..
+        } = self;
+        tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
+        let connections = state.ws.connections.clone();
+        let routes = routes::routes(state);
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                shutdown.await;
+                tracing::info!("shutting down");
+                let _ = stop.send(true);
+            })
+            .run()
+            .await;
+        // HTTP requests are done; the routes (and their writer handles) are dropped, so
+        // the writer drains its queue and ends. WebSockets got the signal through `stop`.
+        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(SHUTDOWN_GRACE, connections.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("some WebSocket connections did not close in time");
+        }
+        if let Err(e) = writer_task.await {
+            tracing::error!(error = %e, "the writer task failed");
+        }
+        tracing::info!("stopped");
+    }
+}

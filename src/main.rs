@@ -1,0 +1,71 @@
+//! The `taskcast` binary: parse the command line, set up logging, and run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use taskcast::App;
+use taskcast::config::{Cli, Command, Config, LogFormat};
+use taskcast::store::schema;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Migrate(args)) => {
+            taskcast::telemetry::init(LogFormat::Text);
+            match schema::migrate(&args.database_url).await {
+                Ok(changes) if changes.is_empty() => println!("up to date"),
+                Ok(changes) => changes.iter().for_each(|c| println!("{c}")),
+                Err(e) => {
+                    eprintln!("taskcast migrate failed: {}", e.chain());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Some(Command::Serve(args)) => serve(args).await,
+        None => serve(cli.serve).await,
+    }
+}
+
+async fn serve(args: taskcast::config::ServeArgs) -> ExitCode {
+    taskcast::telemetry::init(args.log_format);
+    let config = match Config::from_args(args, |name| std::env::var(name).ok()) {
+        Ok(config) => config,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = match App::build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e.chain(), "taskcast could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    app.run_until(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,212 @@
+//! The HTTP routes: thin handlers that parse into domain types and call the writer, the
+//! store or the WebSocket upgrade. Every error leaves through [`Error::into_response`].
+
+use std::convert::Infallible;
+
+use bytes::{Buf, BytesMut};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderMap, StatusCode};
+use warp::hyper::upgrade::OnUpgrade;
+use warp::reply::Response;
+
+use crate::auth::PushKey;
+use crate::domain::{NewTask, ProgressUpdate, TaskId};
+use crate::error::{self, Error, json_response};
+use crate::store::Store;
+use crate::writer::Writer;
+use crate::ws::{self, WsContext};
+
+/// Everything the handlers share. Cloning is shallow.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub writer: Writer,
+    pub push_key: PushKey,
+    pub max_body_bytes: usize,
+    pub ws: WsContext,
+}
+
+/// The whole API as one filter, with rejections mapped by [`error::recover`].
+pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    let with_state = {
+        let state = state.clone();
+        warp::any().map(move || state.clone())
+    };
+    let limit = state.max_body_bytes;
+
+    let push = warp::path!("api" / "tasks" / String / "progress")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(authorized(state.push_key.clone()))
+        .and(json_body(limit))
+        .then(push);
+
+    let create = warp::path!("api" / "tasks")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(authorized(state.push_key.clone()))
+        .and(json_body(limit))
+        .then(create);
+
+    let get = warp::path!("api" / "tasks" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(get_task);
+
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_string()));
+
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(readyz);
+
+    let socket = warp::path!("ws")
+        .and(warp::get())
+        .and(with_state)
+        .and(warp::query::<WsQuery>())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(
+            |state: AppState, query: WsQuery, headers: HeaderMap, on_upgrade| {
+                ws::upgrade(state.ws, query.task_id, &headers, on_upgrade)
+                    .unwrap_or_else(Error::into_response)
+            },
+        );
+
+    push.or(create)
+        .unify()
+        .or(get)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(socket)
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    task_id: Option<String>,
+}
+
+/// Auth runs after path matching, so an unknown route is a 404, not a 401.
+fn authorized(key: PushKey) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |value: Option<String>| {
+            let verdict = key.verify(value.as_deref()).map_err(warp::reject::custom);
+            async move { verdict }
+        })
+        .untuple_one()
+}
+
+/// The request body, at most `limit` bytes whether or not Content-Length is sent
+/// (chunked uploads are counted as they arrive), and JSON when a Content-Type is given.
+fn json_body(
+    limit: usize,
+) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(
+            move |content_type: Option<String>, length: Option<u64>, body| async move {
+                let is_json = content_type.as_deref().is_none_or(|ct| {
+                    let mime = ct.split(';').next().unwrap_or_default().trim();
+                    mime.eq_ignore_ascii_case("application/json")
+                });
+                if !is_json {
+                    return Err(warp::reject::custom(Error::UnsupportedMediaType));
+                }
+                if length.is_some_and(|n| n > limit as u64) {
+                    return Err(warp::reject::custom(Error::PayloadTooLarge { limit }));
+                }
+                read_limited(body, limit)
+                    .await
+                    .map_err(warp::reject::custom)
+            },
+        )
+}
+
+async fn read_limited<S, B>(body: S, limit: usize) -> Result<bytes::Bytes, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk
+            .map_err(|e| Error::invalid("body", format!("the body could not be read: {e}")))?;
+        if collected.len() + chunk.remaining() > limit {
+            return Err(Error::PayloadTooLarge { limit });
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            collected.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+fn respond(result: Result<Response, Error>) -> Response {
+    result.unwrap_or_else(Error::into_response)
+}
+
+async fn push(raw_id: String, state: AppState, body: bytes::Bytes) -> Response {
+    respond(
+        async {
+            let task = TaskId::parse(&raw_id)?;
+            let update = ProgressUpdate::from_json(&body)?;
+            let outcome = state.writer.push(task, update).await?;
+            let body = outcome.state().to_json(false, Some(outcome.applied()));
+            Ok(json_response(StatusCode::OK, body))
+        }
+        .await,
+    )
+}
+
+async fn create(state: AppState, body: bytes::Bytes) -> Response {
+    respond(
+        async {
+            let task = NewTask::from_json(&body)?;
+            let created = state.store.create(task).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                created.to_json(true, None),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn get_task(raw_id: String, state: AppState) -> Response {
+    respond(
+        async {
+            let task = TaskId::parse(&raw_id)?;
+            let current = state.store.get(task).await?.ok_or(Error::NotFound(task))?;
+            Ok(json_response(StatusCode::OK, current.to_json(true, None)))
+        }
+        .await,
+    )
+}
+
+async fn readyz(state: AppState) -> Response {
+    respond(state.store.check_ready().await.map(|()| {
+        let body = format!(r#"{{"status":"ready","store":"{}"}}"#, state.store.kind());
+        json_response(StatusCode::OK, body)
+    }))
+}
+
+/// Keeps the handler signatures honest: none of them can fail with a rejection.
+#[allow(dead_code)]
+fn _assert_infallible(_: Infallible) {}

@@ -1,0 +1,70 @@
+//! Where tasks live: Postgres when `DATABASE_URL` is set, else an in-memory map.
+//!
+//! Both stores decide what a push does with the same rules ([`TaskRow::decide`]), so the
+//! same integration tests run against both. Only durability across restarts differs.
+//!
+//! [`TaskRow::decide`]: crate::domain::TaskRow::decide
+
+mod memory;
+mod postgres;
+pub mod schema;
+
+pub use memory::MemoryStore;
+pub use postgres::PgStore;
+
+use crate::domain::{NewTask, Outcome, ProgressUpdate, TaskId, TaskState};
+use crate::error::Error;
+
+/// The result of each push in a batch, in the batch's order.
+pub type BatchResult = Vec<Result<Outcome, Error>>;
+
+/// A store handle. Cloning is shallow: both variants are reference-counted.
+#[derive(Clone)]
+pub enum Store {
+    Postgres(PgStore),
+    Memory(MemoryStore),
+}
+
+impl Store {
+    /// Applies a batch of pushes in one transaction. Each task appears at most once (the
+    /// writer guarantees it). An `Err` means nothing was committed.
+    pub async fn apply_batch(
+        &self,
+        batch: &[(TaskId, ProgressUpdate)],
+    ) -> Result<BatchResult, Error> {
+        match self {
+            Store::Postgres(pg) => pg.apply_batch(batch).await,
+            Store::Memory(mem) => Ok(mem.apply_batch(batch)),
+        }
+    }
+
+    /// The committed state of a task, `None` if it does not exist.
+    pub async fn get(&self, task: TaskId) -> Result<Option<TaskState>, Error> {
+        match self {
+            Store::Postgres(pg) => pg.get(task).await,
+            Store::Memory(mem) => Ok(mem.get(task)),
+        }
+    }
+
+    pub async fn create(&self, task: NewTask) -> Result<TaskState, Error> {
+        match self {
+            Store::Postgres(pg) => pg.create(task).await,
+            Store::Memory(mem) => mem.create(task),
+        }
+    }
+
+    /// Ok when the store can take pushes: the database answers and the schema is complete.
+    pub async fn check_ready(&self) -> Result<(), Error> {
+        match self {
+            Store::Postgres(pg) => pg.check_ready().await,
+            Store::Memory(_) => Ok(()),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Memory(_) => "memory",
+        }
+    }
+}

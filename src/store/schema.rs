@@ -1,0 +1,111 @@
+//! schema.sql, `taskcast migrate`, and the check that the table has what taskcast needs.
+
+use tokio_postgres::{GenericClient, NoTls};
+
+use crate::error::Error;
+
+/// The schema, idempotent; also shipped as `schema.sql` for the Supabase SQL editor.
+pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
+
+/// Every column of `public.image_tasks` that taskcast reads or writes.
+pub const REQUIRED_COLUMNS: &[&str] = &[
+    "id",
+    "user_id",
+    "prompt",
+    "status",
+    "progress",
+    "stage",
+    "image_url",
+    "error",
+    "updated_at",
+    "taskcast_version",
+    "taskcast_seq",
+];
+
+/// Key of the advisory lock that serializes concurrent migrations ("taskcast" in ASCII).
+const MIGRATE_LOCK: i64 = 0x7461_736b_6361_7374;
+
+/// What is missing for taskcast to work: `["table public.image_tasks"]`, or column names.
+/// Reads pg_catalog, not information_schema, which hides columns the role cannot access.
+pub async fn missing_columns<C: GenericClient>(
+    client: &C,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT to_regclass('public.image_tasks') IS NOT NULL", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(vec!["table public.image_tasks".to_string()]);
+    }
+    let rows = client
+        .query(
+            "SELECT c FROM unnest($1::text[]) WITH ORDINALITY AS r(c, n) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_attribute \
+               WHERE attrelid = 'public.image_tasks'::regclass AND attname = r.c \
+                 AND attnum > 0 AND NOT attisdropped) \
+             ORDER BY n",
+            &[&REQUIRED_COLUMNS],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn has_helper_function<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regprocedure('public.check_column_exists(text,text)') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Applies schema.sql in one transaction under an advisory lock, so two nodes migrating at
+/// once are safe. Returns what changed, one line each; empty when already up to date.
+pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
+    let fail = |what: &'static str| move |e: tokio_postgres::Error| Error::unavailable(what, e);
+    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+        .await
+        .map_err(fail("the database (connecting)"))?;
+    let driver = tokio::spawn(connection);
+    let result = async {
+        let tx = client.transaction().await.map_err(fail("the database"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(fail("the migration lock"))?;
+        let missing_before = missing_columns(&tx).await.map_err(fail("the catalog"))?;
+        let helper_before = has_helper_function(&tx)
+            .await
+            .map_err(fail("the catalog"))?;
+        tx.batch_execute(SCHEMA_SQL)
+            .await
+            .map_err(|e| Error::internal("applying schema.sql", e))?;
+        let missing_after = missing_columns(&tx).await.map_err(fail("the catalog"))?;
+        tx.commit().await.map_err(fail("the database (commit)"))?;
+
+        let mut changes = Vec::new();
+        if missing_before
+            .first()
+            .is_some_and(|m| m.starts_with("table "))
+        {
+            changes.push("created table public.image_tasks".to_string());
+        } else {
+            changes.extend(
+                missing_before
+                    .iter()
+                    .filter(|c| !missing_after.contains(c))
+                    .map(|c| format!("added column {c}")),
+            );
+        }
+        if !helper_before {
+            changes.push(
+                "created function public.check_column_exists (EXECUTE revoked from PUBLIC)"
+                    .to_string(),
+            );
+        }
+        Ok(changes)
+    }
+    .await;
+    drop(client);
+    let _ = driver.await;
+    result
+}

@@ -1,0 +1,142 @@
+//! The writer: one task that commits pushes in groups.
+//!
+//! Pushes that arrive while a commit is in flight form the next batch, so under load one
+//! transaction carries many pushes, and when idle a push is committed at once. Every pusher
+//! is answered only after its batch has committed; a 2xx therefore means durable. Applied
+//! states are then handed to the hub, which fans them out.
+
+use std::collections::{HashSet, VecDeque};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::domain::{Outcome, ProgressUpdate, TaskId};
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::store::Store;
+
+struct Job {
+    task: TaskId,
+    update: ProgressUpdate,
+    reply: oneshot::Sender<Result<Outcome, Error>>,
+}
+
+/// A handle for submitting pushes. Cloning is shallow (an mpsc sender).
+#[derive(Clone)]
+pub struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts the writer task. It ends once every `Writer` handle is dropped and the
+    /// queue is drained, so shutdown answers every accepted push.
+    pub fn spawn(
+        store: Store,
+        hub: Hub,
+        max_batch: usize,
+        queue: usize,
+    ) -> (Writer, JoinHandle<()>) {
+        let (jobs, rx) = mpsc::channel(queue);
+        let task = tokio::spawn(run(store, hub, rx, max_batch));
+        (Writer { jobs }, task)
+    }
+
+    /// Queues a push and waits for its commit. A full queue is refused at once with 503
+    /// rather than letting requests pile up.
+    pub async fn push(&self, task: TaskId, update: ProgressUpdate) -> Result<Outcome, Error> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            task,
+            update,
+            reply,
+        };
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Unavailable {
+                what: "the push queue (TASKCAST_WRITER_QUEUE is full)",
+                source: None,
+            },
+            mpsc::error::TrySendError::Closed(_) => Error::Unavailable {
+                what: "the writer (shutting down)",
+                source: None,
+            },
+        })?;
+        answer
+            .await
+            .map_err(|_| Error::internal("waiting for the commit", "the writer stopped"))?
+    }
+}
+
+async fn run(store: Store, hub: Hub, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    // Jobs received but not yet committed. Holds at most `max_batch` jobs.
+    let mut pending: VecDeque<Job> = VecDeque::with_capacity(max_batch);
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(job) => pending.push_back(job),
+                None => return,
+            }
+        }
+        while pending.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => pending.push_back(job),
+                Err(_) => break,
+            }
+        }
+        let batch = take_batch(&mut pending);
+        commit(&store, &hub, batch).await;
+    }
+}
+
+/// Takes the oldest job of each task: one statement updates a row at most once, so a
+/// second push to the same task waits for the next batch, keeping per-task order.
+fn take_batch(pending: &mut VecDeque<Job>) -> Vec<Job> {
+    let mut seen = HashSet::with_capacity(pending.len());
+    let mut batch = Vec::with_capacity(pending.len());
+    let mut rest = VecDeque::new();
+    for job in pending.drain(..) {
+        if seen.insert(job.task) {
+            batch.push(job);
+        } else {
+            rest.push_back(job);
+        }
+    }
+    *pending = rest;
+    batch
+}
+
+async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
+    let (items, replies): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|job| ((job.task, job.update), job.reply))
+        .unzip();
+    match store.apply_batch(&items).await {
+        Ok(results) => {
+            for (result, reply) in results.into_iter().zip(replies) {
+                if let Ok(Outcome::Applied(state)) = &result {
+                    hub.publish(state);
+                }
+                // The pusher may have gone; the commit stands and a retry with the same
+                // seq is answered `applied: false`.
+                let _ = reply.send(result);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(error = %error.chain(), pushes = replies.len(), "batch not committed");
+            for reply in replies {
+                let _ = reply.send(Err(same_error(&error)));
+            }
+        }
+    }
+}
+
+/// Every pusher of a failed batch gets the batch's error; only its kind and message are
+/// needed, the cause has been logged once above.
+fn same_error(error: &Error) -> Error {
+    match error {
+        Error::SchemaMissing { missing } => Error::SchemaMissing {
+            missing: missing.clone(),
+        },
+        Error::Unavailable { what, .. } => Error::Unavailable { what, source: None },
+        other => Error::internal("committing a batch", other.to_string()),
+    }
+}
