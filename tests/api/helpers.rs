@@ -1,0 +1,355 @@
+//! `spawn_app()` and friends: a real server on 127.0.0.1:0, a fresh database per test,
+//! and real HTTP and WebSocket clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use taskcast::App;
+use taskcast::auth::PushKey;
+use taskcast::config::{Config, Limits};
+use taskcast::domain::TaskId;
+use taskcast::hub::Hub;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_postgres::NoTls;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+pub const KEY: &str = "test-push-key-0123456789abcdef0123";
+/// How long any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Postgres,
+    Memory,
+}
+
+/// Generates one test per store from an `async fn name(kind: StoreKind)`.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::StoreKind::Postgres).await
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::StoreKind::Memory).await
+                }
+            )*
+        }
+    };
+}
+
+/// The admin URL on which tests create their databases (set by scripts/test).
+pub fn admin_url() -> String {
+    std::env::var("TASKCAST_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A fresh, empty database, dropped (with FORCE) when this value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = format!("test_{}", Uuid::new_v4().simple());
+        let admin = admin_client().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE (is TASKCAST_TEST_DATABASE_URL an admin URL?)");
+        let mut config: tokio_postgres::Config = admin_url().parse().expect("valid admin URL");
+        config.dbname(&name);
+        let url = pg_url(&config);
+        TestDb { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; a separate thread with its own runtime can
+        // block on the async client without stalling it.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for dropping the test database");
+            rt.block_on(async {
+                let admin = admin_client().await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn admin_client() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&admin_url(), NoTls)
+        .await
+        .expect("connect to TASKCAST_TEST_DATABASE_URL (run the tests with scripts/test)");
+    tokio::spawn(connection);
+    client
+}
+
+/// Rebuilds a URL from a parsed config (host, port, user, password, dbname).
+fn pg_url(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "127.0.0.1".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let mut url = format!("host={host} port={port}");
+    if let Some(user) = config.get_user() {
+        url.push_str(&format!(" user={user}"));
+    }
+    if let Some(pw) = config.get_password() {
+        url.push_str(&format!(" password={}", String::from_utf8_lossy(pw)));
+    }
+    if let Some(db) = config.get_dbname() {
+        url.push_str(&format!(" dbname={db}"));
+    }
+    url
+}
+
+/// A running server and what a test needs to talk to it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub hub: Hub,
+    pub db: Option<TestDb>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub async fn spawn_app(kind: StoreKind) -> TestApp {
+    spawn_app_with(kind, |_| {}).await
+}
+
+/// Spawns an app whose limits the test adjusts first.
+pub async fn spawn_app_with(kind: StoreKind, tune: impl FnOnce(&mut Limits)) -> TestApp {
+    let db = match kind {
+        StoreKind::Postgres => {
+            let db = TestDb::create().await;
+            taskcast::store::schema::migrate(&db.url)
+                .await
+                .expect("migrate the test database");
+            Some(db)
+        }
+        StoreKind::Memory => None,
+    };
+    let url = db.as_ref().map(|d| d.url.clone());
+    start(url, db, tune).await
+}
+
+/// Spawns an app on `database_url` as it is (no migration): for schema tests.
+pub async fn spawn_app_on(database_url: String, db: Option<TestDb>) -> TestApp {
+    start(Some(database_url), db, |_| {}).await
+}
+
+async fn start(
+    database_url: Option<String>,
+    db: Option<TestDb>,
+    tune: impl FnOnce(&mut Limits),
+) -> TestApp {
+    let mut config = Config::new(
+        "127.0.0.1:0".parse().expect("valid address"),
+        database_url,
+        PushKey::new(KEY),
+    );
+    tune(&mut config.limits);
+    let app = App::build(config).await.expect("the app builds");
+    let addr = app.local_addr();
+    let hub = app.hub();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        hub,
+        db,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{}", self.addr, query)
+    }
+
+    /// Creates a task through the API and returns its id.
+    pub async fn create_task(&self) -> TaskId {
+        let response = self
+            .http
+            .post(self.url("/api/tasks"))
+            .bearer_auth(KEY)
+            .json(&json!({"prompt": "a lighthouse at dusk"}))
+            .send()
+            .await
+            .expect("POST /api/tasks");
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.expect("JSON body");
+        TaskId::parse(body["task_id"].as_str().expect("task_id")).expect("a UUID")
+    }
+
+    /// POSTs a push with the right key.
+    pub async fn push(&self, task: impl std::fmt::Display, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/api/tasks/{task}/progress")))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST progress")
+    }
+
+    /// A push that must succeed; returns the answered state.
+    pub async fn push_ok(&self, task: TaskId, body: Value) -> Value {
+        let response = self.push(task, body).await;
+        let status = response.status();
+        let body: Value = response.json().await.expect("JSON body");
+        assert_eq!(status, 200, "push failed: {body}");
+        body
+    }
+
+    pub async fn get_task(&self, task: impl std::fmt::Display) -> reqwest::Response {
+        self.http
+            .get(self.url(&format!("/api/tasks/{task}")))
+            .send()
+            .await
+            .expect("GET task")
+    }
+
+    /// A WebSocket subscribed to `task` through the URL.
+    pub async fn subscribe(&self, task: TaskId) -> Subscriber {
+        self.connect(&format!("?task_id={task}")).await
+    }
+
+    pub async fn connect(&self, query: &str) -> Subscriber {
+        let (socket, _) = tokio_tungstenite::connect_async(self.ws_url(query))
+            .await
+            .expect("WebSocket connects");
+        Subscriber { socket }
+    }
+
+    /// Waits (bounded) until the hub holds no task.
+    pub async fn wait_for_empty_hub(&self) {
+        let hub = self.hub.clone();
+        wait_until(move || hub.is_empty()).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Polls `condition` every few milliseconds until it holds; fails the test after [`WAIT`].
+pub async fn wait_until(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub struct Subscriber {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Subscriber {
+    /// The next text message as JSON, failing the test after [`WAIT`].
+    pub async fn next_message(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("a message within the wait")
+                .expect("the socket is open")
+                .expect("a valid frame");
+            match message {
+                Message::Text(text) => {
+                    return serde_json::from_str(text.as_str()).expect("JSON message");
+                }
+                Message::Close(frame) => panic!("socket closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next message, which must be a state.
+    pub async fn next_state(&mut self) -> Value {
+        let message = self.next_message().await;
+        assert_eq!(message["type"], "state", "expected a state, got {message}");
+        message
+    }
+
+    /// Reads states until one has `version`, checking that versions strictly increase.
+    pub async fn states_until_version(&mut self, version: i64) -> Vec<Value> {
+        let mut seen: Vec<Value> = Vec::new();
+        loop {
+            let state = self.next_state().await;
+            let v = state["version"].as_i64().expect("version");
+            if let Some(previous) = seen.last() {
+                let pv = previous["version"].as_i64().expect("version");
+                assert!(v > pv, "version went from {pv} to {v}");
+            }
+            seen.push(state);
+            if v >= version {
+                return seen;
+            }
+        }
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.socket
+            .send(Message::text(value.to_string()))
+            .await
+            .expect("send a message");
+    }
+}
+
+/// The shipped schema.sql, as the Supabase SQL editor would get it.
+pub fn schema_sql() -> &'static str {
+    taskcast::store::schema::SCHEMA_SQL
+}

@@ -1,0 +1,183 @@
+//! schema.sql and `taskcast migrate` on real databases (Postgres only).
+
+use serde_json::{Value, json};
+use taskcast::store::schema::migrate;
+
+use crate::helpers::{TestDb, spawn_app_on};
+
+/// The table as an app built from the original guide has it: no progress, no stage.
+const GUIDE_ERA_TABLE: &str = "CREATE TABLE public.image_tasks (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id uuid,
+    prompt text,
+    status text NOT NULL DEFAULT 'pending',
+    image_url text,
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_twice_is_a_no_op() {
+    let db = TestDb::create().await;
+    let first = migrate(&db.url).await.expect("first migrate");
+    assert!(
+        first.iter().any(|c| c.contains("created table")),
+        "{first:?}"
+    );
+    let second = migrate(&db.url).await.expect("second migrate");
+    assert!(second.is_empty(), "second migrate changed {second:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_adds_the_guides_columns_to_an_existing_table_and_keeps_rows() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client.batch_execute(GUIDE_ERA_TABLE).await.unwrap();
+    client
+        .batch_execute("INSERT INTO image_tasks (prompt, status) VALUES ('kept', 'processing')")
+        .await
+        .unwrap();
+    let changes = migrate(&db.url).await.expect("migrate");
+    for column in ["progress", "stage", "taskcast_version", "taskcast_seq"] {
+        assert!(
+            changes.contains(&format!("added column {column}")),
+            "{changes:?}"
+        );
+    }
+    let row = client
+        .query_one(
+            "SELECT data_type FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = 'image_tasks' AND column_name = 'progress'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "numeric");
+    let kept: i64 = client
+        .query_one(
+            "SELECT count(*) FROM image_tasks WHERE prompt = 'kept'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_is_safe_no_execute_sql_and_helper_not_public() {
+    let db = TestDb::create().await;
+    migrate(&db.url).await.unwrap();
+    let client = db.client().await;
+    let exec_sql: bool = client
+        .query_one(
+            "SELECT to_regprocedure('public.execute_sql(text)') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exec_sql);
+    let public_can_run: bool = client
+        .query_one(
+            "SELECT has_function_privilege('public', 'public.check_column_exists(text,text)', 'EXECUTE')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!public_can_run);
+    let statements: String = crate::helpers::schema_sql()
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect();
+    assert!(!statements.contains("pg_reload_conf") && !statements.contains("execute_sql"));
+    let exists: bool = client
+        .query_one(
+            "SELECT column_exists FROM public.check_column_exists('image_tasks', 'stage')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_columns_give_422_until_migrate_then_pushes_work_without_restart() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client.batch_execute(GUIDE_ERA_TABLE).await.unwrap();
+    let id: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO image_tasks (prompt) VALUES ('p') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let url = db.url.clone();
+    let app = spawn_app_on(url.clone(), Some(db)).await;
+
+    let response = app
+        .push(id, json!({"progress": 10, "stage": "generating"}))
+        .await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "schema_missing");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("progress") && message.contains("stage"),
+        "{message}"
+    );
+    assert!(message.contains("taskcast migrate"), "{message}");
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 422);
+
+    migrate(&url).await.expect("migrate");
+
+    let answer = app
+        .push_ok(id.into(), json!({"progress": 10, "stage": "generating"}))
+        .await;
+    assert_eq!(answer["applied"], true);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let row = client
+        .query_one(
+            "SELECT progress::float8, stage FROM image_tasks WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<f64>>(0), Some(10.0));
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("generating")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_is_named_in_the_422() {
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let app = spawn_app_on(url, Some(db)).await;
+    let response = app.push(uuid::Uuid::new_v4(), json!({"progress": 1})).await;
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("table public.image_tasks")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_migrating_at_once_both_succeed() {
+    let db = TestDb::create().await;
+    let (a, b) = tokio::join!(migrate(&db.url), migrate(&db.url));
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    // The advisory lock serializes them: one did the work, the other found it done.
+    assert!(a.is_empty() != b.is_empty(), "a: {a:?}, b: {b:?}");
+}
