@@ -107,24 +107,34 @@ impl PgStore {
         let apply = client.prepare_cached(APPLY).await?;
         let tx = client.transaction().await?;
         let ids: Vec<Uuid> = batch.iter().map(|(id, _)| id.as_uuid()).collect();
+        // A row taskcast cannot read (say, a status it does not know) fails its own pushes
+        // only, not the whole batch.
         let mut current = HashMap::with_capacity(batch.len());
         for row in tx.query(&lock, &[&ids]).await? {
-            let task = row_to_task(&row)?;
-            current.insert(task.state.task_id, task);
+            let id: Uuid = row.try_get(0)?;
+            current.insert(TaskId::from(id), row_to_task(&row));
         }
 
         let mut results: BatchResult = Vec::with_capacity(batch.len());
         let mut to_apply = Vec::new();
         for (index, (id, update)) in batch.iter().enumerate() {
-            let Some(row) = current.get(id) else {
-                results.push(Err(Error::NotFound(*id)));
-                continue;
+            // Each task appears once per batch, so its row can be taken.
+            let row = match current.remove(id) {
+                None => {
+                    results.push(Err(Error::NotFound(*id)));
+                    continue;
+                }
+                Some(Err(e)) => {
+                    results.push(Err(e));
+                    continue;
+                }
+                Some(Ok(row)) => row,
             };
             match row.decide(update) {
-                Ok(Decision::Stale) => results.push(Ok(Outcome::Stale(row.state.clone()))),
+                Ok(Decision::Stale) => results.push(Ok(Outcome::Stale(row.state))),
                 Ok(Decision::Apply) => {
                     // Placeholder until the UPDATE returns the committed row.
-                    results.push(Ok(Outcome::Stale(row.state.clone())));
+                    results.push(Ok(Outcome::Stale(row.state)));
                     to_apply.push(index);
                 }
                 Err(e) => results.push(Err(e)),

@@ -69,6 +69,10 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
     let driver = tokio::spawn(connection);
     let result = async {
         let tx = client.transaction().await.map_err(fail("the database"))?;
+        // IF NOT EXISTS reports every skipped step as a NOTICE; keep the output to the diff.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(fail("the database"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await
             .map_err(fail("the migration lock"))?;

@@ -154,6 +154,80 @@ async fn hub_entries_are_gone_after_subscribers_leave(kind: StoreKind) {
     app.wait_for_empty_hub().await;
 }
 
+async fn subscribers_joining_during_pushes_miss_nothing(kind: StoreKind) {
+    const PUSHES: i64 = 200;
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    let pusher = {
+        let http = app.http.clone();
+        let url = app.url(&format!("/api/tasks/{task}/progress"));
+        tokio::spawn(async move {
+            for i in 1..=PUSHES {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(crate::helpers::KEY)
+                    .json(&json!({"progress": (i % 100) as f64, "seq": i}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+    };
+    // Subscribers arrive at arbitrary points while pushes commit.
+    let mut joined = Vec::new();
+    for _ in 0..20 {
+        let mut sub = app.subscribe(task).await;
+        let snapshot = sub.next_state().await;
+        assert_eq!(snapshot["snapshot"], true);
+        joined.push((sub, snapshot["version"].as_i64().unwrap()));
+    }
+    pusher.await.unwrap();
+    for (mut sub, from) in joined {
+        if from == PUSHES {
+            continue;
+        }
+        let seen = sub.states_until_version(PUSHES).await;
+        assert!(
+            seen[0]["version"].as_i64().unwrap() > from,
+            "a version at or below the snapshot was sent again"
+        );
+        assert_eq!(seen.last().unwrap()["version"], PUSHES);
+    }
+}
+
+async fn acknowledged_push_is_already_committed(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    for i in 1..=20 {
+        let answer = app
+            .push_ok(task, json!({"progress": i, "stage": format!("s{i}")}))
+            .await;
+        // Read through a path that bypasses the writer and the hub entirely.
+        let committed = match &app.db {
+            Some(db) => db
+                .client()
+                .await
+                .query_one(
+                    "SELECT taskcast_version, stage FROM image_tasks WHERE id = $1",
+                    &[&task.as_uuid()],
+                )
+                .await
+                .map(|row| (row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
+                .unwrap(),
+            None => {
+                let body: serde_json::Value = app.get_task(task).await.json().await.unwrap();
+                (
+                    body["version"].as_i64().unwrap(),
+                    body["stage"].as_str().map(String::from),
+                )
+            }
+        };
+        assert_eq!(committed.0, answer["version"].as_i64().unwrap());
+        assert_eq!(committed.1.as_deref(), Some(format!("s{i}").as_str()));
+    }
+}
+
 both_stores!(
     push_reaches_a_subscriber,
     late_subscriber_gets_the_current_state_as_snapshot,
@@ -163,4 +237,6 @@ both_stores!(
     subscriber_sees_the_final_state_and_its_result,
     get_returns_the_committed_state,
     hub_entries_are_gone_after_subscribers_leave,
+    subscribers_joining_during_pushes_miss_nothing,
+    acknowledged_push_is_already_committed,
 );
