@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::auth::{PushKey, Secret};
+use crate::auth::subscribe::SubscribeAuth;
+use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +31,52 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply schema.sql to DATABASE_URL in one transaction, and print what changed.
     Migrate(MigrateArgs),
+    /// Check a deployment: env vars, push key strength, subscriber auth, database, schema,
+    /// and unsafe functions. Exits non-zero when any check fails.
+    Doctor(DoctorArgs),
+    /// Mint a subscribe token for testing (signed with TASKCAST_SUBSCRIBE_SECRET).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// The task the token lets its holder watch (repeat for several).
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<String>,
+    /// How long the token is valid: e.g. 90s, 30m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// The signing secret.
+    #[arg(long, env = "TASKCAST_SUBSCRIBE_SECRET", hide_env_values = true)]
+    pub subscribe_secret: String,
+}
+
+/// Parses `90s`, `30m`, `1h`, `7d`, or plain seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration such as 90s, 30m, 1h or 7d"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{raw:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(factor)
+        .filter(|&secs| secs > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{raw:?} must be a positive duration"))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -57,6 +104,26 @@ pub struct ServeArgs {
     /// characters, then `development-key` outside production.
     #[arg(long, env = "TASK_PROCESS_SECRET_KEY", hide_env_values = true)]
     pub push_key: Option<String>,
+    /// The previous push key, also accepted while set (rotation without downtime).
+    #[arg(long, env = "TASK_PROCESS_SECRET_KEY_PREVIOUS", hide_env_values = true)]
+    pub push_key_previous: Option<String>,
+    /// Secret (32+ characters) that signs subscribe tokens (JWT HS256, claims task_id or
+    /// task_ids, and exp). Unset outside production: a random per-process secret.
+    #[arg(long, env = "TASKCAST_SUBSCRIBE_SECRET", hide_env_values = true)]
+    pub subscribe_secret: Option<String>,
+    /// Supabase's JWT secret: lets a signed-in user (role `authenticated`) watch the tasks
+    /// whose image_tasks.user_id is their `sub`.
+    #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
+    pub supabase_jwt_secret: Option<String>,
+    /// Development only: anyone may subscribe without a token. Refused in production.
+    #[arg(long, env = "TASKCAST_PUBLIC_SUBSCRIBE")]
+    pub public_subscribe: bool,
+    /// Lifetime of the subscribe token returned by POST /api/tasks, in seconds.
+    #[arg(long, env = "TASKCAST_TOKEN_TTL_SECS", default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+    /// More browser origins allowed besides NEXT_PUBLIC_APP_URL's (comma-separated).
+    #[arg(long, env = "TASKCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// The app's public URL; its origin is the one browsers connect from.
     #[arg(long, env = "NEXT_PUBLIC_APP_URL")]
     pub app_url: Option<String>,
@@ -69,9 +136,16 @@ pub struct ServeArgs {
     /// Tasks one WebSocket connection may subscribe to at once.
     #[arg(long, env = "TASKCAST_MAX_SUBSCRIPTIONS", default_value_t = 64)]
     pub max_subscriptions: usize,
-    /// Open WebSocket connections the server accepts; more get 503.
-    #[arg(long, env = "TASKCAST_MAX_CONNECTIONS", default_value_t = 16_000)]
+    /// Open WebSocket connections the server accepts; more get 503. Default: the
+    /// process's open-file limit less 512 for the pool, the listener and logs.
+    #[arg(long, env = "TASKCAST_MAX_CONNECTIONS", default_value_t = default_max_connections())]
     pub max_connections: usize,
+    /// Subscribe messages one connection may send per second; more get an error.
+    #[arg(long, env = "TASKCAST_MAX_SUBSCRIBES_PER_SEC", default_value_t = 20)]
+    pub max_subscribes_per_sec: u32,
+    /// Seconds a WebSocket connection may stay open without any subscription.
+    #[arg(long, env = "TASKCAST_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub idle_timeout_secs: u64,
     /// Most pushes committed in one statement.
     #[arg(long, env = "TASKCAST_MAX_BATCH", default_value_t = 500)]
     pub max_batch: usize,
@@ -102,6 +176,8 @@ pub struct Limits {
     pub max_ws_message_bytes: usize,
     pub max_subscriptions: usize,
     pub max_connections: usize,
+    pub max_subscribes_per_sec: u32,
+    pub idle_timeout: Duration,
     pub max_batch: usize,
     pub writer_queue: usize,
     pub db_pool_size: usize,
@@ -110,13 +186,26 @@ pub struct Limits {
     pub pong_timeout: Duration,
 }
 
+/// The soft open-file limit less 512, or 10,000 when it cannot be read.
+pub fn default_max_connections() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse::<usize>().ok())
+        .map_or(10_000, |soft| soft.saturating_sub(512).max(64))
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 16 * 1024,
             max_ws_message_bytes: 4 * 1024,
             max_subscriptions: 64,
-            max_connections: 16_000,
+            max_connections: default_max_connections(),
+            max_subscribes_per_sec: 20,
+            idle_timeout: Duration::from_secs(30),
             max_batch: 500,
             writer_queue: 8192,
             db_pool_size: 8,
@@ -134,39 +223,65 @@ pub struct Config {
     /// `None` selects the in-memory store.
     pub database_url: Option<Secret>,
     pub push_key: PushKey,
-    /// The origin (`scheme://host[:port]`) of NEXT_PUBLIC_APP_URL.
-    pub app_origin: Option<String>,
+    pub subscribe: SubscribeAuth,
+    /// Lifetime of the token `POST /api/tasks` returns.
+    pub token_ttl: Duration,
+    /// Browser origins (`scheme://host[:port]`) allowed besides the server's own:
+    /// NEXT_PUBLIC_APP_URL's and TASKCAST_ALLOWED_ORIGINS.
+    pub allowed_origins: Vec<String>,
     pub limits: Limits,
 }
 
 impl Config {
-    /// A config with default limits, for embedding and tests.
+    /// A config with default limits and a random subscribe secret, for embedding and tests.
     pub fn new(listen: SocketAddr, database_url: Option<String>, push_key: PushKey) -> Self {
         Config {
             listen,
             database_url: database_url.map(Secret::new),
             push_key,
-            app_origin: None,
+            subscribe: SubscribeAuth::new(Some(random_secret()), None, false),
+            token_ttl: Duration::from_secs(3600),
+            allowed_origins: Vec::new(),
             limits: Limits::default(),
         }
     }
 
     /// Validates parsed arguments; `env` reads the fallback key variables and NODE_ENV/APP_ENV.
+    /// In production (NODE_ENV or APP_ENV is `production`) unsafe settings are refused with
+    /// a message that says what to set; in development they are loud warnings.
     pub fn from_args(
         args: ServeArgs,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
         let production = is_production(&env);
-        let push_key = PushKey::resolve(args.push_key, &env, production)?;
-        let app_origin = args.app_url.as_deref().map(parse_origin).transpose()?;
+        let push_key = PushKey::resolve(args.push_key, args.push_key_previous, &env, production)?;
+        report_push_key(&push_key);
+        let subscribe = subscribe_auth(
+            args.subscribe_secret,
+            args.supabase_jwt_secret,
+            args.public_subscribe,
+            production,
+        )?;
+        let mut allowed_origins = Vec::new();
+        if let Some(url) = args.app_url.as_deref().filter(|u| !u.trim().is_empty()) {
+            allowed_origins.push(parse_origin("NEXT_PUBLIC_APP_URL", url)?);
+        }
+        for origin in args.allowed_origins.iter().filter(|o| !o.trim().is_empty()) {
+            allowed_origins.push(parse_origin("TASKCAST_ALLOWED_ORIGINS", origin)?);
+        }
         for (name, value) in [
             ("TASKCAST_MAX_BODY_BYTES", args.max_body_bytes),
             ("TASKCAST_MAX_WS_MESSAGE_BYTES", args.max_ws_message_bytes),
             ("TASKCAST_MAX_SUBSCRIPTIONS", args.max_subscriptions),
             ("TASKCAST_MAX_CONNECTIONS", args.max_connections),
+            (
+                "TASKCAST_MAX_SUBSCRIBES_PER_SEC",
+                args.max_subscribes_per_sec as usize,
+            ),
             ("TASKCAST_MAX_BATCH", args.max_batch),
             ("TASKCAST_WRITER_QUEUE", args.writer_queue),
             ("TASKCAST_DB_POOL_SIZE", args.db_pool_size),
+            ("TASKCAST_TOKEN_TTL_SECS", args.token_ttl_secs as usize),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be at least 1"));
@@ -187,12 +302,16 @@ impl Config {
             listen: args.listen,
             database_url: database_url.map(|url| Secret::new(url.trim())),
             push_key,
-            app_origin,
+            subscribe,
+            token_ttl: Duration::from_secs(args.token_ttl_secs),
+            allowed_origins,
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_ws_message_bytes: args.max_ws_message_bytes,
                 max_subscriptions: args.max_subscriptions,
                 max_connections: args.max_connections,
+                max_subscribes_per_sec: args.max_subscribes_per_sec,
+                idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
                 max_batch: args.max_batch,
                 writer_queue: args.writer_queue,
                 db_pool_size: args.db_pool_size,
@@ -204,6 +323,98 @@ impl Config {
     }
 }
 
+/// Says where the push key came from and what is wrong with it; never the key itself.
+fn report_push_key(key: &PushKey) {
+    tracing::info!(
+        source = key.source().describe(),
+        previous_key_accepted = key.has_previous(),
+        "push key loaded"
+    );
+    if key.was_trimmed() {
+        tracing::warn!(
+            source = key.source().describe(),
+            "the push key had surrounding whitespace or a newline; it was trimmed. Fix the \
+             value where it is set: the generator may send it untrimmed and get 401"
+        );
+    }
+    if let Some(weakness) = key.weakness() {
+        tracing::warn!(
+            "INSECURE PUSH KEY: it {weakness}. This is refused in production; set \
+             TASK_PROCESS_SECRET_KEY to at least {MIN_KEY_CHARS} random characters \
+             (`openssl rand -hex 16`)"
+        );
+    }
+}
+
+fn subscribe_auth(
+    secret: Option<String>,
+    supabase: Option<String>,
+    public: bool,
+    production: bool,
+) -> Result<SubscribeAuth, String> {
+    let non_blank = |v: Option<String>| v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let secret = non_blank(secret);
+    let supabase = non_blank(supabase);
+    if production {
+        if public {
+            return Err("refusing to start in production with --public-subscribe \
+                        (TASKCAST_PUBLIC_SUBSCRIBE): anyone could watch any task. Unset it and \
+                        set TASKCAST_SUBSCRIBE_SECRET"
+                .to_string());
+        }
+        if secret.is_none() && supabase.is_none() {
+            return Err(
+                "refusing to start in production without subscriber auth: set \
+                        TASKCAST_SUBSCRIBE_SECRET (e.g. `openssl rand -hex 32`) and/or \
+                        SUPABASE_JWT_SECRET"
+                    .to_string(),
+            );
+        }
+        if secret
+            .as_ref()
+            .is_some_and(|s| s.chars().count() < MIN_KEY_CHARS)
+        {
+            return Err(format!(
+                "refusing to start in production: TASKCAST_SUBSCRIBE_SECRET is shorter than \
+                 {MIN_KEY_CHARS} characters (e.g. `openssl rand -hex 32`)"
+            ));
+        }
+    }
+    if public {
+        tracing::warn!(
+            "--public-subscribe is on: ANYONE who knows a task id can watch it (development only)"
+        );
+    }
+    let tokens = match secret {
+        Some(s) => Some(Secret::new(s)),
+        None => {
+            tracing::warn!(
+                "TASKCAST_SUBSCRIBE_SECRET is not set: using a random secret for this process \
+                 (development only); tokens from POST /api/tasks stop working on restart"
+            );
+            Some(random_secret())
+        }
+    };
+    tracing::info!(
+        supabase_sessions = supabase.is_some(),
+        public = public,
+        "subscriber auth: subscribe tokens"
+    );
+    Ok(SubscribeAuth::new(
+        tokens,
+        supabase.map(Secret::new),
+        public,
+    ))
+}
+
+fn random_secret() -> Secret {
+    Secret::new(format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
 /// Production is `NODE_ENV=production` or `APP_ENV=production` (case-insensitive).
 pub fn is_production(env: impl Fn(&str) -> Option<String>) -> bool {
     ["NODE_ENV", "APP_ENV"]
@@ -211,14 +422,12 @@ pub fn is_production(env: impl Fn(&str) -> Option<String>) -> bool {
         .any(|var| env(var).is_some_and(|v| v.trim().eq_ignore_ascii_case("production")))
 }
 
-/// Reduces NEXT_PUBLIC_APP_URL to its origin, rejecting anything that is not http(s)://host.
-pub fn parse_origin(url: &str) -> Result<String, String> {
-    let url = url.trim();
-    let bad = || {
-        format!(
-            "NEXT_PUBLIC_APP_URL must be an http(s) URL such as https://app.example.com, got {url:?}"
-        )
-    };
+/// Reduces a URL to its origin, rejecting anything that is not http(s)://host[:port].
+/// `name` is the setting it came from, for the error message.
+pub fn parse_origin(name: &str, url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let bad =
+        || format!("{name} must be an http(s) URL such as https://app.example.com, got {url:?}");
     let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "http" && scheme != "https" {
@@ -239,12 +448,12 @@ mod tests {
     #[test]
     fn origin_keeps_scheme_host_and_port_only() {
         assert_eq!(
-            parse_origin("https://App.example.com:8443/path?q=1").unwrap(),
+            parse_origin("X", "https://App.example.com:8443/path?q=1").unwrap(),
             "https://app.example.com:8443"
         );
-        assert!(parse_origin("app.example.com").is_err());
-        assert!(parse_origin("ftp://x").is_err());
-        assert!(parse_origin("https://user@host").is_err());
+        assert!(parse_origin("X", "app.example.com").is_err());
+        assert!(parse_origin("X", "ftp://x").is_err());
+        assert!(parse_origin("X", "https://user@host").is_err());
     }
 
     #[test]

@@ -379,11 +379,22 @@ struct Wire<'a> {
     snapshot: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     applied: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<&'a str>,
 }
 
 impl TaskState {
     /// Encodes the state message. `applied` is only set in the answer to a push.
     pub fn to_json(&self, snapshot: bool, applied: Option<bool>) -> String {
+        self.encode(snapshot, applied, None)
+    }
+
+    /// The answer to `POST /api/tasks`: the state plus a subscribe token for the task.
+    pub fn to_created_json(&self, token: Option<&str>) -> String {
+        self.encode(true, None, token)
+    }
+
+    fn encode(&self, snapshot: bool, applied: Option<bool>, token: Option<&str>) -> String {
         let wire = Wire {
             kind: "state",
             task_id: self.task_id,
@@ -396,6 +407,7 @@ impl TaskState {
             error: self.error.as_deref(),
             snapshot,
             applied,
+            token,
         };
         serde_json::to_string(&wire).expect("a struct of plain fields always serializes")
     }
@@ -406,6 +418,8 @@ impl TaskState {
 pub struct TaskRow {
     pub state: TaskState,
     pub last_seq: Option<i64>,
+    /// `image_tasks.user_id`: the Supabase user who may watch the task with a session token.
+    pub owner: Option<Uuid>,
 }
 
 /// What a push does to a task, decided the same way by every store.
@@ -551,6 +565,7 @@ mod tests {
                 error: None,
             },
             last_seq,
+            owner: None,
         }
     }
 

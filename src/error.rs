@@ -26,6 +26,16 @@ pub enum Error {
     },
     #[error("missing or wrong push key")]
     Unauthorized,
+    #[error("a subscribe token is required to watch a task")]
+    TokenRequired,
+    #[error("the subscribe token is not valid (wrong signature, malformed, or not HS256)")]
+    TokenInvalid,
+    #[error("the subscribe token has expired")]
+    TokenExpired,
+    /// Authenticated, but not allowed: a token for another task, another user's task, or a
+    /// browser origin that is not allowed. Never says whether the task exists.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("task {0} does not exist")]
     NotFound(TaskId),
     #[error("no such route")]
@@ -34,6 +44,9 @@ pub enum Error {
     MethodNotAllowed,
     #[error("task {task} is already {status}; a finished task accepts no more pushes", status = status.as_str())]
     Conflict { task: TaskId, status: TaskStatus },
+    /// A per-connection bound was reached (subscriptions, subscribe rate).
+    #[error("{0}")]
+    RateLimited(String),
     #[error("the body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the body must be JSON (Content-Type: application/json)")]
@@ -94,10 +107,15 @@ impl Error {
         match self {
             Error::Invalid { .. } => "invalid_input",
             Error::Unauthorized => "unauthorized",
+            Error::TokenRequired => "token_required",
+            Error::TokenInvalid => "token_invalid",
+            Error::TokenExpired => "token_expired",
+            Error::Forbidden(_) => "forbidden",
             Error::NotFound(_) => "not_found",
             Error::RouteNotFound => "route_not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Conflict { .. } => "task_finished",
+            Error::RateLimited(_) => "limit_exceeded",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::UnsupportedMediaType => "unsupported_media_type",
             Error::UpgradeRequired => "upgrade_required",
@@ -110,10 +128,15 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Invalid { .. } => StatusCode::BAD_REQUEST,
-            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::Unauthorized
+            | Error::TokenRequired
+            | Error::TokenInvalid
+            | Error::TokenExpired => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) | Error::RouteNotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict { .. } => StatusCode::CONFLICT,
+            Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
@@ -131,6 +154,18 @@ impl Error {
                  identical in the generator and in taskcast (no extra spaces or newlines); \
                  restart a service after changing its environment"
             }
+            Error::TokenRequired | Error::TokenInvalid => {
+                "pass the token from POST /api/tasks (or `taskcast token`) as ?token= on the \
+                 /ws URL, as \"token\" in the subscribe message, or as Authorization: Bearer"
+            }
+            Error::TokenExpired => {
+                "get a fresh token from the app and subscribe again: \
+                 {\"type\":\"subscribe\",\"task_id\":...,\"token\":...}"
+            }
+            Error::Forbidden(_) => {
+                "use a token issued for this task, or connect from an allowed origin \
+                 (NEXT_PUBLIC_APP_URL, TASKCAST_ALLOWED_ORIGINS)"
+            }
             Error::NotFound(_) => {
                 "create the task first (POST /api/tasks or an INSERT into public.image_tasks)"
             }
@@ -139,6 +174,7 @@ impl Error {
             Error::Conflict { .. } => {
                 "completed, failed and cancelled are final; create a new task to generate again"
             }
+            Error::RateLimited(_) => "stay within the limit named in the message",
             Error::PayloadTooLarge { .. } => {
                 "send a smaller body, or raise TASKCAST_MAX_BODY_BYTES"
             }
@@ -260,6 +296,7 @@ fn clone_rejected(err: &Error) -> Error {
     match err {
         Error::Invalid { field, message } => Error::invalid(field, message.clone()),
         Error::Unauthorized => Error::Unauthorized,
+        Error::Forbidden(message) => Error::Forbidden(message.clone()),
         Error::PayloadTooLarge { limit } => Error::PayloadTooLarge { limit: *limit },
         Error::UnsupportedMediaType => Error::UnsupportedMediaType,
         Error::UpgradeRequired => Error::UpgradeRequired,

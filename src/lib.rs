@@ -18,9 +18,11 @@
 
 pub mod auth;
 pub mod config;
+pub mod doctor;
 pub mod domain;
 pub mod error;
 pub mod hub;
+pub mod origin;
 pub mod routes;
 pub mod store;
 pub mod telemetry;
@@ -39,6 +41,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::origin::OriginPolicy;
 use crate::routes::AppState;
 use crate::store::{MemoryStore, PgStore, Store};
 use crate::writer::Writer;
@@ -99,10 +102,14 @@ impl App {
             store: store.clone(),
             writer,
             push_key: config.push_key.clone(),
+            subscribe: config.subscribe.clone(),
+            token_ttl: config.token_ttl,
+            origins: OriginPolicy::new(config.allowed_origins.clone()),
             max_body_bytes: limits.max_body_bytes,
             ws: WsContext {
                 hub: hub.clone(),
                 store,
+                subscribe: config.subscribe.clone(),
                 connections: Arc::new(Semaphore::new(limits.max_connections)),
                 limits: limits.clone(),
                 shutdown,

@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use taskcast::App;
+use taskcast::auth::Secret;
+use taskcast::auth::subscribe;
 use taskcast::config::{Cli, Command, Config, LogFormat};
+use taskcast::domain::TaskId;
 use taskcast::store::schema;
 
 #[tokio::main]
@@ -22,6 +25,34 @@ async fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Some(Command::Doctor(args)) => {
+            let env = |name: &str| std::env::var(name).ok();
+            let report = taskcast::doctor::run(&env).await;
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render_text());
+            }
+            if report.failed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Some(Command::Token(args)) => {
+            let tasks: Result<Vec<_>, _> = args.tasks.iter().map(|t| TaskId::parse(t)).collect();
+            match tasks {
+                Ok(tasks) => {
+                    let secret = Secret::new(args.subscribe_secret.trim());
+                    println!("{}", subscribe::mint(&secret, &tasks, args.ttl));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("taskcast token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,

@@ -1,20 +1,20 @@
 //! The HTTP routes: thin handlers that parse into domain types and call the writer, the
 //! store or the WebSocket upgrade. Every error leaves through [`Error::into_response`].
 
-use std::convert::Infallible;
-
 use bytes::{Buf, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use warp::Filter;
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::{HeaderMap, Method, StatusCode};
 use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
-use crate::auth::PushKey;
+use crate::auth::subscribe::SubscribeAuth;
+use crate::auth::{PushKey, may_watch};
 use crate::domain::{NewTask, ProgressUpdate, TaskId};
 use crate::error::{self, Error, json_response};
+use crate::origin::{self, OriginPolicy};
 use crate::store::Store;
 use crate::writer::Writer;
 use crate::ws::{self, WsContext};
@@ -25,6 +25,9 @@ pub struct AppState {
     pub store: Store,
     pub writer: Writer,
     pub push_key: PushKey,
+    pub subscribe: SubscribeAuth,
+    pub token_ttl: std::time::Duration,
+    pub origins: OriginPolicy,
     pub max_body_bytes: usize,
     pub ws: WsContext,
 }
@@ -54,6 +57,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let get = warp::path!("api" / "tasks" / String)
         .and(warp::get())
         .and(with_state.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::<TokenQuery>())
         .then(get_task);
 
     let healthz = warp::path!("healthz")
@@ -73,12 +78,13 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::ext::optional::<OnUpgrade>())
         .map(
             |state: AppState, query: WsQuery, headers: HeaderMap, on_upgrade| {
-                ws::upgrade(state.ws, query.task_id, &headers, on_upgrade)
+                ws::upgrade(state.ws, query.task_id, query.token, &headers, on_upgrade)
                     .unwrap_or_else(Error::into_response)
             },
         );
 
-    push.or(create)
+    let api = push
+        .or(create)
         .unify()
         .or(get)
         .unify()
@@ -87,6 +93,27 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(readyz)
         .unify()
         .or(socket)
+        .unify();
+    // The origin check runs first, so a foreign page is refused before any route (and
+    // before a WebSocket upgrade); allowed cross-origin responses carry CORS headers.
+    let origins = state.origins.filter();
+    // Matched by hand rather than with warp::options(): its "method not allowed" rejection
+    // would outrank the 404 of an unknown route.
+    let preflight = warp::method()
+        .and_then(|method: Method| async move {
+            if method == Method::OPTIONS {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
+        .and(origins.clone())
+        .map(origin::preflight);
+    origins
+        .and(api)
+        .map(|allowed: Option<String>, response: Response| origin::allow(response, allowed))
+        .or(preflight)
         .unify()
         .recover(error::recover)
         .unify()
@@ -96,6 +123,12 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
 #[derive(Deserialize)]
 struct WsQuery {
     task_id: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
 }
 
 /// Auth runs after path matching, so an unknown route is a 404, not a 401.
@@ -189,10 +222,22 @@ async fn create(state: AppState, body: bytes::Bytes) -> Response {
     )
 }
 
-async fn get_task(raw_id: String, state: AppState) -> Response {
+/// Readable with the push key (servers) or a subscribe token (browsers), given as
+/// `Authorization: Bearer` or `?token=`.
+async fn get_task(
+    raw_id: String,
+    state: AppState,
+    authorization: Option<String>,
+    query: TokenQuery,
+) -> Response {
     respond(
         async {
             let task = TaskId::parse(&raw_id)?;
+            if state.push_key.verify(authorization.as_deref()).is_err() {
+                let bearer = authorization.as_deref().and_then(crate::auth::bearer);
+                let token = query.token.as_deref().or(bearer);
+                may_watch(&state.subscribe, &state.store, token, task).await?;
+            }
             let current = state.store.get(task).await?.ok_or(Error::NotFound(task))?;
             Ok(json_response(StatusCode::OK, current.to_json(true, None)))
         }
@@ -206,7 +251,3 @@ async fn readyz(state: AppState) -> Response {
         json_response(StatusCode::OK, body)
     }))
 }
-
-/// Keeps the handler signatures honest: none of them can fail with a rejection.
-#[allow(dead_code)]
-fn _assert_infallible(_: Infallible) {}

@@ -58,7 +58,12 @@ impl MemoryStore {
         self.lock().get(&id).map(|row| row.state.clone())
     }
 
-    pub fn create(&self, _task: NewTask) -> Result<TaskState, Error> {
+    /// `None` if the task does not exist, else its owner (`user_id`).
+    pub fn owner(&self, id: TaskId) -> Option<Option<uuid::Uuid>> {
+        self.lock().get(&id).map(|row| row.owner)
+    }
+
+    pub fn create(&self, task: NewTask) -> Result<TaskState, Error> {
         let mut tasks = self.lock();
         if tasks.len() >= MEMORY_STORE_CAPACITY {
             tasks.retain(|_, row| !row.state.status.is_terminal());
@@ -84,6 +89,7 @@ impl MemoryStore {
             TaskRow {
                 state: state.clone(),
                 last_seq: None,
+                owner: task.user_id,
             },
         );
         Ok(state)

@@ -46,6 +46,14 @@ impl Store {
         }
     }
 
+    /// `None` if the task does not exist, else its owner (`image_tasks.user_id`).
+    pub async fn owner(&self, task: TaskId) -> Result<Option<Option<uuid::Uuid>>, Error> {
+        match self {
+            Store::Postgres(pg) => pg.owner(task).await,
+            Store::Memory(mem) => Ok(mem.owner(task)),
+        }
+    }
+
     pub async fn create(&self, task: NewTask) -> Result<TaskState, Error> {
         match self {
             Store::Postgres(pg) => pg.create(task).await,

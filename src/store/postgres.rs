@@ -23,10 +23,10 @@ use crate::error::Error;
 
 /// Columns read into a [`TaskRow`], in the order [`row_to_task`] expects.
 const COLUMNS: &str = "id, progress::float8, stage, status, taskcast_version, updated_at, \
-                       image_url, error, taskcast_seq";
+                       image_url, error, taskcast_seq, user_id";
 
 const LOCK_ROWS: &str = "SELECT id, progress::float8, stage, status, taskcast_version, updated_at, \
-     image_url, error, taskcast_seq \
+     image_url, error, taskcast_seq, user_id \
      FROM public.image_tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 
 /// NULL in an input array means "leave that column as it is".
@@ -41,7 +41,7 @@ const APPLY: &str = "UPDATE public.image_tasks AS t SET \
        AS u(id, progress, stage, status, seq) \
      WHERE t.id = u.id \
      RETURNING t.id, t.progress::float8, t.stage, t.status, t.taskcast_version, t.updated_at, \
-       t.image_url, t.error, t.taskcast_seq";
+       t.image_url, t.error, t.taskcast_seq, t.user_id";
 
 /// Cloning is shallow: the pool is reference-counted.
 #[derive(Clone)]
@@ -192,6 +192,23 @@ impl PgStore {
         }
     }
 
+    /// `None` if the task does not exist, else its owner (`user_id`).
+    pub async fn owner(&self, task: TaskId) -> Result<Option<Option<Uuid>>, Error> {
+        let result: Result<_, DbError> = async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT user_id FROM public.image_tasks WHERE id = $1")
+                .await?;
+            let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
+            Ok(row.map(|r| r.try_get::<_, Option<Uuid>>(0)).transpose()?)
+        }
+        .await;
+        match result {
+            Ok(owner) => Ok(owner),
+            Err(e) => Err(self.classify(e).await),
+        }
+    }
+
     pub async fn create(&self, task: NewTask) -> Result<TaskState, Error> {
         let result: Result<_, DbError> = async {
             let client = self.client().await?;
@@ -309,5 +326,6 @@ fn row_to_task(row: &Row) -> Result<TaskRow, Error> {
             error: row.try_get(7).map_err(read)?,
         },
         last_seq: row.try_get(8).map_err(read)?,
+        owner: row.try_get(9).map_err(read)?,
     })
 }

@@ -77,11 +77,9 @@ async fn one_socket_multiplexes_tasks_and_unsubscribe_stops_them(kind: StoreKind
     let a = app.create_task().await;
     let b = app.create_task().await;
     let mut sub = app.connect("").await;
-    sub.send_json(json!({"type": "subscribe", "task_id": a.to_string()}))
-        .await;
+    sub.send_json(app.subscribe_message(a)).await;
     assert_eq!(sub.next_state().await["task_id"], a.to_string());
-    sub.send_json(json!({"type": "subscribe", "task_id": b.to_string()}))
-        .await;
+    sub.send_json(app.subscribe_message(b)).await;
     assert_eq!(sub.next_state().await["task_id"], b.to_string());
 
     app.push_ok(b, json!({"stage": "b1"})).await;
@@ -92,8 +90,7 @@ async fn one_socket_multiplexes_tasks_and_unsubscribe_stops_them(kind: StoreKind
     sub.send_json(json!({"type": "unsubscribe", "task_id": a.to_string()}))
         .await;
     // The unsubscribe is processed before the next subscribe on the same socket.
-    sub.send_json(json!({"type": "subscribe", "task_id": b.to_string()}))
-        .await;
+    sub.send_json(app.subscribe_message(b)).await;
     assert_eq!(sub.next_state().await["snapshot"], true);
     app.push_ok(a, json!({"stage": "a2"})).await;
     app.push_ok(b, json!({"stage": "b2"})).await;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use taskcast::App;
-use taskcast::auth::PushKey;
-use taskcast::config::{Config, Limits};
+use taskcast::auth::subscribe::{SubscribeAuth, mint};
+use taskcast::auth::{PushKey, Secret};
+use taskcast::config::Config;
 use taskcast::domain::TaskId;
 use taskcast::hub::Hub;
 use tokio::net::TcpStream;
@@ -19,6 +20,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 pub const KEY: &str = "test-push-key-0123456789abcdef0123";
+pub const SUBSCRIBE_SECRET: &str = "test-subscribe-secret-0123456789abcdef";
 /// How long any single expected event may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -151,8 +153,8 @@ pub async fn spawn_app(kind: StoreKind) -> TestApp {
     spawn_app_with(kind, |_| {}).await
 }
 
-/// Spawns an app whose limits the test adjusts first.
-pub async fn spawn_app_with(kind: StoreKind, tune: impl FnOnce(&mut Limits)) -> TestApp {
+/// Spawns an app whose configuration the test adjusts first.
+pub async fn spawn_app_with(kind: StoreKind, tune: impl FnOnce(&mut Config)) -> TestApp {
     let db = match kind {
         StoreKind::Postgres => {
             let db = TestDb::create().await;
@@ -175,14 +177,15 @@ pub async fn spawn_app_on(database_url: String, db: Option<TestDb>) -> TestApp {
 async fn start(
     database_url: Option<String>,
     db: Option<TestDb>,
-    tune: impl FnOnce(&mut Limits),
+    tune: impl FnOnce(&mut Config),
 ) -> TestApp {
     let mut config = Config::new(
         "127.0.0.1:0".parse().expect("valid address"),
         database_url,
         PushKey::new(KEY),
     );
-    tune(&mut config.limits);
+    config.subscribe = SubscribeAuth::new(Some(Secret::new(SUBSCRIBE_SECRET)), None, false);
+    tune(&mut config);
     let app = App::build(config).await.expect("the app builds");
     let addr = app.local_addr();
     let hub = app.hub();
@@ -244,17 +247,35 @@ impl TestApp {
         body
     }
 
+    /// GET /api/tasks/{id} as a server would: with the push key.
     pub async fn get_task(&self, task: impl std::fmt::Display) -> reqwest::Response {
         self.http
             .get(self.url(&format!("/api/tasks/{task}")))
+            .bearer_auth(KEY)
             .send()
             .await
             .expect("GET task")
     }
 
-    /// A WebSocket subscribed to `task` through the URL.
+    /// A subscribe token for `tasks`, valid for an hour.
+    pub fn token(&self, tasks: &[TaskId]) -> String {
+        mint(
+            &Secret::new(SUBSCRIBE_SECRET),
+            tasks,
+            Duration::from_secs(3600),
+        )
+    }
+
+    /// The subscribe message for `task`, with a token for it.
+    pub fn subscribe_message(&self, task: TaskId) -> Value {
+        json!({"type": "subscribe", "task_id": task.to_string(), "token": self.token(&[task])})
+    }
+
+    /// A WebSocket subscribed to `task` through the URL, with a token.
     pub async fn subscribe(&self, task: TaskId) -> Subscriber {
-        self.connect(&format!("?task_id={task}")).await
+        let token = self.token(&[task]);
+        self.connect(&format!("?task_id={task}&token={token}"))
+            .await
     }
 
     pub async fn connect(&self, query: &str) -> Subscriber {

@@ -17,15 +17,18 @@ async fn subscribing_to_a_missing_task_yields_not_found_and_the_socket_stays_usa
 ) {
     let app = spawn_app(kind).await;
     let missing = uuid::Uuid::new_v4();
-    let mut sub = app.connect(&format!("?task_id={missing}")).await;
+    // The token grants the task, so the holder may learn that it does not exist.
+    let token = app.token(&[missing.into()]);
+    let mut sub = app
+        .connect(&format!("?task_id={missing}&token={token}"))
+        .await;
     let error = sub.next_message().await;
     assert_eq!(error["type"], "error");
     assert_eq!(error["code"], "not_found");
     assert_eq!(error["task_id"], missing.to_string());
 
     let task = app.create_task().await;
-    sub.send_json(json!({"type": "subscribe", "task_id": task.to_string()}))
-        .await;
+    sub.send_json(app.subscribe_message(task)).await;
     assert_eq!(sub.next_state().await["task_id"], task.to_string());
     // The failed subscription left nothing in the hub.
     let hub = app.hub.clone();
@@ -51,8 +54,7 @@ async fn bad_client_messages_get_error_messages_not_a_closed_socket(kind: StoreK
         );
     }
     let task = app.create_task().await;
-    sub.send_json(json!({"type": "subscribe", "task_id": task.to_string()}))
-        .await;
+    sub.send_json(app.subscribe_message(task)).await;
     assert_eq!(sub.next_state().await["snapshot"], true);
 }
 
@@ -86,17 +88,15 @@ async fn a_message_over_the_limit_closes_with_1009(kind: StoreKind) {
 }
 
 async fn subscriptions_per_connection_are_bounded(kind: StoreKind) {
-    let app = spawn_app_with(kind, |limits| limits.max_subscriptions = 2).await;
+    let app = spawn_app_with(kind, |c| c.limits.max_subscriptions = 2).await;
     let mut sub = app.connect("").await;
     for _ in 0..2 {
         let task = app.create_task().await;
-        sub.send_json(json!({"type": "subscribe", "task_id": task.to_string()}))
-            .await;
+        sub.send_json(app.subscribe_message(task)).await;
         assert_eq!(sub.next_state().await["snapshot"], true);
     }
     let third = app.create_task().await;
-    sub.send_json(json!({"type": "subscribe", "task_id": third.to_string()}))
-        .await;
+    sub.send_json(app.subscribe_message(third)).await;
     let error = sub.next_message().await;
     assert_eq!(error["type"], "error");
     assert!(
@@ -108,7 +108,7 @@ async fn subscriptions_per_connection_are_bounded(kind: StoreKind) {
 }
 
 async fn connections_beyond_the_limit_get_503(kind: StoreKind) {
-    let app = spawn_app_with(kind, |limits| limits.max_connections = 1).await;
+    let app = spawn_app_with(kind, |c| c.limits.max_connections = 1).await;
     let _first = app.connect("").await;
     let err = tokio_tungstenite::connect_async(app.ws_url(""))
         .await
@@ -131,9 +131,9 @@ both_stores!(
 /// Reads raw frames without ever answering a ping, so the server must give up on us.
 #[tokio::test]
 async fn a_connection_that_never_answers_pings_is_closed() {
-    let app = spawn_app_with(StoreKind::Memory, |limits| {
-        limits.ping_interval = Duration::from_millis(200);
-        limits.pong_timeout = Duration::from_millis(600);
+    let app = spawn_app_with(StoreKind::Memory, |c| {
+        c.limits.ping_interval = Duration::from_millis(200);
+        c.limits.pong_timeout = Duration::from_millis(600);
     })
     .await;
     let mut tcp = TcpStream::connect(app.addr).await.unwrap();

@@ -1,0 +1,139 @@
+//! WebSocket subscribers: the upgrade, and one task per connection.
+//!
+//! The upgrade is done here rather than with warp's `ws()`, which allocates a 128 KiB read
+//! buffer per connection that cannot be tuned; with a small [`WebSocketConfig`] an idle
+//! connection costs a few kilobytes.
+//!
+//! Protocol: `GET /ws?task_id=<uuid>&token=<token>` subscribes one task; on any connection
+//! the client may send `{"type":"subscribe","task_id":..,"token"?:..}` and
+//! `{"type":"unsubscribe","task_id":..}`. The server sends `{"type":"state",...}` (the first
+//! per subscription has `"snapshot": true`) and `{"type":"error","code","message","hint"}`.
+
+mod connection;
+mod protocol;
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tokio::sync::{Semaphore, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use warp::http::{HeaderMap, StatusCode, header};
+use warp::hyper::upgrade::OnUpgrade;
+use warp::reply::Response;
+
+use crate::auth::subscribe::SubscribeAuth;
+use crate::config::Limits;
+use crate::domain::TaskId;
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::store::Store;
+use connection::Connection;
+
+/// What every connection needs. Cloning is shallow.
+#[derive(Clone)]
+pub struct WsContext {
+    pub hub: Hub,
+    pub store: Store,
+    pub subscribe: SubscribeAuth,
+    pub limits: Limits,
+    /// Permits for open connections; the server waits for all of them at shutdown.
+    pub connections: Arc<Semaphore>,
+    /// Becomes `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Answers the upgrade request with 101 and starts the connection task, or refuses with
+/// an HTTP error before upgrading.
+pub fn upgrade(
+    ctx: WsContext,
+    task_id: Option<String>,
+    token: Option<String>,
+    headers: &HeaderMap,
+    on_upgrade: Option<OnUpgrade>,
+) -> Result<Response, Error> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return Err(Error::UpgradeRequired);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Error::invalid(
+            "sec-websocket-version",
+            "only WebSocket version 13 is supported".to_string(),
+        ));
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or_else(|| {
+        Error::invalid(
+            "sec-websocket-key",
+            "the Sec-WebSocket-Key header is missing".to_string(),
+        )
+    })?;
+    let on_upgrade = on_upgrade.ok_or(Error::UpgradeRequired)?;
+    let initial = task_id.as_deref().map(TaskId::parse).transpose()?;
+    let permit = ctx
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::Unavailable {
+            what: "a WebSocket slot (TASKCAST_MAX_CONNECTIONS reached)",
+            source: None,
+        })?;
+
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let config = socket_config(&ctx.limits);
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                Connection::new(ctx, socket, permit, token)
+                    .run(initial)
+                    .await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+
+    let mut response = Response::default();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    Ok(response)
+}
+
+/// A small read buffer and bounded messages: a client cannot make a connection hold more
+/// than a few KiB, and the write buffer is flushed per message.
+fn socket_config(limits: &Limits) -> WebSocketConfig {
+    let max = limits.max_ws_message_bytes;
+    WebSocketConfig::default()
+        .read_buffer_size(max.min(4096))
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}

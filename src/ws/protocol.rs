@@ -1,0 +1,101 @@
+//! Messages a client may send on a socket.
+
+use serde_json::Value;
+
+use crate::domain::TaskId;
+use crate::error::Error;
+
+pub enum ClientMessage {
+    /// Watch a task; `token` overrides the connection's `?token=` for this task.
+    Subscribe {
+        task: TaskId,
+        token: Option<String>,
+    },
+    Unsubscribe {
+        task: TaskId,
+    },
+}
+
+const EXPECTED: &str =
+    r#"expected {"type":"subscribe"|"unsubscribe","task_id":"<uuid>","token"?:"<token>"}"#;
+
+/// Parses one text message; every error says what was expected.
+pub fn parse(text: &str) -> Result<ClientMessage, Error> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        Error::invalid(
+            "message",
+            format!("the message is not valid JSON ({e}); {EXPECTED}"),
+        )
+    })?;
+    let task = || -> Result<TaskId, Error> {
+        let raw = value
+            .get("task_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "task_id",
+                    format!("the message has no task_id string; {EXPECTED}"),
+                )
+            })?;
+        TaskId::parse(raw)
+    };
+    match value.get("type").and_then(Value::as_str) {
+        Some("subscribe") => {
+            let token = match value.get("token") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(t.clone()),
+                Some(_) => {
+                    return Err(Error::invalid(
+                        "token",
+                        format!("token must be a string; {EXPECTED}"),
+                    ));
+                }
+            };
+            Ok(ClientMessage::Subscribe {
+                task: task()?,
+                token,
+            })
+        }
+        Some("unsubscribe") => Ok(ClientMessage::Unsubscribe { task: task()? }),
+        _ => Err(Error::invalid(
+            "type",
+            format!("unknown message type; {EXPECTED}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_with_and_without_token_parses() {
+        let id = TaskId::random();
+        let m = parse(&format!(
+            r#"{{"type":"subscribe","task_id":"{id}","token":"t"}}"#
+        ))
+        .unwrap();
+        assert!(
+            matches!(m, ClientMessage::Subscribe { task, token: Some(t) } if task == id && t == "t")
+        );
+        let m = parse(&format!(r#"{{"type":"unsubscribe","task_id":"{id}"}}"#)).unwrap();
+        assert!(matches!(m, ClientMessage::Unsubscribe { task } if task == id));
+    }
+
+    #[test]
+    fn malformed_messages_say_what_was_expected() {
+        for bad in [
+            "",
+            "[]",
+            r#"{"type":"x"}"#,
+            r#"{"type":"subscribe"}"#,
+            r#"{"type":"subscribe","task_id":"1","token":5}"#,
+        ] {
+            let e = parse(bad).err().expect("refused");
+            assert!(
+                e.to_string().contains("expected") || e.to_string().contains("UUID"),
+                "{e}"
+            );
+        }
+    }
+}
