@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the HTTP and WebSocket API (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply schema.sql to DATABASE_URL in one transaction, and print what changed.
     Migrate(MigrateArgs),
     /// Check a deployment: env vars, push key strength, subscriber auth, database, schema,

@@ -2,16 +2,14 @@
 //!
 //! Each check is one line: ok, warn, fail, or CRITICAL (a failing level kept for database
 //! functions that let anyone run SQL). Configuration is judged by pure functions of the
-//! environment; the database is read once ([`inspect`]) and judged by pure functions too,
-//! so every verdict is unit-tested without a server. No check prints a secret's value, not
-//! even a prefix: only variable names, sources and lengths.
+//! environment; the database is read in one pass ([`inspect`]) and judged by pure functions
+//! too. No check prints a secret's value, not even a prefix: only names, sources, lengths.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{NoTls, SimpleQueryMessage, config::Host};
 
 use crate::auth::{KeySource, MIN_KEY_CHARS, PushKey};
 use crate::config::{is_production, parse_origin};
@@ -19,45 +17,35 @@ use crate::store::schema::{REQUIRED_COLUMNS, missing_columns};
 
 type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
-/// The variables the guide and taskcast read. Doctor reports which are set, never a value.
-const RELEVANT_VARS: [&str; 13] = [
-    "TASK_PROCESS_SECRET_KEY",
-    "TASK_PROCESS_SECRET_KEY_PREVIOUS",
-    "INTERNAL_API_KEY",
-    "API_SECRET_KEY",
-    "OPENAI_API_KEY",
-    "NEXT_PUBLIC_APP_URL",
-    "DATABASE_URL",
-    "TASKCAST_SUBSCRIBE_SECRET",
-    "SUPABASE_JWT_SECRET",
-    "TASKCAST_PUBLIC_SUBSCRIBE",
-    "TASKCAST_ALLOWED_ORIGINS",
-    "NODE_ENV",
-    "APP_ENV",
-];
+/// The variables the guide and taskcast read; doctor says which are set, never a value.
+const RELEVANT_VARS: &str = "TASK_PROCESS_SECRET_KEY TASK_PROCESS_SECRET_KEY_PREVIOUS \
+    INTERNAL_API_KEY API_SECRET_KEY OPENAI_API_KEY NEXT_PUBLIC_APP_URL DATABASE_URL \
+    TASKCAST_SUBSCRIBE_SECRET SUPABASE_JWT_SECRET TASKCAST_PUBLIC_SUBSCRIBE \
+    TASKCAST_ALLOWED_ORIGINS NODE_ENV APP_ENV";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATE: &str = "run `taskcast migrate` (or paste schema.sql into the Supabase SQL editor)";
 const NEW_KEY: &str = "set TASK_PROCESS_SECRET_KEY to at least 32 random characters \
-                       (`openssl rand -hex 16`), the same value in the generator and in taskcast";
-const RECREATE: &str = "then recreate it as SECURITY INVOKER: run `taskcast migrate` (schema.sql)";
-/// The guide's own verification query, sent exactly as written (step 2 of 验证部署).
+    (`openssl rand -hex 16`), the same value in the generator and in taskcast";
+const RECREATE: &str = "recreate it as SECURITY INVOKER: run `taskcast migrate` (schema.sql)";
+/// Step 2 of the guide's 验证部署, sent exactly as the guide writes it.
 const GUIDE_QUERY: &str = "SELECT \n  table_name, \n  column_name, \n  data_type \nFROM \n  \
     information_schema.columns \nWHERE \n  table_schema = 'public' \n  AND table_name = \
     'image_tasks'\n  AND column_name IN ('progress', 'stage')\nORDER BY \n  column_name;";
-/// Functions in schema public (extension members aside), with who may execute them.
-const FUNCTIONS_QUERY: &str = "SELECT p.proname::text, pg_catalog.oidvectortypes(p.proargtypes), \
-      p.prosecdef, pg_catalog.pg_get_userbyid(p.proowner)::text, \
-      pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE'), \
-      ARRAY(SELECT r.rolname::text FROM pg_catalog.pg_roles r \
-            WHERE r.rolname IN ('anon', 'authenticated') \
-              AND pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE') ORDER BY 1) \
-    FROM pg_catalog.pg_proc p \
-    WHERE p.pronamespace = 'public'::regnamespace \
-      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = \
-          'pg_catalog.pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e') \
+/// Functions in schema public (extension members aside), and who may execute them.
+/// Roles are matched by oid, so a cluster without `anon` is not an error.
+const FUNCTIONS_QUERY: &str = "SELECT p.proname::text, pg_catalog.oidvectortypes(p.proargtypes),
+      p.prosecdef, pg_catalog.pg_get_userbyid(p.proowner)::text,
+      pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE'),
+      ARRAY(SELECT r.rolname::text FROM pg_catalog.pg_roles r
+            WHERE r.rolname IN ('anon', 'authenticated')
+              AND pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE') ORDER BY 1)
+    FROM pg_catalog.pg_proc p
+    WHERE p.pronamespace = 'public'::regnamespace
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.deptype = 'e'
+          AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid)
     ORDER BY 1, 2";
 
-/// How bad a finding is. `Fail` and `Critical` make the report fail.
+/// How bad a finding is. `Fail` and `Critical` fail the report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
@@ -75,11 +63,6 @@ impl Level {
             Level::Fail => "fail",
             Level::Critical => "CRITICAL",
         }
-    }
-
-    /// What production refuses, development only warns about.
-    fn refused_in(production: bool) -> Level {
-        if production { Level::Fail } else { Level::Warn }
     }
 }
 
@@ -120,7 +103,7 @@ impl Report {
         &self.checks
     }
 
-    /// True when any check failed (fail or CRITICAL): the command exits non-zero.
+    /// True when any check is fail or CRITICAL: the command exits non-zero.
     pub fn failed(&self) -> bool {
         self.checks.iter().any(|c| c.level >= Level::Fail)
     }
@@ -132,32 +115,21 @@ impl Report {
         let (level_w, name_w) = (width(|c| c.level.label().len()), width(|c| c.name.len()));
         let mut out = String::new();
         for c in &self.checks {
-            let _ = writeln!(
-                out,
-                "{:level_w$}{:name_w$}{}",
-                c.level.label(),
-                c.name,
-                c.message
-            );
+            let (level, name) = (c.level.label(), c.name);
+            let _ = writeln!(out, "{level:level_w$}{name:name_w$}{}", c.message);
             for (i, line) in c.fix.iter().flat_map(|f| f.lines()).enumerate() {
                 let tag = if i == 0 { "fix: " } else { "     " };
-                let _ = writeln!(out, "{:indent$}{tag}{line}", "", indent = level_w + name_w);
+                let _ = writeln!(out, "{:1$}{tag}{line}", "", level_w + name_w);
             }
         }
-        let count = |test: fn(Level) -> bool| self.checks.iter().filter(|c| test(c.level)).count();
-        let critical = count(|l| l == Level::Critical);
-        let _ = write!(
-            out,
-            "\n{} ok, {} warn, {} fail",
-            count(|l| l == Level::Ok),
-            count(|l| l == Level::Warn),
-            count(|l| l >= Level::Fail)
-        );
+        let count = |keep: fn(Level) -> bool| self.checks.iter().filter(|c| keep(c.level)).count();
+        let (ok, warn) = (count(|l| l == Level::Ok), count(|l| l == Level::Warn));
+        let (fail, critical) = (count(|l| l >= Level::Fail), count(|l| l == Level::Critical));
+        let _ = write!(out, "\n{ok} ok, {warn} warn, {fail} fail");
         if critical > 0 {
             let _ = write!(out, " ({critical} CRITICAL)");
         }
-        out.push('\n');
-        out
+        out + "\n"
     }
 
     /// `{"ok": bool, "checks": [{"name", "level", "message", "fix"?}]}`.
@@ -180,40 +152,27 @@ fn value(env: Env, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn refusal(production: bool) -> &'static str {
-    if production {
-        "; taskcast serve refuses to start"
-    } else {
-        "; refused in production"
+/// What serve refuses in production is a fail there, and a warning in development.
+fn refused(production: bool) -> (Level, &'static str) {
+    match production {
+        true => (Level::Fail, "; taskcast serve refuses to start"),
+        false => (Level::Warn, "; refused in production"),
     }
 }
 
 /// The checks that need only the environment.
 fn config_checks(env: Env) -> Vec<Check> {
     let production = is_production(env);
-    let set: Vec<&str> = RELEVANT_VARS
-        .into_iter()
-        .filter(|v| value(env, v).is_some())
-        .collect();
-    let blank: Vec<&str> = RELEVANT_VARS
-        .into_iter()
+    let vars = || RELEVANT_VARS.split_whitespace();
+    let set: Vec<&str> = vars().filter(|v| value(env, v).is_some()).collect();
+    let blank: Vec<&str> = vars()
         .filter(|v| env(v).is_some() && value(env, v).is_none())
         .collect();
-    let mut message = if production {
-        "production"
-    } else {
-        "development (not NODE_ENV/APP_ENV=production)"
-    }
-    .to_string();
-    let _ = write!(
-        message,
-        "; set: {}",
-        if set.is_empty() {
-            "none".to_string()
-        } else {
-            set.join(", ")
-        }
-    );
+    let mut message = match production {
+        true => "production; set: ".to_string(),
+        false => "development (NODE_ENV/APP_ENV is not production); set: ".to_string(),
+    };
+    message += &[set.join(", ")].concat();
     if !blank.is_empty() {
         let _ = write!(message, "; blank, so unset: {}", blank.join(", "));
     }
@@ -224,158 +183,284 @@ fn config_checks(env: Env) -> Vec<Check> {
     checks
 }
 
-/// NEXT_PUBLIC_APP_URL and TASKCAST_ALLOWED_ORIGINS, validated as serve does. Values are
-/// not echoed when invalid: a URL may carry credentials.
+const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (the guide: it must be); browsers get \
+    403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
+
+/// NEXT_PUBLIC_APP_URL and TASKCAST_ALLOWED_ORIGINS, validated as serve does. An invalid
+/// value is not echoed: a URL may carry credentials.
 fn origins(env: Env) -> Vec<Check> {
-    let mut checks = vec![match value(env, "NEXT_PUBLIC_APP_URL") {
-        None => Check::new(
-            "app url",
-            Level::Warn,
-            "NEXT_PUBLIC_APP_URL is not set, and the guide says it must be: WebSocket upgrades \
-             from the app's origin get 403 unless TASKCAST_ALLOWED_ORIGINS lists it",
-        )
-        .fix("set NEXT_PUBLIC_APP_URL=https://your-app-domain.com"),
-        Some(url) => match parse_origin("NEXT_PUBLIC_APP_URL", &url) {
-            Ok(origin) => Check::new(
-                "app url",
-                Level::Ok,
-                format!("browsers may connect from {origin}"),
-            ),
-            Err(_) => Check::new(
-                "app url",
+    let app = |level, message: String| Check::new("app url", level, message);
+    let mut checks = vec![
+        match value(env, "NEXT_PUBLIC_APP_URL").map(|u| parse_origin("", &u)) {
+            Some(Ok(origin)) => app(Level::Ok, format!("browsers connect from {origin}")),
+            Some(Err(_)) => app(
                 Level::Fail,
-                "NEXT_PUBLIC_APP_URL is not an http(s) URL; taskcast serve refuses to start",
+                "NEXT_PUBLIC_APP_URL is not an http(s) URL".into(),
             )
             .fix("set it to the app's public URL, e.g. https://your-app-domain.com"),
+            None => app(Level::Warn, NO_APP_URL.into())
+                .fix("set NEXT_PUBLIC_APP_URL=https://your-app-domain.com"),
         },
-    }];
+    ];
     if let Some(list) = value(env, "TASKCAST_ALLOWED_ORIGINS") {
-        let parsed: Result<Vec<String>, String> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|o| !o.is_empty())
-            .map(|o| parse_origin("TASKCAST_ALLOWED_ORIGINS", o))
-            .collect();
+        let entries = list.split(',').filter(|o| !o.trim().is_empty());
+        let parsed: Result<Vec<String>, _> = entries.map(|o| parse_origin("", o)).collect();
+        let allowed = |level, message: String| Check::new("allowed origins", level, message);
         checks.push(match parsed {
-            Ok(all) => Check::new("allowed origins", Level::Ok, format!("also allowed: {}", all.join(", "))),
-            Err(_) => Check::new("allowed origins", Level::Fail,
-                "TASKCAST_ALLOWED_ORIGINS has an entry that is not an http(s) URL; taskcast serve refuses to start")
+            Ok(all) => allowed(Level::Ok, all.join(", ")),
+            Err(_) => allowed(Level::Fail, "an entry is not an http(s) URL".into())
                 .fix("list origins such as https://admin.example.com, comma-separated"),
         });
     }
     checks
 }
 
-/// Why a key is unfit for production. PushKey's wording for the OpenAI prefix quotes the
-/// prefix itself; doctor prints no part of any key.
-fn weakness(key: &PushKey) -> Option<String> {
-    match key.source() {
-        KeySource::OpenAiKeyPrefix => {
-            Some("is the prefix every modern OpenAI key starts with, so it is public".to_string())
-        }
-        _ => key.weakness(),
-    }
-}
+const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them, but a \
+    generator that sends it as is gets 401";
+const TRIMMED_FIX: &str = "remove them where it is set, use the same value in every \
+    environment, and restart both services (the guide's 401 checklist)";
 
-fn key_chars(env: Env, source: KeySource) -> usize {
-    match source {
+/// The push key: its source and strength, whitespace around it, and the rotation key.
+fn push_key(env: Env, production: bool) -> Vec<Check> {
+    let check = |level, message: String| Check::new("push key", level, message);
+    // Resolved as in development, so that a weak key is described rather than refused.
+    let key = match PushKey::resolve(env("TASK_PROCESS_SECRET_KEY"), None, env, false) {
+        Ok(key) => key,
+        Err(refusal) => return vec![check(Level::Fail, refusal).fix(NEW_KEY)],
+    };
+    let ((weak, refusal), source) = (refused(production), key.source());
+    let chars = match source {
         KeySource::OpenAiKeyPrefix => 8,
         KeySource::DevelopmentDefault => "development-key".len(),
+        // describe() names the variable for the other sources.
         var => value(env, var.describe()).map_or(0, |v| v.chars().count()),
-    }
-}
-
-/// The push key's source and strength, whitespace around it, and the rotation key.
-fn push_key(env: Env, production: bool) -> Vec<Check> {
-    let explicit = env("TASK_PROCESS_SECRET_KEY");
-    // Resolved as in development, so that a weak key is described rather than refused.
-    let key = match PushKey::resolve(explicit, None, env, false) {
-        Ok(key) => key,
-        Err(refused) => return vec![Check::new("push key", Level::Fail, refused).fix(NEW_KEY)],
     };
-    let (source, weak) = (key.source(), Level::refused_in(production));
-    let chars = key_chars(env, source);
+    // PushKey's own wording for the OpenAI prefix quotes it; doctor prints no part of a key.
+    let weakness = match source {
+        KeySource::OpenAiKeyPrefix => {
+            Some("is a prefix all modern OpenAI keys share: public".into())
+        }
+        _ => key.weakness(),
+    };
     let from = format!("from {}, {chars} characters", source.describe());
-    let mut checks = vec![if production && source == KeySource::DevelopmentDefault {
-        Check::new("push key", Level::Fail,
-            "not set: TASK_PROCESS_SECRET_KEY and every fallback are unset; taskcast serve refuses to start")
-            .fix(NEW_KEY)
-    } else if let Some(why) = weakness(&key) {
-        Check::new(
-            "push key",
-            weak,
-            format!("{from}: it {why}{}", refusal(production)),
-        )
-        .fix(NEW_KEY)
-    } else if source != KeySource::TaskProcessSecretKey {
-        Check::new("push key", Level::Warn,
-            format!("{from}; TASK_PROCESS_SECRET_KEY is not set, and the guide strongly recommends setting it"))
-            .fix("set TASK_PROCESS_SECRET_KEY, the same value in the generator and in taskcast")
-    } else {
-        Check::new("push key", Level::Ok, from)
+    let unset = "TASK_PROCESS_SECRET_KEY is not set";
+    let mut checks = vec![match weakness {
+        _ if production && source == KeySource::DevelopmentDefault => {
+            check(Level::Fail, format!("{unset}, nor any fallback{refusal}")).fix(NEW_KEY)
+        }
+        Some(why) => check(weak, format!("{from}: it {why}{refusal}")).fix(NEW_KEY),
+        None if source != KeySource::TaskProcessSecretKey => {
+            let why = "the guide strongly recommends setting it";
+            check(Level::Warn, format!("{from}; {unset}, and {why}")).fix(NEW_KEY)
+        }
+        None => check(Level::Ok, from),
     }];
     if key.was_trimmed() {
-        checks.push(Check::new("key whitespace", Level::Warn, format!(
-            "{} has spaces or a newline around it; taskcast trims them, but a generator that \
-             sends the value as is gets 401", source.describe()))
-            .fix("remove them where it is set, use the same value in every environment, and \
-                  restart both services (the guide's 401 checklist)"));
+        let message = format!("{} {TRIMMED}", source.describe());
+        checks.push(Check::new("key whitespace", Level::Warn, message).fix(TRIMMED_FIX));
     }
-    if let Some(previous) = value(env, "TASK_PROCESS_SECRET_KEY_PREVIOUS") {
-        let n = previous.chars().count();
-        checks.push(if n < MIN_KEY_CHARS {
-            Check::new("previous key", weak, format!(
-                "TASK_PROCESS_SECRET_KEY_PREVIOUS is {n} characters, shorter than {MIN_KEY_CHARS}{}",
-                refusal(production)))
-        } else {
-            Check::new("previous key", Level::Ok,
-                format!("TASK_PROCESS_SECRET_KEY_PREVIOUS ({n} characters) is also accepted"))
-        }.fix("unset TASK_PROCESS_SECRET_KEY_PREVIOUS once every generator sends the new key"));
+    if let Some(n) = value(env, "TASK_PROCESS_SECRET_KEY_PREVIOUS").map(|p| p.chars().count()) {
+        let (level, message) = match n < MIN_KEY_CHARS {
+            true => (
+                weak,
+                format!("{n} characters, shorter than {MIN_KEY_CHARS}{refusal}"),
+            ),
+            false => (
+                Level::Ok,
+                format!("{n} characters, also accepted while set"),
+            ),
+        };
+        let message = format!("TASK_PROCESS_SECRET_KEY_PREVIOUS is {message}");
+        let fix = "unset it once every generator sends the new key";
+        checks.push(Check::new("previous key", level, message).fix(fix));
     }
     checks
 }
 
 /// As clap's falsey values: anything else turns the flag on.
 fn truthy(raw: &str) -> bool {
-    !matches!(
-        raw.trim().to_ascii_lowercase().as_str(),
-        "" | "false" | "f" | "no" | "n" | "off" | "0"
-    )
+    let raw = raw.trim().to_ascii_lowercase();
+    !matches!(raw.as_str(), "" | "false" | "f" | "no" | "n" | "off" | "0")
 }
+
+const NO_SUBSCRIBER_AUTH: &str = "neither TASKCAST_SUBSCRIBE_SECRET nor SUPABASE_JWT_SECRET is \
+    set: a random per-process secret signs tokens, which stop working on restart";
+const SET_SUBSCRIBE_SECRET: &str =
+    "set TASKCAST_SUBSCRIBE_SECRET (`openssl rand -hex 32`) and/or SUPABASE_JWT_SECRET";
 
 /// Who may watch a task: subscribe tokens, Supabase sessions, or (development) anyone.
 fn subscribers(env: Env, production: bool) -> Vec<Check> {
-    let weak = Level::refused_in(production);
+    let (weak, refusal) = refused(production);
+    let check = |level, message: String| Check::new("subscriber auth", level, message);
     let tokens = value(env, "TASKCAST_SUBSCRIBE_SECRET").map(|s| s.chars().count());
-    let supabase = value(env, "SUPABASE_JWT_SECRET").is_some();
-    let mut checks = vec![match (tokens, supabase) {
-        (None, false) => Check::new("subscriber auth", weak, format!(
-            "neither TASKCAST_SUBSCRIBE_SECRET nor SUPABASE_JWT_SECRET is set: tokens are signed \
-             with a random per-process secret and stop working on restart{}", refusal(production)))
-            .fix("set TASKCAST_SUBSCRIBE_SECRET (`openssl rand -hex 32`) and/or SUPABASE_JWT_SECRET"),
-        (Some(n), _) if n < MIN_KEY_CHARS => Check::new("subscriber auth", weak, format!(
-            "TASKCAST_SUBSCRIBE_SECRET is {n} characters, shorter than {MIN_KEY_CHARS}{}", refusal(production)))
-            .fix("set TASKCAST_SUBSCRIBE_SECRET to at least 32 random characters (`openssl rand -hex 32`)"),
-        (Some(n), supabase) => Check::new("subscriber auth", Level::Ok, format!(
-            "subscribe tokens (TASKCAST_SUBSCRIBE_SECRET, {n} characters){}",
-            if supabase { " and Supabase sessions (SUPABASE_JWT_SECRET)" } else { "" })),
-        (None, true) => Check::new("subscriber auth", Level::Ok,
-            "Supabase sessions (SUPABASE_JWT_SECRET); tokens from POST /api/tasks use a random \
-             per-process secret"),
+    let sessions =
+        value(env, "SUPABASE_JWT_SECRET").map(|_| "Supabase sessions (SUPABASE_JWT_SECRET)");
+    let mut checks = vec![match (tokens, sessions) {
+        (None, None) => {
+            check(weak, format!("{NO_SUBSCRIBER_AUTH}{refusal}")).fix(SET_SUBSCRIBE_SECRET)
+        }
+        (None, Some(sessions)) => check(Level::Ok, sessions.to_string()),
+        (Some(n), _) if n < MIN_KEY_CHARS => {
+            let message = format!("TASKCAST_SUBSCRIBE_SECRET is {n} characters, shorter than 32");
+            check(weak, message + refusal).fix(SET_SUBSCRIBE_SECRET)
+        }
+        (Some(n), sessions) => {
+            let and = sessions.map(|s| format!(" and {s}")).unwrap_or_default();
+            check(
+                Level::Ok,
+                format!("subscribe tokens (TASKCAST_SUBSCRIBE_SECRET, {n} characters){and}"),
+            )
+        }
     }];
     if env("TASKCAST_PUBLIC_SUBSCRIBE").is_some_and(|v| truthy(&v)) {
-        checks.push(
-            Check::new(
-                "public subscribe",
-                weak,
-                format!(
-                    "TASKCAST_PUBLIC_SUBSCRIBE is on: anyone who knows a task id can watch it{}",
-                    refusal(production)
-                ),
-            )
-            .fix("unset TASKCAST_PUBLIC_SUBSCRIBE"),
-        );
+        let message = "TASKCAST_PUBLIC_SUBSCRIBE is on: anyone who knows a task id can watch it";
+        let public = Check::new("public subscribe", weak, format!("{message}{refusal}"));
+        checks.push(public.fix("unset TASKCAST_PUBLIC_SUBSCRIBE"));
     }
+    checks
+}
+
+/// The database checks, or one warning when DATABASE_URL is not set.
+async fn database_checks(env: Env<'_>) -> Vec<Check> {
+    let check = |level, message: &str| vec![Check::new("database", level, message)];
+    let Some(url) = value(env, "DATABASE_URL") else {
+        let message = "DATABASE_URL is not set: in-memory store, nothing survives a restart";
+        return check(Level::Warn, message);
+    };
+    // The parse error is not shown: it may quote part of the string.
+    let Ok(mut config) = url.parse::<tokio_postgres::Config>() else {
+        return check(
+            Level::Fail,
+            "DATABASE_URL is not a Postgres connection string",
+        );
+    };
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let hide = |e: tokio_postgres::Error| match password.as_deref() {
+        Some(p) if !p.is_empty() => error_chain(&e).replace(p, "***"),
+        _ => error_chain(&e),
+    };
+    let hosts: Vec<String> = (config.get_hosts().iter())
+        .map(|host| match host {
+            Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let target = format!("{}:{port}", hosts.join(","));
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls));
+    let (client, connection) = match connecting.await {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(e)) => {
+            return check(
+                Level::Fail,
+                &format!("cannot connect to {target}: {}", hide(e)),
+            );
+        }
+        Err(_) => return check(Level::Fail, &format!("no answer from {target} within 5 s")),
+    };
+    let driver = tokio::spawn(connection);
+    let checks = inspect(&client).await;
+    driver.abort();
+    checks.unwrap_or_else(|e| check(Level::Fail, &format!("reading the catalog: {}", hide(e))))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let _ = write!(out, ": {cause}");
+        source = cause.source();
+    }
+    out
+}
+
+const SERVER: &str = "SELECT 'PostgreSQL ' || current_setting('server_version') || ' as ' \
+    || current_user || ', database ' || current_database()";
+
+/// Reads the server, the guide's columns, taskcast's columns and public's functions.
+async fn inspect(client: &tokio_postgres::Client) -> Result<Vec<Check>, tokio_postgres::Error> {
+    let server: String = client.query_one(SERVER, &[]).await?.get(0);
+    // The simple protocol returns text, whatever information_schema's domain types are.
+    let guide: Vec<(String, String)> = (client.simple_query(GUIDE_QUERY).await?.iter())
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some((row.get(1)?.into(), row.get(2)?.into())),
+            _ => None,
+        })
+        .collect();
+    let missing = missing_columns(client).await?;
+    let functions: Vec<Function> = (client.query(FUNCTIONS_QUERY, &[]).await?.iter())
+        .map(|row| Function {
+            name: row.get(0),
+            args: row.get(1),
+            security_definer: row.get(2),
+            owner: row.get(3),
+            executable_by: (row
+                .get::<_, bool>(4)
+                .then(|| "PUBLIC".to_string())
+                .into_iter())
+            .chain(row.get::<_, Vec<String>>(5))
+            .collect(),
+        })
+        .collect();
+    let mut checks = vec![Check::new(
+        "database",
+        Level::Ok,
+        format!("reachable: {server}"),
+    )];
+    checks.extend(schema_checks(&guide, &missing));
+    checks.extend(function_checks(&functions));
+    Ok(checks)
+}
+
+/// `progress` and `stage` as the guide's query found them (name, data_type), then the other
+/// columns taskcast uses.
+fn schema_checks(guide: &[(String, String)], missing: &[String]) -> Vec<Check> {
+    let columns = [
+        ("column progress", "progress", "numeric"),
+        ("column stage", "stage", "text"),
+    ];
+    let mut checks: Vec<Check> = (columns.into_iter())
+        .map(
+            |(name, column, wanted)| match guide.iter().find(|(c, _)| c == column) {
+                None => Check::new(
+                    name,
+                    Level::Fail,
+                    format!("image_tasks.{column} is missing"),
+                )
+                .fix(MIGRATE),
+                Some((_, found)) if found == wanted => {
+                    Check::new(name, Level::Ok, format!("image_tasks.{column} is {wanted}"))
+                }
+                Some((_, found)) => {
+                    let message =
+                        format!("image_tasks.{column} is {found}, the guide's is {wanted}");
+                    Check::new(name, Level::Warn, message)
+                }
+            },
+        )
+        .collect();
+    let others: Vec<&str> = (missing.iter().map(String::as_str))
+        .filter(|c| !matches!(*c, "progress" | "stage"))
+        .collect();
+    let message = match others.first() {
+        None => format!(
+            "image_tasks has all {} columns taskcast uses",
+            REQUIRED_COLUMNS.len()
+        ),
+        Some(table) if table.starts_with("table ") => format!("{table} does not exist"),
+        Some(_) => format!(
+            "image_tasks lacks columns taskcast uses: {}",
+            others.join(", ")
+        ),
+    };
+    checks.push(match others.is_empty() {
+        true => Check::new("schema", Level::Ok, message),
+        false => Check::new("schema", Level::Fail, message).fix(MIGRATE),
+    });
     checks
 }
 
@@ -383,11 +468,11 @@ fn subscribers(env: Env, production: bool) -> Vec<Check> {
 #[derive(Clone, Debug)]
 struct Function {
     name: String,
-    /// Argument types, as `oidvectortypes` writes them: `text, text`.
+    /// Argument types as `oidvectortypes` writes them: `text, text`.
     args: String,
     security_definer: bool,
     owner: String,
-    /// `PUBLIC`, `anon`, `authenticated`: those of them that may execute it.
+    /// Which of `PUBLIC`, `anon`, `authenticated` may execute it.
     executable_by: Vec<String>,
 }
 
@@ -397,314 +482,98 @@ impl Function {
     }
 }
 
-/// A column the guide's query found: name and `data_type`.
-struct GuideColumn {
-    name: String,
-    data_type: String,
-}
-
-/// Everything doctor reads from the database, in one pass.
-struct Catalog {
-    server: String,
-    guide_columns: Vec<GuideColumn>,
-    missing: Vec<String>,
-    functions: Vec<Function>,
-}
-
-/// The database checks; with no DATABASE_URL, one warning instead.
-async fn database_checks(env: Env<'_>) -> Vec<Check> {
-    let Some(url) = value(env, "DATABASE_URL") else {
-        return vec![
-            Check::new(
-                "database",
-                Level::Warn,
-                "DATABASE_URL is not set: in-memory store, nothing survives a restart",
-            )
-            .fix("set DATABASE_URL to the Postgres connection string"),
-        ];
-    };
-    // The parse error is not shown: it may quote part of the string.
-    let Ok(mut config) = url.parse::<tokio_postgres::Config>() else {
-        return vec![
-            Check::new(
-                "database",
-                Level::Fail,
-                "DATABASE_URL is not a Postgres connection string",
-            )
-            .fix("use postgres://USER:PASSWORD@HOST:5432/DB or key=value pairs"),
-        ];
-    };
-    let password = config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    let hidden = |e: &tokio_postgres::Error| match &password {
-        Some(p) if !p.is_empty() => error_chain(e).replace(p.as_str(), "***"),
-        _ => error_chain(e),
-    };
-    let target = target(&config);
-    config.connect_timeout(CONNECT_TIMEOUT);
-    let (client, connection) =
-        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
-            Ok(Ok(connected)) => connected,
-            Ok(Err(e)) => {
-                return vec![Check::new(
-                    "database",
-                    Level::Fail,
-                    format!("cannot connect to {target}: {}", hidden(&e)),
-                )];
-            }
-            Err(_) => {
-                return vec![Check::new(
-                    "database",
-                    Level::Fail,
-                    format!("no answer from {target} within 5 s"),
-                )];
-            }
-        };
-    let driver = tokio::spawn(connection);
-    let catalog = inspect(&client).await;
-    drop(client);
-    driver.abort();
-    match catalog {
-        Ok(catalog) => {
-            let mut checks = vec![Check::new(
-                "database",
-                Level::Ok,
-                format!("reachable: {}", catalog.server),
-            )];
-            checks.extend(schema_checks(&catalog.guide_columns, &catalog.missing));
-            checks.extend(function_checks(&catalog.functions));
-            checks
-        }
-        Err(e) => vec![Check::new(
-            "database",
-            Level::Fail,
-            format!("connected, but reading the catalog failed: {}", hidden(&e)),
-        )],
-    }
-}
-
-/// `host:port` for messages; never the user or password.
-fn target(config: &tokio_postgres::Config) -> String {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .map(|host| match host {
-            Host::Tcp(name) => name.clone(),
-            #[cfg(unix)]
-            Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!("{}:{port}", hosts.join(","))
-}
-
-fn error_chain(e: &tokio_postgres::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
-    }
-    out
-}
-
-async fn inspect(client: &Client) -> Result<Catalog, tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT current_setting('server_version'), current_user::text, current_database()::text", &[])
-        .await?;
-    let server = format!(
-        "PostgreSQL {} as {}, database {}",
-        row.get::<_, String>(0),
-        row.get::<_, String>(1),
-        row.get::<_, String>(2)
-    );
-    // The simple protocol returns text, whatever information_schema's domain types are.
-    let guide_columns = client
-        .simple_query(GUIDE_QUERY)
-        .await?
-        .into_iter()
-        .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some(GuideColumn {
-                name: row.get(1).unwrap_or_default().to_string(),
-                data_type: row.get(2).unwrap_or_default().to_string(),
-            }),
-            _ => None,
-        })
-        .collect();
-    let missing = missing_columns(client).await?;
-    let functions = client
-        .query(FUNCTIONS_QUERY, &[])
-        .await?
-        .iter()
-        .map(|row| {
-            let mut executable_by: Vec<String> = row.get(5);
-            if row.get::<_, bool>(4) {
-                executable_by.insert(0, "PUBLIC".to_string());
-            }
-            Function {
-                name: row.get(0),
-                args: row.get(1),
-                security_definer: row.get(2),
-                owner: row.get(3),
-                executable_by,
-            }
-        })
-        .collect();
-    Ok(Catalog {
-        server,
-        guide_columns,
-        missing,
-        functions,
-    })
-}
-
-/// `progress` and `stage` as the guide's query reports them, then taskcast's other columns.
-fn schema_checks(guide: &[GuideColumn], missing: &[String]) -> Vec<Check> {
-    let mut checks: Vec<Check> = [("column progress", "progress", "numeric"), ("column stage", "stage", "text")]
-        .into_iter()
-        .map(|(name, column, wanted)| match guide.iter().find(|c| c.name == column) {
-            None => Check::new(name, Level::Fail, format!(
-                "image_tasks.{column} is missing (the guide's information_schema query does not find it)"))
-                .fix(MIGRATE),
-            Some(c) if c.data_type == wanted => Check::new(name, Level::Ok, format!("image_tasks.{column} is {wanted}")),
-            Some(c) => Check::new(name, Level::Warn, format!(
-                "image_tasks.{column} is {}; the guide's type is {}", c.data_type, wanted.to_uppercase())),
-        })
-        .collect();
-    let others: Vec<&str> = missing
-        .iter()
-        .map(String::as_str)
-        .filter(|c| !matches!(*c, "progress" | "stage"))
-        .collect();
-    checks.push(match others.first() {
-        None => Check::new(
-            "schema",
-            Level::Ok,
-            format!(
-                "image_tasks has all {} columns taskcast uses",
-                REQUIRED_COLUMNS.len()
-            ),
-        ),
-        Some(table) if table.starts_with("table ") => {
-            Check::new("schema", Level::Fail, format!("{table} does not exist")).fix(MIGRATE)
-        }
-        Some(_) => Check::new(
-            "schema",
-            Level::Fail,
-            format!(
-                "image_tasks lacks columns taskcast uses: {}",
-                others.join(", ")
-            ),
-        )
-        .fix(MIGRATE),
-    });
-    checks
-}
-
-fn callers(f: &Function) -> String {
-    f.executable_by.join(", ")
-}
+const GUIDE_FUNCTIONS: [&str; 2] = ["execute_sql", "check_column_exists"];
+const OTHER_DEFINERS: &str = "SECURITY DEFINER, so callable with their owner's rights \
+    through /rest/v1/rpc/";
 
 /// The guide's `execute_sql` and `check_column_exists`, then any other SECURITY DEFINER
 /// function that anyone may call through Supabase's REST API (`/rest/v1/rpc/<name>`).
 fn function_checks(functions: &[Function]) -> Vec<Check> {
-    let named = |name: &'static str| functions.iter().filter(move |f| f.name == name);
-    let mut checks: Vec<Check> = named("execute_sql").map(execute_sql).collect();
-    if checks.is_empty() {
-        checks.push(Check::new(
-            "execute_sql",
-            Level::Ok,
-            "public.execute_sql does not exist",
-        ));
+    let mut checks = Vec::new();
+    for (name, judge) in GUIDE_FUNCTIONS
+        .into_iter()
+        .zip([execute_sql, column_helper])
+    {
+        let found: Vec<Check> = functions
+            .iter()
+            .filter(|f| f.name == name)
+            .map(judge)
+            .collect();
+        if found.is_empty() {
+            checks.push(Check::new(
+                name,
+                Level::Ok,
+                format!("public.{name} does not exist"),
+            ));
+        }
+        checks.extend(found);
     }
-    let helpers: Vec<Check> = named("check_column_exists").map(column_helper).collect();
-    if helpers.is_empty() {
-        checks.push(Check::new(
-            "check_column_exists",
-            Level::Ok,
-            "public.check_column_exists does not exist",
-        ));
-    }
-    checks.extend(helpers);
-    let others: Vec<String> = functions
-        .iter()
+    let others: Vec<String> = (functions.iter())
         .filter(|f| f.security_definer && !f.executable_by.is_empty())
-        .filter(|f| f.name != "execute_sql" && f.name != "check_column_exists")
-        .map(|f| format!("{} (by {})", f.signature(), callers(f)))
+        .filter(|f| !GUIDE_FUNCTIONS.contains(&f.name.as_str()))
+        .map(|f| format!("{} (by {})", f.signature(), f.executable_by.join(", ")))
         .collect();
-    checks.push(if others.is_empty() {
-        Check::new("definer functions", Level::Ok,
-            "no other SECURITY DEFINER function in public is executable by PUBLIC, anon or authenticated")
-    } else {
-        Check::new("definer functions", Level::Warn, format!(
-            "SECURITY DEFINER functions anyone may call with their owner's rights: {}", others.join(", ")))
-            .fix("review each: REVOKE EXECUTE ... FROM PUBLIC, anon, authenticated; or make it SECURITY INVOKER")
+    checks.push(match others.is_empty() {
+        true => Check::new(
+            "definer functions",
+            Level::Ok,
+            "none executable by PUBLIC, anon, authenticated",
+        ),
+        false => Check::new(
+            "definer functions",
+            Level::Warn,
+            format!("{OTHER_DEFINERS}: {}", others.join("; ")),
+        )
+        .fix("REVOKE EXECUTE from PUBLIC, anon and authenticated, or make them SECURITY INVOKER"),
     });
     checks
 }
 
+const ANYONE: &str = "anyone can call it through Supabase's REST API (POST /rest/v1/rpc/";
+
 fn execute_sql(f: &Function) -> Check {
     let signature = f.signature();
-    let (level, runs) = if f.security_definer {
-        (
+    let (level, runs) = match f.security_definer {
+        true => (
             Level::Critical,
-            format!(
-                "is SECURITY DEFINER: it runs any SQL as its owner, {}",
-                f.owner
-            ),
-        )
-    } else {
-        (Level::Fail, "runs any SQL it is given".to_string())
-    };
-    let by = if f.executable_by.is_empty() {
-        String::new()
-    } else {
-        format!(", and {} may execute it", callers(f))
-    };
-    Check::new(
-        "execute_sql",
-        level,
-        format!(
-            "{signature} {runs}{by}: anyone can call it through Supabase's REST API \
-         (POST /rest/v1/rpc/execute_sql) and run any SQL. taskcast does not need it"
+            format!("is SECURITY DEFINER: it runs any SQL as {}", f.owner),
         ),
-    )
-    .fix(format!("DROP FUNCTION IF EXISTS {signature};"))
+        false => (Level::Fail, "runs any SQL it is given".to_string()),
+    };
+    let by = f.executable_by.join(", ");
+    let by = if by.is_empty() {
+        by
+    } else {
+        format!(", and {by} may execute it")
+    };
+    let message =
+        format!("{signature} {runs}{by}: {ANYONE}execute_sql); taskcast does not need it");
+    Check::new("execute_sql", level, message).fix(format!("DROP FUNCTION IF EXISTS {signature};"))
 }
 
 fn column_helper(f: &Function) -> Check {
-    let signature = f.signature();
-    let definer = if f.security_definer {
-        format!(" and is SECURITY DEFINER (runs as {})", f.owner)
-    } else {
-        String::new()
-    };
-    if f.executable_by.is_empty() {
-        return if f.security_definer {
-            Check::new("check_column_exists", Level::Warn, format!(
-                "{signature} is not executable by PUBLIC, anon or authenticated, but is SECURITY DEFINER"))
-                .fix(RECREATE.trim_start_matches("then "))
-        } else {
-            Check::new(
-                "check_column_exists",
-                Level::Ok,
-                format!(
-                    "{signature} is SECURITY INVOKER and not executable by PUBLIC, anon or authenticated"
-                ),
-            )
-        };
+    let (signature, owner) = (f.signature(), &f.owner);
+    let check = |level, message: String| Check::new("check_column_exists", level, message);
+    match (f.executable_by.as_slice(), f.security_definer) {
+        ([], false) => check(
+            Level::Ok,
+            format!("{signature}: SECURITY INVOKER, owner-only"),
+        ),
+        ([], true) => check(
+            Level::Warn,
+            format!("{signature} is SECURITY DEFINER (owner-only)"),
+        )
+        .fix(RECREATE),
+        (who, definer) => {
+            let revoke = |w: &String| format!("REVOKE EXECUTE ON FUNCTION {signature} FROM {w};");
+            let mut fix: Vec<String> = who.iter().map(revoke).collect();
+            let mut message = format!("{signature} is executable by {}", who.join(", "));
+            if definer {
+                let _ = write!(message, " and is SECURITY DEFINER (runs as {owner})");
+                fix.push(format!("then {RECREATE}"));
+            }
+            let message = format!("{message}: {ANYONE}check_column_exists)");
+            check(Level::Critical, message).fix(fix.join("\n"))
+        }
     }
-    let mut fix: Vec<String> = f
-        .executable_by
-        .iter()
-        .map(|who| format!("REVOKE EXECUTE ON FUNCTION {signature} FROM {who};"))
-        .collect();
-    if f.security_definer {
-        fix.push(RECREATE.to_string());
-    }
-    Check::new("check_column_exists", Level::Critical, format!(
-        "{signature} is executable by {}{definer}: anyone can call it through Supabase's REST API \
-         (POST /rest/v1/rpc/check_column_exists)", callers(f)))
-        .fix(fix.join("\n"))
 }

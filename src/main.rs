@@ -54,7 +54,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         None => serve(cli.serve).await,
     }
 }

@@ -40,7 +40,7 @@ impl OriginPolicy {
         let same_host = authority
             .zip(host)
             .is_some_and(|(authority, host)| authority.eq_ignore_ascii_case(host.trim()));
-        if same_host || self.allowed.iter().any(|a| *a == normalized) {
+        if same_host || self.allowed.contains(&normalized) {
             Ok(Some(origin.trim().to_string()))
         } else {
             let shown: String = origin.chars().take(80).collect();
