@@ -213,10 +213,9 @@ async fn create(state: AppState, body: bytes::Bytes) -> Response {
         async {
             let task = NewTask::from_json(&body)?;
             let created = state.store.create(task).await?;
-            Ok(json_response(
-                StatusCode::CREATED,
-                created.to_json(true, None),
-            ))
+            let token = state.subscribe.mint(&[created.task_id], state.token_ttl);
+            let body = created.to_created_json(token.as_deref());
+            Ok(json_response(StatusCode::CREATED, body))
         }
         .await,
     )
