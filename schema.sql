@@ -63,8 +63,9 @@ AS $$
     AND table_schema = 'public';
 $$;
 
--- Nobody but the owner may call it. Supabase grants EXECUTE on new functions to anon and
--- authenticated explicitly, so revoking from PUBLIC alone is not enough.
+-- Browsers may not call it: Supabase grants EXECUTE on new functions to anon and
+-- authenticated explicitly, so revoking from PUBLIC alone is not enough. The owner (and
+-- Supabase's server-side service_role) keep it.
 REVOKE EXECUTE ON FUNCTION public.check_column_exists(text, text) FROM PUBLIC;
 DO $$
 DECLARE

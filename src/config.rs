@@ -282,6 +282,11 @@ impl Config {
             ("TASKCAST_WRITER_QUEUE", args.writer_queue),
             ("TASKCAST_DB_POOL_SIZE", args.db_pool_size),
             ("TASKCAST_TOKEN_TTL_SECS", args.token_ttl_secs as usize),
+            ("TASKCAST_DB_TIMEOUT_MS", args.db_timeout_ms as usize),
+            (
+                "TASKCAST_IDLE_TIMEOUT_SECS",
+                args.idle_timeout_secs as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be at least 1"));
@@ -311,11 +316,11 @@ impl Config {
                 max_subscriptions: args.max_subscriptions,
                 max_connections: args.max_connections,
                 max_subscribes_per_sec: args.max_subscribes_per_sec,
-                idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+                idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                 max_batch: args.max_batch,
                 writer_queue: args.writer_queue,
                 db_pool_size: args.db_pool_size,
-                db_timeout: Duration::from_millis(args.db_timeout_ms.max(1)),
+                db_timeout: Duration::from_millis(args.db_timeout_ms),
                 ping_interval: Duration::from_secs(args.ping_interval_secs),
                 pong_timeout: Duration::from_secs(args.pong_timeout_secs),
             },

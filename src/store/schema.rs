@@ -49,6 +49,19 @@ pub async fn missing_columns<C: GenericClient>(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Every column `public.image_tasks` has now (empty if the table does not exist).
+async fn table_columns<C: GenericClient>(client: &C) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = to_regclass('public.image_tasks') AND attnum > 0 AND NOT attisdropped \
+             ORDER BY attnum",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 async fn has_helper_function<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
     let row = client
         .query_one(
@@ -63,7 +76,17 @@ async fn has_helper_function<C: GenericClient>(client: &C) -> Result<bool, tokio
 /// once are safe. Returns what changed, one line each; empty when already up to date.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
     let fail = |what: &'static str| move |e: tokio_postgres::Error| Error::unavailable(what, e);
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+    let mut config: tokio_postgres::Config = database_url.parse().map_err(|e| {
+        Error::invalid(
+            "DATABASE_URL",
+            format!("DATABASE_URL is not a valid Postgres connection string: {e}"),
+        )
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    let (mut client, connection) = config
+        .connect(NoTls)
         .await
         .map_err(fail("the database (connecting)"))?;
     let driver = tokio::spawn(connection);
@@ -76,27 +99,24 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await
             .map_err(fail("the migration lock"))?;
-        let missing_before = missing_columns(&tx).await.map_err(fail("the catalog"))?;
+        let columns_before = table_columns(&tx).await.map_err(fail("the catalog"))?;
         let helper_before = has_helper_function(&tx)
             .await
             .map_err(fail("the catalog"))?;
         tx.batch_execute(SCHEMA_SQL)
             .await
             .map_err(|e| Error::internal("applying schema.sql", e))?;
-        let missing_after = missing_columns(&tx).await.map_err(fail("the catalog"))?;
+        let columns_after = table_columns(&tx).await.map_err(fail("the catalog"))?;
         tx.commit().await.map_err(fail("the database (commit)"))?;
 
         let mut changes = Vec::new();
-        if missing_before
-            .first()
-            .is_some_and(|m| m.starts_with("table "))
-        {
+        if columns_before.is_empty() {
             changes.push("created table public.image_tasks".to_string());
         } else {
             changes.extend(
-                missing_before
+                columns_after
                     .iter()
-                    .filter(|c| !missing_after.contains(c))
+                    .filter(|c| !columns_before.contains(c))
                     .map(|c| format!("added column {c}")),
             );
         }

@@ -181,3 +181,31 @@ async fn two_nodes_migrating_at_once_both_succeed() {
     // The advisory lock serializes them: one did the work, the other found it done.
     assert!(a.is_empty() != b.is_empty(), "a: {a:?}, b: {b:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_every_column_it_adds() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE public.image_tasks (id uuid PRIMARY KEY, status text)")
+        .await
+        .unwrap();
+    let changes = migrate(&db.url).await.expect("migrate");
+    for column in [
+        "user_id",
+        "prompt",
+        "progress",
+        "stage",
+        "image_url",
+        "error",
+        "created_at",
+        "updated_at",
+        "taskcast_version",
+        "taskcast_seq",
+    ] {
+        assert!(
+            changes.contains(&format!("added column {column}")),
+            "{column}: {changes:?}"
+        );
+    }
+}
