@@ -78,3 +78,76 @@ BEGIN
   END LOOP;
 END
 $$;
+
+-- Fan-out across nodes, and for writes that do not come through taskcast.
+--
+-- Any UPDATE that changes what browsers see (progress, stage, status, image_url, error),
+-- from any writer, gets a new taskcast_version: taskcast's own UPDATE bumps it itself, so
+-- the trigger only bumps when the writer did not (the app's plain SQL).
+CREATE OR REPLACE FUNCTION public.taskcast_bump_version()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+  IF NEW.taskcast_version IS NOT DISTINCT FROM OLD.taskcast_version AND (
+       NEW.progress IS DISTINCT FROM OLD.progress
+    OR NEW.stage IS DISTINCT FROM OLD.stage
+    OR NEW.status IS DISTINCT FROM OLD.status
+    OR NEW.image_url IS DISTINCT FROM OLD.image_url
+    OR NEW.error IS DISTINCT FROM OLD.error) THEN
+    NEW.taskcast_version := OLD.taskcast_version + 1;
+    NEW.updated_at := now();
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+-- One notification per statement, not per row: the ids and new versions of the changed
+-- rows as "<uuid> <version>,<uuid> <version>,...", cut into chunks below Postgres's
+-- 8000-byte payload limit, on one channel (the trigger's argument). Nodes read the rows
+-- they have subscribers for.
+CREATE OR REPLACE FUNCTION public.taskcast_notify()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+DECLARE
+  channel text := coalesce(TG_ARGV[0], 'taskcast');
+  payload text := '';
+  entry text;
+  r record;
+BEGIN
+  FOR r IN
+    SELECT n.id, n.taskcast_version
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE n.taskcast_version IS DISTINCT FROM o.taskcast_version
+  LOOP
+    entry := r.id::text || ' ' || r.taskcast_version::text;
+    IF payload <> '' AND octet_length(payload) + 1 + octet_length(entry) > 7999 THEN
+      PERFORM pg_notify(channel, payload);
+      payload := '';
+    END IF;
+    payload := CASE WHEN payload = '' THEN entry ELSE payload || ',' || entry END;
+  END LOOP;
+  IF payload <> '' THEN
+    PERFORM pg_notify(channel, payload);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION public.taskcast_bump_version() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION public.taskcast_notify() FROM PUBLIC;
+
+DROP TRIGGER IF EXISTS taskcast_bump_version ON public.image_tasks;
+CREATE TRIGGER taskcast_bump_version
+  BEFORE UPDATE ON public.image_tasks
+  FOR EACH ROW EXECUTE FUNCTION public.taskcast_bump_version();
+
+-- `taskcast migrate --notify-channel NAME` recreates this trigger with NAME.
+DROP TRIGGER IF EXISTS taskcast_notify ON public.image_tasks;
+CREATE TRIGGER taskcast_notify
+  AFTER UPDATE ON public.image_tasks
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');

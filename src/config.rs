@@ -84,6 +84,9 @@ pub struct MigrateArgs {
     /// Postgres connection string.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// The channel the notify trigger sends on; must match the servers' setting.
+    #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
+    pub notify_channel: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +167,9 @@ pub struct ServeArgs {
     /// Seconds without a pong after which a WebSocket connection is closed.
     #[arg(long, env = "TASKCAST_PONG_TIMEOUT_SECS", default_value_t = 40)]
     pub pong_timeout_secs: u64,
+    /// The Postgres NOTIFY channel nodes listen on (one per deployment, not per task).
+    #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
+    pub notify_channel: String,
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(long, env = "TASKCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -229,6 +235,8 @@ pub struct Config {
     /// Browser origins (`scheme://host[:port]`) allowed besides the server's own:
     /// NEXT_PUBLIC_APP_URL's and TASKCAST_ALLOWED_ORIGINS.
     pub allowed_origins: Vec<String>,
+    /// The NOTIFY channel the listener follows (Postgres only).
+    pub notify_channel: String,
     pub limits: Limits,
 }
 
@@ -242,6 +250,7 @@ impl Config {
             subscribe: SubscribeAuth::new(Some(random_secret()), None, false),
             token_ttl: Duration::from_secs(3600),
             allowed_origins: Vec::new(),
+            notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
             limits: Limits::default(),
         }
     }
@@ -302,6 +311,7 @@ impl Config {
                     .to_string(),
             );
         }
+        crate::store::schema::validate_channel(&args.notify_channel).map_err(|e| e.to_string())?;
         let database_url = args.database_url.filter(|url| !url.trim().is_empty());
         Ok(Config {
             listen: args.listen,
@@ -310,6 +320,7 @@ impl Config {
             subscribe,
             token_ttl: Duration::from_secs(args.token_ttl_secs),
             allowed_origins,
+            notify_channel: args.notify_channel,
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_ws_message_bytes: args.max_ws_message_bytes,

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_postgres::{NoTls, SimpleQueryMessage, config::Host};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, config::Host};
 
 use crate::auth::{KeySource, MIN_KEY_CHARS, PushKey};
 use crate::config::{is_production, parse_origin};
@@ -76,20 +76,26 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
-impl Check {
-    fn new(name: &'static str, level: Level, message: impl Into<String>) -> Self {
+/// The checks found so far; one call per finding.
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn add(&mut self, name: &'static str, level: Level, message: impl Into<String>) {
         let message = message.into();
-        Check {
+        let fix = None;
+        self.0.push(Check {
             name,
             level,
             message,
-            fix: None,
-        }
+            fix,
+        });
     }
 
-    fn fix(mut self, fix: impl Into<String>) -> Self {
-        self.fix = Some(fix.into());
-        self
+    /// A finding and what to do about it.
+    fn fix(&mut self, name: &'static str, level: Level, message: impl Into<String>, fix: &str) {
+        self.add(name, level, message);
+        self.0.last_mut().expect("just added").fix = Some(fix.to_string());
     }
 }
 
@@ -140,16 +146,16 @@ impl Report {
 
 /// Runs every check, reading configuration through `env`.
 pub async fn run(env: &(dyn Fn(&str) -> Option<String> + Sync)) -> Report {
-    let mut checks = config_checks(env);
-    checks.extend(database_checks(env).await);
-    Report { checks }
+    let mut out = Checks::default();
+    config_checks(env, &mut out);
+    database_checks(env, &mut out).await;
+    Report { checks: out.0 }
 }
 
 /// A variable's value without surrounding whitespace; blank counts as unset, as in serve.
 fn value(env: Env, name: &str) -> Option<String> {
-    env(name)
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
+    let value = env(name)?.trim().to_string();
+    (!value.is_empty()).then_some(value)
 }
 
 /// What serve refuses in production is a fail there, and a warning in development.
@@ -161,120 +167,91 @@ fn refused(production: bool) -> (Level, &'static str) {
 }
 
 /// The checks that need only the environment.
-fn config_checks(env: Env) -> Vec<Check> {
+fn config_checks(env: Env, out: &mut Checks) {
     let production = is_production(env);
     let vars = || RELEVANT_VARS.split_whitespace();
     let set: Vec<&str> = vars().filter(|v| value(env, v).is_some()).collect();
-    let blank: Vec<&str> = vars()
-        .filter(|v| env(v).is_some() && value(env, v).is_none())
-        .collect();
+    let blank = vars().filter(|v| env(v).is_some() && value(env, v).is_none());
+    let blank: Vec<&str> = blank.collect();
     let mut message = match production {
         true => "production; set: ".to_string(),
         false => "development (NODE_ENV/APP_ENV is not production); set: ".to_string(),
     };
-    message += &[set.join(", ")].concat();
+    message += &set.join(", ");
     if !blank.is_empty() {
         let _ = write!(message, "; blank, so unset: {}", blank.join(", "));
     }
-    let mut checks = vec![Check::new("environment", Level::Ok, message)];
-    checks.extend(origins(env));
-    checks.extend(push_key(env, production));
-    checks.extend(subscribers(env, production));
-    checks
+    out.add("environment", Level::Ok, message);
+    app_url(env, out);
+    push_key(env, production, out);
+    subscribers(env, production, out);
 }
 
 const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (the guide: it must be); browsers get \
     403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
+const SET_APP_URL: &str = "set NEXT_PUBLIC_APP_URL=https://your-app-domain.com";
 
-/// NEXT_PUBLIC_APP_URL and TASKCAST_ALLOWED_ORIGINS, validated as serve does. An invalid
-/// value is not echoed: a URL may carry credentials.
-fn origins(env: Env) -> Vec<Check> {
-    let app = |level, message: String| Check::new("app url", level, message);
-    let mut checks = vec![
-        match value(env, "NEXT_PUBLIC_APP_URL").map(|u| parse_origin("", &u)) {
-            Some(Ok(origin)) => app(Level::Ok, format!("browsers connect from {origin}")),
-            Some(Err(_)) => app(
-                Level::Fail,
-                "NEXT_PUBLIC_APP_URL is not an http(s) URL".into(),
-            )
-            .fix("set it to the app's public URL, e.g. https://your-app-domain.com"),
-            None => app(Level::Warn, NO_APP_URL.into())
-                .fix("set NEXT_PUBLIC_APP_URL=https://your-app-domain.com"),
-        },
-    ];
-    if let Some(list) = value(env, "TASKCAST_ALLOWED_ORIGINS") {
-        let entries = list.split(',').filter(|o| !o.trim().is_empty());
-        let parsed: Result<Vec<String>, _> = entries.map(|o| parse_origin("", o)).collect();
-        let allowed = |level, message: String| Check::new("allowed origins", level, message);
-        checks.push(match parsed {
-            Ok(all) => allowed(Level::Ok, all.join(", ")),
-            Err(_) => allowed(Level::Fail, "an entry is not an http(s) URL".into())
-                .fix("list origins such as https://admin.example.com, comma-separated"),
-        });
+/// NEXT_PUBLIC_APP_URL, validated as serve does; an invalid value is not echoed, since a
+/// URL may carry credentials.
+fn app_url(env: Env, out: &mut Checks) {
+    match value(env, "NEXT_PUBLIC_APP_URL").map(|url| parse_origin("", &url)) {
+        Some(Ok(origin)) => out.add("app url", Level::Ok, format!("browsers come from {origin}")),
+        Some(Err(_)) => out.fix("app url", Level::Fail, "not an http(s) URL", SET_APP_URL),
+        None => out.fix("app url", Level::Warn, NO_APP_URL, SET_APP_URL),
     }
-    checks
 }
 
+const OPENAI_PREFIX: &str = "a prefix every modern OpenAI key shares, so it is public";
 const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them, but a \
     generator that sends it as is gets 401";
 const TRIMMED_FIX: &str = "remove them where it is set, use the same value in every \
     environment, and restart both services (the guide's 401 checklist)";
 
 /// The push key: its source and strength, whitespace around it, and the rotation key.
-fn push_key(env: Env, production: bool) -> Vec<Check> {
-    let check = |level, message: String| Check::new("push key", level, message);
+fn push_key(env: Env, production: bool, out: &mut Checks) {
     // Resolved as in development, so that a weak key is described rather than refused.
     let key = match PushKey::resolve(env("TASK_PROCESS_SECRET_KEY"), None, env, false) {
         Ok(key) => key,
-        Err(refusal) => return vec![check(Level::Fail, refusal).fix(NEW_KEY)],
+        Err(refusal) => return out.fix("push key", Level::Fail, refusal, NEW_KEY),
     };
     let ((weak, refusal), source) = (refused(production), key.source());
-    let chars = match source {
-        KeySource::OpenAiKeyPrefix => 8,
-        KeySource::DevelopmentDefault => "development-key".len(),
-        // describe() names the variable for the other sources.
-        var => value(env, var.describe()).map_or(0, |v| v.chars().count()),
-    };
-    // PushKey's own wording for the OpenAI prefix quotes it; doctor prints no part of a key.
-    let weakness = match source {
-        KeySource::OpenAiKeyPrefix => {
-            Some("is a prefix all modern OpenAI keys share: public".into())
-        }
-        _ => key.weakness(),
-    };
-    let from = format!("from {}, {chars} characters", source.describe());
+    let from = format!("from {}", source.describe());
+    // A strong key comes from a variable, which describe() names.
+    let chars = value(env, source.describe()).map_or(0, |v| v.chars().count());
     let unset = "TASK_PROCESS_SECRET_KEY is not set";
-    let mut checks = vec![match weakness {
+    let (level, message) = match key.weakness() {
         _ if production && source == KeySource::DevelopmentDefault => {
-            check(Level::Fail, format!("{unset}, nor any fallback{refusal}")).fix(NEW_KEY)
+            (Level::Fail, format!("{unset}, nor any fallback{refusal}"))
         }
-        Some(why) => check(weak, format!("{from}: it {why}{refusal}")).fix(NEW_KEY),
+        // PushKey's wording quotes the OpenAI prefix; doctor prints no part of any key.
+        Some(_) if source == KeySource::OpenAiKeyPrefix => {
+            (weak, format!("{from}: {OPENAI_PREFIX}{refusal}"))
+        }
+        Some(why) => (weak, format!("{from}: it {why}{refusal}")),
         None if source != KeySource::TaskProcessSecretKey => {
             let why = "the guide strongly recommends setting it";
-            check(Level::Warn, format!("{from}; {unset}, and {why}")).fix(NEW_KEY)
+            let message = format!("{from}, {chars} characters; {unset}: {why}");
+            (Level::Warn, message)
         }
-        None => check(Level::Ok, from),
-    }];
+        None => (Level::Ok, format!("{from}, {chars} characters")),
+    };
+    match level {
+        Level::Ok => out.add("push key", level, message),
+        _ => out.fix("push key", level, message, NEW_KEY),
+    }
     if key.was_trimmed() {
         let message = format!("{} {TRIMMED}", source.describe());
-        checks.push(Check::new("key whitespace", Level::Warn, message).fix(TRIMMED_FIX));
+        out.fix("key whitespace", Level::Warn, message, TRIMMED_FIX);
     }
     if let Some(n) = value(env, "TASK_PROCESS_SECRET_KEY_PREVIOUS").map(|p| p.chars().count()) {
-        let (level, message) = match n < MIN_KEY_CHARS {
-            true => (
-                weak,
-                format!("{n} characters, shorter than {MIN_KEY_CHARS}{refusal}"),
-            ),
-            false => (
-                Level::Ok,
-                format!("{n} characters, also accepted while set"),
-            ),
-        };
-        let message = format!("TASK_PROCESS_SECRET_KEY_PREVIOUS is {message}");
+        let message = format!("TASK_PROCESS_SECRET_KEY_PREVIOUS is {n} characters");
+        let short = format!("{message}, fewer than {MIN_KEY_CHARS}{refusal}");
         let fix = "unset it once every generator sends the new key";
-        checks.push(Check::new("previous key", level, message).fix(fix));
+        match n < MIN_KEY_CHARS {
+            true => out.fix("previous key", weak, short, fix),
+            false => out.add("previous key", Level::Ok, message + ", accepted while set"),
+        }
     }
-    checks
 }
 
 /// As clap's falsey values: anything else turns the flag on.
@@ -287,85 +264,78 @@ const NO_SUBSCRIBER_AUTH: &str = "neither TASKCAST_SUBSCRIBE_SECRET nor SUPABASE
     set: a random per-process secret signs tokens, which stop working on restart";
 const SET_SUBSCRIBE_SECRET: &str =
     "set TASKCAST_SUBSCRIBE_SECRET (`openssl rand -hex 32`) and/or SUPABASE_JWT_SECRET";
+const PUBLIC_SUBSCRIBE: &str = "TASKCAST_PUBLIC_SUBSCRIBE is on: anyone who knows a task id \
+    can watch it";
+const ONLY_SESSIONS: &str = "; tokens from POST /api/tasks are signed with a random \
+    per-process secret";
+const UNSET_PUBLIC: &str = "unset TASKCAST_PUBLIC_SUBSCRIBE";
 
 /// Who may watch a task: subscribe tokens, Supabase sessions, or (development) anyone.
-fn subscribers(env: Env, production: bool) -> Vec<Check> {
+fn subscribers(env: Env, production: bool, out: &mut Checks) {
     let (weak, refusal) = refused(production);
-    let check = |level, message: String| Check::new("subscriber auth", level, message);
     let tokens = value(env, "TASKCAST_SUBSCRIBE_SECRET").map(|s| s.chars().count());
     let sessions =
         value(env, "SUPABASE_JWT_SECRET").map(|_| "Supabase sessions (SUPABASE_JWT_SECRET)");
-    let mut checks = vec![match (tokens, sessions) {
-        (None, None) => {
-            check(weak, format!("{NO_SUBSCRIBER_AUTH}{refusal}")).fix(SET_SUBSCRIBE_SECRET)
-        }
-        (None, Some(sessions)) => check(Level::Ok, sessions.to_string()),
+    let (name, fix) = ("subscriber auth", SET_SUBSCRIBE_SECRET);
+    match (tokens, sessions) {
+        (None, None) => out.fix(name, weak, format!("{NO_SUBSCRIBER_AUTH}{refusal}"), fix),
+        (None, Some(sessions)) => out.add(name, Level::Ok, format!("{sessions}{ONLY_SESSIONS}")),
         (Some(n), _) if n < MIN_KEY_CHARS => {
-            let message = format!("TASKCAST_SUBSCRIBE_SECRET is {n} characters, shorter than 32");
-            check(weak, message + refusal).fix(SET_SUBSCRIBE_SECRET)
+            let message = format!("TASKCAST_SUBSCRIBE_SECRET is {n} characters, fewer than 32");
+            let message = message + refusal;
+            out.fix(name, weak, message, fix)
         }
         (Some(n), sessions) => {
             let and = sessions.map(|s| format!(" and {s}")).unwrap_or_default();
-            check(
-                Level::Ok,
-                format!("subscribe tokens (TASKCAST_SUBSCRIBE_SECRET, {n} characters){and}"),
-            )
+            let message = format!("subscribe tokens (secret of {n} characters){and}");
+            out.add(name, Level::Ok, message)
         }
-    }];
-    if env("TASKCAST_PUBLIC_SUBSCRIBE").is_some_and(|v| truthy(&v)) {
-        let message = "TASKCAST_PUBLIC_SUBSCRIBE is on: anyone who knows a task id can watch it";
-        let public = Check::new("public subscribe", weak, format!("{message}{refusal}"));
-        checks.push(public.fix("unset TASKCAST_PUBLIC_SUBSCRIBE"));
     }
-    checks
+    if env("TASKCAST_PUBLIC_SUBSCRIBE").is_some_and(|v| truthy(&v)) {
+        let message = format!("{PUBLIC_SUBSCRIBE}{refusal}");
+        out.fix("public subscribe", weak, message, UNSET_PUBLIC);
+    }
 }
 
 /// The database checks, or one warning when DATABASE_URL is not set.
-async fn database_checks(env: Env<'_>) -> Vec<Check> {
-    let check = |level, message: &str| vec![Check::new("database", level, message)];
+async fn database_checks(env: Env<'_>, out: &mut Checks) {
     let Some(url) = value(env, "DATABASE_URL") else {
         let message = "DATABASE_URL is not set: in-memory store, nothing survives a restart";
-        return check(Level::Warn, message);
+        return out.add("database", Level::Warn, message);
     };
     // The parse error is not shown: it may quote part of the string.
     let Ok(mut config) = url.parse::<tokio_postgres::Config>() else {
-        return check(
-            Level::Fail,
-            "DATABASE_URL is not a Postgres connection string",
-        );
+        let message = "DATABASE_URL is not a Postgres connection string";
+        return out.add("database", Level::Fail, message);
     };
-    let password = config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    let hide = |e: tokio_postgres::Error| match password.as_deref() {
-        Some(p) if !p.is_empty() => error_chain(&e).replace(p, "***"),
-        _ => error_chain(&e),
+    let password = config.get_password().map(String::from_utf8_lossy);
+    let password = password.filter(|p| !p.is_empty()).map(|p| p.into_owned());
+    let hide = |e: tokio_postgres::Error| match &password {
+        Some(p) => error_chain(&e).replace(p.as_str(), "***"),
+        None => error_chain(&e),
     };
-    let hosts: Vec<String> = (config.get_hosts().iter())
-        .map(|host| match host {
-            Host::Tcp(name) => name.clone(),
-            #[cfg(unix)]
-            Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
+    let hosts = config.get_hosts().iter().filter_map(|host| match host {
+        Host::Tcp(name) => Some(name.as_str()),
+        _ => None,
+    });
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    let target = format!("{}:{port}", hosts.join(","));
+    let target = format!("{}:{port}", hosts.collect::<Vec<_>>().join(","));
     config.connect_timeout(CONNECT_TIMEOUT);
     let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls));
-    let (client, connection) = match connecting.await {
-        Ok(Ok(connected)) => connected,
-        Ok(Err(e)) => {
-            return check(
-                Level::Fail,
-                &format!("cannot connect to {target}: {}", hide(e)),
-            );
+    let message = match connecting.await {
+        Ok(Ok((client, connection))) => {
+            let driver = tokio::spawn(connection);
+            let read = inspect(&client, out).await;
+            driver.abort();
+            match read {
+                Ok(()) => return,
+                Err(e) => format!("reading the catalog: {}", hide(e)),
+            }
         }
-        Err(_) => return check(Level::Fail, &format!("no answer from {target} within 5 s")),
+        Ok(Err(e)) => format!("cannot reach {target}: {}", hide(e)),
+        Err(_) => format!("no answer from {target} within 5 s"),
     };
-    let driver = tokio::spawn(connection);
-    let checks = inspect(&client).await;
-    driver.abort();
-    checks.unwrap_or_else(|e| check(Level::Fail, &format!("reading the catalog: {}", hide(e))))
+    out.add("database", Level::Fail, message);
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -378,90 +348,72 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-const SERVER: &str = "SELECT 'PostgreSQL ' || current_setting('server_version') || ' as ' \
-    || current_user || ', database ' || current_database()";
+const REACHABLE: &str = "SELECT 'reachable: PostgreSQL ' || current_setting('server_version') \
+    || ' as ' || current_user || ', database ' || current_database()";
 
-/// Reads the server, the guide's columns, taskcast's columns and public's functions.
-async fn inspect(client: &tokio_postgres::Client) -> Result<Vec<Check>, tokio_postgres::Error> {
-    let server: String = client.query_one(SERVER, &[]).await?.get(0);
+/// Reads the server, the guide's columns, taskcast's columns and public's functions, then
+/// judges them. Nothing is added unless every read succeeds.
+async fn inspect(client: &Client, out: &mut Checks) -> Result<(), tokio_postgres::Error> {
+    let server: String = client.query_one(REACHABLE, &[]).await?.get(0);
     // The simple protocol returns text, whatever information_schema's domain types are.
-    let guide: Vec<(String, String)> = (client.simple_query(GUIDE_QUERY).await?.iter())
+    let rows = client.simple_query(GUIDE_QUERY).await?;
+    let guide: Vec<(&str, &str)> = (rows.iter())
         .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some((row.get(1)?.into(), row.get(2)?.into())),
+            SimpleQueryMessage::Row(row) => Some((row.get(1)?, row.get(2)?)),
             _ => None,
         })
         .collect();
     let missing = missing_columns(client).await?;
     let functions: Vec<Function> = (client.query(FUNCTIONS_QUERY, &[]).await?.iter())
-        .map(|row| Function {
-            name: row.get(0),
-            args: row.get(1),
-            security_definer: row.get(2),
-            owner: row.get(3),
-            executable_by: (row
-                .get::<_, bool>(4)
-                .then(|| "PUBLIC".to_string())
-                .into_iter())
-            .chain(row.get::<_, Vec<String>>(5))
-            .collect(),
+        .map(|row| {
+            let public = row.get::<_, bool>(4).then(|| "PUBLIC".to_string());
+            let roles: Vec<String> = row.get(5);
+            let executable_by = public.into_iter().chain(roles).collect();
+            let (name, args, security_definer, owner) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            Function {
+                name,
+                args,
+                security_definer,
+                owner,
+                executable_by,
+            }
         })
         .collect();
-    let mut checks = vec![Check::new(
-        "database",
-        Level::Ok,
-        format!("reachable: {server}"),
-    )];
-    checks.extend(schema_checks(&guide, &missing));
-    checks.extend(function_checks(&functions));
-    Ok(checks)
+    out.add("database", Level::Ok, server);
+    schema_checks(&guide, &missing, out);
+    function_checks(&functions, out);
+    Ok(())
 }
 
 /// `progress` and `stage` as the guide's query found them (name, data_type), then the other
 /// columns taskcast uses.
-fn schema_checks(guide: &[(String, String)], missing: &[String]) -> Vec<Check> {
-    let columns = [
-        ("column progress", "progress", "numeric"),
-        ("column stage", "stage", "text"),
-    ];
-    let mut checks: Vec<Check> = (columns.into_iter())
-        .map(
-            |(name, column, wanted)| match guide.iter().find(|(c, _)| c == column) {
-                None => Check::new(
-                    name,
-                    Level::Fail,
-                    format!("image_tasks.{column} is missing"),
-                )
-                .fix(MIGRATE),
-                Some((_, found)) if found == wanted => {
-                    Check::new(name, Level::Ok, format!("image_tasks.{column} is {wanted}"))
-                }
-                Some((_, found)) => {
-                    let message =
-                        format!("image_tasks.{column} is {found}, the guide's is {wanted}");
-                    Check::new(name, Level::Warn, message)
-                }
-            },
-        )
-        .collect();
+fn schema_checks(guide: &[(&str, &str)], missing: &[String], out: &mut Checks) {
+    let columns = [("progress", "numeric"), ("stage", "text")];
+    for (name, (column, wanted)) in ["column progress", "column stage"].into_iter().zip(columns) {
+        let found = guide.iter().find(|(c, _)| *c == column).map(|(_, t)| *t);
+        let message = format!("image_tasks.{column} is {}", found.unwrap_or("missing"));
+        match found {
+            None => out.fix(name, Level::Fail, message, MIGRATE),
+            Some(t) if t == wanted => out.add(name, Level::Ok, message),
+            Some(_) => out.add(name, Level::Warn, message + ", not " + wanted),
+        }
+    }
     let others: Vec<&str> = (missing.iter().map(String::as_str))
         .filter(|c| !matches!(*c, "progress" | "stage"))
         .collect();
     let message = match others.first() {
         None => format!(
-            "image_tasks has all {} columns taskcast uses",
+            "image_tasks has the {} columns taskcast uses",
             REQUIRED_COLUMNS.len()
         ),
         Some(table) if table.starts_with("table ") => format!("{table} does not exist"),
-        Some(_) => format!(
-            "image_tasks lacks columns taskcast uses: {}",
-            others.join(", ")
-        ),
+        Some(_) => format!("image_tasks lacks {}", others.join(", ")),
     };
-    checks.push(match others.is_empty() {
-        true => Check::new("schema", Level::Ok, message),
-        false => Check::new("schema", Level::Fail, message).fix(MIGRATE),
-    });
-    checks
+    match others.is_empty() {
+        true => out.add("schema", Level::Ok, message),
+        false => out.fix("schema", Level::Fail, message, MIGRATE),
+    }
 }
 
 /// A function in schema public, as [`FUNCTIONS_QUERY`] describes it.
@@ -485,95 +437,233 @@ impl Function {
 const GUIDE_FUNCTIONS: [&str; 2] = ["execute_sql", "check_column_exists"];
 const OTHER_DEFINERS: &str = "SECURITY DEFINER, so callable with their owner's rights \
     through /rest/v1/rpc/";
+const NO_OTHER_DEFINERS: &str = "no other SECURITY DEFINER function in public is executable \
+    by PUBLIC, anon or authenticated";
+const REVOKE_OTHERS: &str =
+    "REVOKE EXECUTE from PUBLIC, anon and authenticated, or make them SECURITY INVOKER";
 
 /// The guide's `execute_sql` and `check_column_exists`, then any other SECURITY DEFINER
 /// function that anyone may call through Supabase's REST API (`/rest/v1/rpc/<name>`).
-fn function_checks(functions: &[Function]) -> Vec<Check> {
-    let mut checks = Vec::new();
-    for (name, judge) in GUIDE_FUNCTIONS
-        .into_iter()
-        .zip([execute_sql, column_helper])
-    {
-        let found: Vec<Check> = functions
-            .iter()
-            .filter(|f| f.name == name)
-            .map(judge)
-            .collect();
-        if found.is_empty() {
-            checks.push(Check::new(
-                name,
-                Level::Ok,
-                format!("public.{name} does not exist"),
-            ));
+fn function_checks(functions: &[Function], out: &mut Checks) {
+    let named = |name: &'static str| functions.iter().filter(move |f| f.name == name);
+    named("execute_sql").for_each(|f| execute_sql(f, out));
+    named("check_column_exists").for_each(|f| column_helper(f, out));
+    for name in GUIDE_FUNCTIONS {
+        if named(name).next().is_none() {
+            out.add(name, Level::Ok, format!("public.{name} does not exist"));
         }
-        checks.extend(found);
     }
     let others: Vec<String> = (functions.iter())
         .filter(|f| f.security_definer && !f.executable_by.is_empty())
         .filter(|f| !GUIDE_FUNCTIONS.contains(&f.name.as_str()))
         .map(|f| format!("{} (by {})", f.signature(), f.executable_by.join(", ")))
         .collect();
-    checks.push(match others.is_empty() {
-        true => Check::new(
-            "definer functions",
-            Level::Ok,
-            "none executable by PUBLIC, anon, authenticated",
-        ),
-        false => Check::new(
-            "definer functions",
-            Level::Warn,
-            format!("{OTHER_DEFINERS}: {}", others.join("; ")),
-        )
-        .fix("REVOKE EXECUTE from PUBLIC, anon and authenticated, or make them SECURITY INVOKER"),
-    });
-    checks
+    match others.is_empty() {
+        true => out.add("definer functions", Level::Ok, NO_OTHER_DEFINERS),
+        false => {
+            let message = format!("{OTHER_DEFINERS}: {}", others.join("; "));
+            out.fix("definer functions", Level::Warn, message, REVOKE_OTHERS)
+        }
+    }
 }
 
 const ANYONE: &str = "anyone can call it through Supabase's REST API (POST /rest/v1/rpc/";
 
-fn execute_sql(f: &Function) -> Check {
+fn execute_sql(f: &Function, out: &mut Checks) {
     let signature = f.signature();
     let (level, runs) = match f.security_definer {
         true => (
             Level::Critical,
-            format!("is SECURITY DEFINER: it runs any SQL as {}", f.owner),
+            format!("is SECURITY DEFINER: runs any SQL as {}", f.owner),
         ),
         false => (Level::Fail, "runs any SQL it is given".to_string()),
     };
-    let by = f.executable_by.join(", ");
-    let by = if by.is_empty() {
-        by
-    } else {
-        format!(", and {by} may execute it")
+    let by = match f.executable_by.join(", ") {
+        by if by.is_empty() => by,
+        by => format!(", and {by} may execute it"),
     };
-    let message =
-        format!("{signature} {runs}{by}: {ANYONE}execute_sql); taskcast does not need it");
-    Check::new("execute_sql", level, message).fix(format!("DROP FUNCTION IF EXISTS {signature};"))
+    let message = format!("{signature} {runs}{by}: {ANYONE}execute_sql); taskcast needs none");
+    let drop = format!("DROP FUNCTION IF EXISTS {signature};");
+    out.fix("execute_sql", level, message, &drop);
 }
 
-fn column_helper(f: &Function) -> Check {
-    let (signature, owner) = (f.signature(), &f.owner);
-    let check = |level, message: String| Check::new("check_column_exists", level, message);
+fn column_helper(f: &Function, out: &mut Checks) {
+    let (name, signature) = ("check_column_exists", f.signature());
     match (f.executable_by.as_slice(), f.security_definer) {
-        ([], false) => check(
-            Level::Ok,
-            format!("{signature}: SECURITY INVOKER, owner-only"),
-        ),
-        ([], true) => check(
-            Level::Warn,
-            format!("{signature} is SECURITY DEFINER (owner-only)"),
-        )
-        .fix(RECREATE),
+        ([], false) => out.add(name, Level::Ok, format!("{signature}: owner-only, INVOKER")),
+        ([], true) => {
+            let message = format!("{signature} is SECURITY DEFINER (owner-only)");
+            out.fix(name, Level::Warn, message, RECREATE)
+        }
         (who, definer) => {
             let revoke = |w: &String| format!("REVOKE EXECUTE ON FUNCTION {signature} FROM {w};");
             let mut fix: Vec<String> = who.iter().map(revoke).collect();
             let mut message = format!("{signature} is executable by {}", who.join(", "));
             if definer {
-                let _ = write!(message, " and is SECURITY DEFINER (runs as {owner})");
+                let _ = write!(message, " and is SECURITY DEFINER (runs as {})", f.owner);
                 fix.push(format!("then {RECREATE}"));
             }
             let message = format!("{message}: {ANYONE}check_column_exists)");
-            check(Level::Critical, message).fix(fix.join("\n"))
+            out.fix(name, Level::Critical, message, &fix.join("\n"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Vec<Check> {
+        let env = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        };
+        let mut out = Checks::default();
+        config_checks(&env, &mut out);
+        out.0
+    }
+
+    fn find<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks
+            .iter()
+            .find(|c| c.name == name)
+            .expect("the check ran")
+    }
+
+    #[test]
+    fn text_aligns_columns_puts_the_fix_under_the_message_and_counts() {
+        let mut out = Checks::default();
+        out.add("push key", Level::Ok, "from TASK_PROCESS_SECRET_KEY");
+        out.fix("execute_sql", Level::Critical, "exists", "DROP\nsecond");
+        let report = Report { checks: out.0 };
+        let text = report.render_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ok        push key     from TASK_PROCESS_SECRET_KEY"
+        );
+        assert_eq!(lines[1], "CRITICAL  execute_sql  exists");
+        assert_eq!(lines[2], "                       fix: DROP");
+        assert_eq!(lines[3], "                            second");
+        assert_eq!(lines[5], "1 ok, 0 warn, 1 fail (1 CRITICAL)");
+        assert!(report.failed());
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(
+            (&json["ok"], &json["checks"][1]["level"]),
+            (&false.into(), &"critical".into())
+        );
+        assert!(json["checks"][0].get("fix").is_none());
+    }
+
+    #[test]
+    fn the_openai_prefix_is_public_so_production_fails_without_quoting_it() {
+        for (mode, level) in [("production", Level::Fail), ("development", Level::Warn)] {
+            let checks = config(&[("NODE_ENV", mode), ("OPENAI_API_KEY", "sk-proj-abcdefgh")]);
+            let check = find(&checks, "push key");
+            assert_eq!(check.level, level);
+            assert!(check.message.contains("public"), "{}", check.message);
+            assert!(
+                !format!("{checks:?}").contains("sk-proj-"),
+                "a part of the key"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fallback_or_padded_key_warns_with_the_guides_advice() {
+        let strong = "0123456789abcdef0123456789abcdef";
+        let checks = config(&[("INTERNAL_API_KEY", strong)]);
+        let check = find(&checks, "push key");
+        assert_eq!(check.level, Level::Warn);
+        assert!(
+            check.message.contains("strongly recommends"),
+            "{}",
+            check.message
+        );
+        let checks = config(&[("TASK_PROCESS_SECRET_KEY", &format!(" {strong}\n"))]);
+        assert_eq!(find(&checks, "push key").level, Level::Ok);
+        assert!(find(&checks, "key whitespace").message.contains("401"));
+    }
+
+    #[test]
+    fn public_subscribe_and_missing_subscriber_auth_fail_only_in_production() {
+        let public = [
+            ("TASKCAST_PUBLIC_SUBSCRIBE", "true"),
+            ("SUPABASE_JWT_SECRET", "x"),
+        ];
+        assert_eq!(
+            find(&config(&public), "public subscribe").level,
+            Level::Warn
+        );
+        let production = [public[0], ("APP_ENV", "production")];
+        assert_eq!(
+            find(&config(&production), "public subscribe").level,
+            Level::Fail
+        );
+        assert_eq!(
+            find(&config(&production), "subscriber auth").level,
+            Level::Fail
+        );
+        assert!(!truthy("false") && !truthy(" ") && truthy("1"));
+    }
+
+    fn function(name: &str, security_definer: bool, executable_by: &[&str]) -> Function {
+        let (name, args, owner) = (name.into(), "text".into(), "postgres".into());
+        let executable_by = executable_by.iter().map(|s| s.to_string()).collect();
+        Function {
+            name,
+            args,
+            security_definer,
+            owner,
+            executable_by,
+        }
+    }
+
+    #[test]
+    fn supabase_grants_get_one_revoke_each_and_other_definers_a_warning() {
+        let grantees = ["PUBLIC", "anon", "authenticated"];
+        let mut out = Checks::default();
+        function_checks(
+            &[
+                function("check_column_exists", true, &grantees),
+                function("execute_sql", true, &grantees),
+                function("whoami", true, &["anon"]),
+            ],
+            &mut out,
+        );
+        let execute = find(&out.0, "execute_sql");
+        assert_eq!(execute.level, Level::Critical);
+        assert!(execute.message.contains("/rest/v1/rpc/execute_sql"));
+        let fix = find(&out.0, "check_column_exists").fix.clone().unwrap();
+        for who in grantees {
+            let revoke = format!("ON FUNCTION public.check_column_exists(text) FROM {who};");
+            assert!(fix.contains(&revoke), "{fix}");
+        }
+        assert!(fix.contains("SECURITY INVOKER"), "{fix}");
+        assert_eq!(find(&out.0, "definer functions").level, Level::Warn);
+        let mut safe = Checks::default();
+        function_checks(&[function("check_column_exists", false, &[])], &mut safe);
+        assert!(safe.0.iter().all(|c| c.level == Level::Ok), "{:?}", safe.0);
+    }
+
+    #[test]
+    fn missing_columns_fail_with_migrate_and_a_wrong_type_warns() {
+        let mut out = Checks::default();
+        schema_checks(
+            &[("progress", "integer")],
+            &["stage".into(), "taskcast_seq".into()],
+            &mut out,
+        );
+        assert_eq!(find(&out.0, "column progress").level, Level::Warn);
+        assert_eq!(find(&out.0, "column stage").level, Level::Fail);
+        let schema = find(&out.0, "schema");
+        assert!(
+            schema.message.ends_with("taskcast_seq"),
+            "{}",
+            schema.message
+        );
+        assert_eq!(schema.fix.as_deref(), Some(MIGRATE));
     }
 }

@@ -310,6 +310,13 @@ impl NewTask {
         for (name, value) in fields {
             match (name.as_str(), value) {
                 (_, Value::Null) => {}
+                ("prompt", Value::String(p)) if p.contains('\0') => {
+                    // Postgres text cannot hold NUL; refuse it here rather than fail there.
+                    return Err(Error::invalid(
+                        "prompt",
+                        "prompt must not contain NUL (\\u0000) characters".to_string(),
+                    ));
+                }
                 ("prompt", Value::String(p)) => task.prompt = Some(p),
                 ("prompt", other) => {
                     return Err(Error::invalid(

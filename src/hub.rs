@@ -97,6 +97,21 @@ impl Hub {
         });
     }
 
+    /// The tasks that have subscribers now (a snapshot; it may change right after).
+    pub fn tasks(&self) -> Vec<TaskId> {
+        self.tasks.iter().map(|entry| *entry.key()).collect()
+    }
+
+    /// Whether `version` of `task` would be news to its subscribers: the task has
+    /// subscribers and the hub holds no state that new or newer.
+    pub fn wants(&self, task: TaskId, version: i64) -> bool {
+        self.tasks.get(&task).is_some_and(|slot| {
+            slot.borrow()
+                .as_ref()
+                .is_none_or(|frame| frame.version() < version)
+        })
+    }
+
     /// Tasks that currently have at least one subscriber.
     pub fn len(&self) -> usize {
         self.tasks.len()

@@ -22,8 +22,10 @@ pub mod doctor;
 pub mod domain;
 pub mod error;
 pub mod hub;
+pub mod listener;
 pub mod origin;
 pub mod routes;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod writer;
@@ -41,6 +43,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::listener::Listener;
 use crate::origin::OriginPolicy;
 use crate::routes::AppState;
 use crate::store::{MemoryStore, PgStore, Store};
@@ -57,6 +60,7 @@ pub struct App {
     state: AppState,
     hub: Hub,
     writer_task: JoinHandle<()>,
+    notify_listener: Option<Listener>,
     stop: watch::Sender<bool>,
     max_connections: usize,
 }
@@ -85,6 +89,16 @@ impl App {
             }
         };
         let hub = Hub::new();
+        let notify_listener = match (&store, &config.database_url) {
+            (Store::Postgres(pg), Some(url)) => Some(Listener {
+                database_url: url.clone(),
+                channel: config.notify_channel.clone(),
+                store: pg.clone(),
+                hub: hub.clone(),
+                connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
+            }),
+            _ => None,
+        };
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
@@ -121,6 +135,7 @@ impl App {
             state,
             hub,
             writer_task,
+            notify_listener,
             stop,
             max_connections: limits.max_connections,
         })
@@ -143,22 +158,21 @@ impl App {
             local_addr,
             state,
             writer_task,
+            notify_listener,
             stop,
             max_connections,
             ..
         } = self;
+        let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
         tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
         let connections = state.ws.connections.clone();
         let routes = routes::routes(state);
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(async move {
-                shutdown.await;
-                tracing::info!("shutting down");
-                let _ = stop.send(true);
-            })
-            .run()
-            .await;
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop.send(true);
+        };
+        server::serve(listener, routes, signal, SHUTDOWN_GRACE).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so
         // the writer drains its queue and ends. WebSockets got the signal through `stop`.
         let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
@@ -167,6 +181,9 @@ impl App {
             .is_err()
         {
             tracing::warn!("some WebSocket connections did not close in time");
+        }
+        if let Some(task) = listener_task {
+            let _ = task.await;
         }
         if let Err(e) = writer_task.await {
             tracing::error!(error = %e, "the writer task failed");

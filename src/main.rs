@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Some(Command::Migrate(args)) => {
             taskcast::telemetry::init(LogFormat::Text);
-            match schema::migrate(&args.database_url).await {
+            match schema::migrate_with_channel(&args.database_url, &args.notify_channel).await {
                 Ok(changes) if changes.is_empty() => println!("up to date"),
                 Ok(changes) => changes.iter().for_each(|c| println!("{c}")),
                 Err(e) => {

@@ -192,6 +192,25 @@ impl PgStore {
         }
     }
 
+    /// The committed states of `tasks` that exist, in no particular order.
+    pub async fn get_many(&self, tasks: &[TaskId]) -> Result<Vec<TaskState>, Error> {
+        let result: Result<_, DbError> = async {
+            let client = self.client().await?;
+            let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = ANY($1)");
+            let stmt = client.prepare_cached(&sql).await?;
+            let ids: Vec<Uuid> = tasks.iter().map(TaskId::as_uuid).collect();
+            let rows = client.query(&stmt, &[&ids]).await?;
+            rows.iter()
+                .map(|r| row_to_task(r).map(|t| t.state).map_err(DbError::from))
+                .collect::<Result<Vec<_>, DbError>>()
+        }
+        .await;
+        match result {
+            Ok(states) => Ok(states),
+            Err(e) => Err(self.classify(e).await),
+        }
+    }
+
     /// `None` if the task does not exist, else its owner (`user_id`).
     pub async fn owner(&self, task: TaskId) -> Result<Option<Option<Uuid>>, Error> {
         let result: Result<_, DbError> = async {

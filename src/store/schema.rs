@@ -62,6 +62,36 @@ async fn table_columns<C: GenericClient>(client: &C) -> Result<Vec<String>, toki
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+async fn has_notify_trigger<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
+               WHERE tgrelid = to_regclass('public.image_tasks') AND tgname = 'taskcast_notify')",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Checks a NOTIFY channel name: lowercase letters, digits and `_`, at most 63 bytes.
+pub fn validate_channel(channel: &str) -> Result<(), Error> {
+    let valid = !channel.is_empty()
+        && channel.len() <= 63
+        && channel
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "TASKCAST_NOTIFY_CHANNEL",
+            format!(
+                "TASKCAST_NOTIFY_CHANNEL must be 1-63 lowercase letters, digits or _, got {channel:?}"
+            ),
+        ))
+    }
+}
+
 async fn has_helper_function<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
     let row = client
         .query_one(
@@ -75,6 +105,15 @@ async fn has_helper_function<C: GenericClient>(client: &C) -> Result<bool, tokio
 /// Applies schema.sql in one transaction under an advisory lock, so two nodes migrating at
 /// once are safe. Returns what changed, one line each; empty when already up to date.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
+    migrate_with_channel(database_url, DEFAULT_CHANNEL).await
+}
+
+/// The NOTIFY channel schema.sql installs.
+pub const DEFAULT_CHANNEL: &str = "taskcast";
+
+/// [`migrate`], with the notify trigger sending on `channel`.
+pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<Vec<String>, Error> {
+    validate_channel(channel)?;
     let fail = |what: &'static str| move |e: tokio_postgres::Error| Error::unavailable(what, e);
     let mut config: tokio_postgres::Config = database_url.parse().map_err(|e| {
         Error::invalid(
@@ -103,9 +142,21 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
         let helper_before = has_helper_function(&tx)
             .await
             .map_err(fail("the catalog"))?;
+        let trigger_before = has_notify_trigger(&tx).await.map_err(fail("the catalog"))?;
         tx.batch_execute(SCHEMA_SQL)
             .await
             .map_err(|e| Error::internal("applying schema.sql", e))?;
+        if channel != DEFAULT_CHANNEL {
+            // The channel was validated above, so it can be quoted as a literal safely.
+            tx.batch_execute(&format!(
+                "DROP TRIGGER taskcast_notify ON public.image_tasks; \
+                 CREATE TRIGGER taskcast_notify AFTER UPDATE ON public.image_tasks \
+                 REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('{channel}')"
+            ))
+            .await
+            .map_err(|e| Error::internal("installing the notify trigger", e))?;
+        }
         let columns_after = table_columns(&tx).await.map_err(fail("the catalog"))?;
         tx.commit().await.map_err(fail("the database (commit)"))?;
 
@@ -119,6 +170,11 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
                     .filter(|c| !columns_before.contains(c))
                     .map(|c| format!("added column {c}")),
             );
+        }
+        if !trigger_before {
+            changes.push(format!(
+                "installed triggers taskcast_bump_version and taskcast_notify (channel {channel})"
+            ));
         }
         if !helper_before {
             changes.push(

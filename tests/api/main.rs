@@ -3,8 +3,12 @@
 
 mod helpers;
 
+mod auth;
+mod cluster;
 mod concurrency;
 mod delivery;
+mod doctor;
 mod errors;
+mod process;
 mod schema;
 mod websocket;

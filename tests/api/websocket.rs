@@ -119,15 +119,6 @@ async fn connections_beyond_the_limit_get_503(kind: StoreKind) {
     }
 }
 
-both_stores!(
-    subscribing_to_a_missing_task_yields_not_found_and_the_socket_stays_usable,
-    bad_client_messages_get_error_messages_not_a_closed_socket,
-    invalid_task_id_in_the_url_is_400_before_upgrading,
-    a_message_over_the_limit_closes_with_1009,
-    subscriptions_per_connection_are_bounded,
-    connections_beyond_the_limit_get_503,
-);
-
 /// Reads raw frames without ever answering a ping, so the server must give up on us.
 #[tokio::test]
 async fn a_connection_that_never_answers_pings_is_closed() {
@@ -169,3 +160,63 @@ async fn a_connection_that_never_answers_pings_is_closed() {
     );
     assert!(started.elapsed() >= Duration::from_millis(600));
 }
+
+async fn a_connection_without_subscriptions_is_closed_when_idle(kind: StoreKind) {
+    let app = spawn_app_with(kind, |c| c.limits.idle_timeout = Duration::from_millis(300)).await;
+    let mut sub = app.connect("").await;
+    let close = loop {
+        match tokio::time::timeout(WAIT, sub.socket.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Normal);
+    assert!(close.reason.contains("idle"));
+}
+
+async fn a_subscribed_connection_is_not_closed_as_idle(kind: StoreKind) {
+    let app = spawn_app_with(kind, |c| c.limits.idle_timeout = Duration::from_millis(200)).await;
+    let task = app.create_task().await;
+    let mut sub = app.subscribe(task).await;
+    sub.next_state().await;
+    // Pushes spread over several idle periods still arrive on the same socket.
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.push_ok(task, json!({"progress": i})).await;
+        assert_eq!(sub.next_state().await["progress"], f64::from(i));
+    }
+}
+
+async fn subscribe_messages_beyond_the_rate_limit_get_an_error(kind: StoreKind) {
+    let app = spawn_app_with(kind, |c| c.limits.max_subscribes_per_sec = 3).await;
+    let task = app.create_task().await;
+    let mut sub = app.connect("").await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        sub.send_json(app.subscribe_message(task)).await;
+        let reply = sub.next_message().await;
+        codes.push(reply["code"].as_str().unwrap_or("state").to_string());
+    }
+    // Six in well under a second: at most three pass.
+    assert!(
+        codes.iter().filter(|c| *c == "limit_exceeded").count() >= 3,
+        "{codes:?}"
+    );
+    assert_eq!(codes[0], "state");
+}
+
+both_stores!(
+    subscribing_to_a_missing_task_yields_not_found_and_the_socket_stays_usable,
+    bad_client_messages_get_error_messages_not_a_closed_socket,
+    invalid_task_id_in_the_url_is_400_before_upgrading,
+    a_message_over_the_limit_closes_with_1009,
+    subscriptions_per_connection_are_bounded,
+    connections_beyond_the_limit_get_503,
+    a_connection_without_subscriptions_is_closed_when_idle,
+    a_subscribed_connection_is_not_closed_as_idle,
+    subscribe_messages_beyond_the_rate_limit_get_an_error,
+);

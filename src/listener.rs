@@ -1,0 +1,235 @@
+//! The listener: one dedicated Postgres connection per node that follows the notify
+//! channel, so changes committed by other nodes (or by plain SQL) reach local subscribers.
+//!
+//! Pooled connections drop notifications, so this connection is its own, driven by
+//! `Connection::poll_message`. A notification carries ids and versions; the listener reads
+//! only the rows its hub has subscribers for and whose version is news. Notifications sent
+//! while the connection is down are lost, so after every (re)connect it re-reads every
+//! subscribed task; the hub's version rule makes the overlap harmless.
+
+use std::future::poll_fn;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::auth::Secret;
+use crate::domain::TaskId;
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::store::PgStore;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often the connection proves it is alive with `SELECT 1`.
+const LIVENESS_EVERY: Duration = Duration::from_secs(10);
+/// Rows read per query when catching up.
+const RESYNC_CHUNK: usize = 1000;
+
+/// Everything the listener needs. Cloning is shallow.
+#[derive(Clone)]
+pub struct Listener {
+    pub database_url: Secret,
+    pub channel: String,
+    pub store: PgStore,
+    pub hub: Hub,
+    pub connect_timeout: Duration,
+}
+
+/// How one connection ended.
+enum End {
+    Shutdown,
+    /// Lost after having listened (so the backoff starts over), or never established.
+    Lost {
+        listened: bool,
+        why: String,
+    },
+}
+
+impl Listener {
+    /// Runs until `shutdown` becomes true, reconnecting with capped exponential backoff.
+    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(self.run(shutdown))
+    }
+
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = MIN_BACKOFF;
+        let mut connections: u64 = 0;
+        loop {
+            match self.session(&mut shutdown, connections).await {
+                End::Shutdown => return,
+                End::Lost { listened, why } => {
+                    if listened {
+                        connections += 1;
+                        backoff = MIN_BACKOFF;
+                    }
+                    tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "listener lost its connection");
+                }
+            }
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = sleep(jitter(backoff)) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>, connections: u64) -> End {
+        let lost = |listened: bool| move |why: String| End::Lost { listened, why };
+        let mut config: tokio_postgres::Config = match self.database_url.expose().parse() {
+            Ok(config) => config,
+            Err(e) => return lost(false)(format!("DATABASE_URL: {e}")),
+        };
+        config
+            .application_name("taskcast-listener")
+            .connect_timeout(self.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let connect = timeout(self.connect_timeout, config.connect(NoTls)).await;
+        let (client, mut connection) = match connect {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return lost(false)(e.to_string()),
+            Err(_) => return lost(false)("connect timed out".to_string()),
+        };
+        // Drives the connection: forwards notifications, ends when the connection does.
+        let (tx, mut notifications) = mpsc::channel::<String>(1024);
+        let driver = tokio::spawn(async move {
+            while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_string()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "listener connection failed");
+                        return;
+                    }
+                }
+            }
+        });
+        let _abort = AbortOnDrop(driver);
+
+        if let Err(e) = client
+            .batch_execute(&format!("LISTEN {}", self.channel))
+            .await
+        {
+            return lost(false)(e.to_string());
+        }
+        tracing::info!(channel = %self.channel, reconnects = connections, "listening for changes");
+        // After LISTEN, so a change is either in what we read or in a later notification.
+        if let Err(e) = self.resync().await {
+            return lost(true)(e.chain());
+        }
+        let mut liveness = interval(LIVENESS_EVERY);
+        liveness.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped(shutdown) => return End::Shutdown,
+                payload = notifications.recv() => match payload {
+                    Some(payload) => {
+                        if let Err(e) = self.apply(&payload).await {
+                            return lost(true)(e.chain());
+                        }
+                    }
+                    None => return lost(true)("the connection closed".to_string()),
+                },
+                _ = liveness.tick() => {
+                    match timeout(self.connect_timeout, client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return lost(true)(e.to_string()),
+                        Err(_) => return lost(true)("liveness query timed out".to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the rows a notification names that local subscribers have not seen yet.
+    async fn apply(&self, payload: &str) -> Result<(), Error> {
+        let wanted: Vec<TaskId> = parse_payload(payload)
+            .filter(|&(task, version)| self.hub.wants(task, version))
+            .map(|(task, _)| task)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for state in self.store.get_many(&wanted).await? {
+            self.hub.publish(&state);
+        }
+        Ok(())
+    }
+
+    /// Re-reads every task that has local subscribers.
+    async fn resync(&self) -> Result<(), Error> {
+        let tasks = self.hub.tasks();
+        for chunk in tasks.chunks(RESYNC_CHUNK) {
+            for state in self.store.get_many(chunk).await? {
+                self.hub.publish(&state);
+            }
+        }
+        if !tasks.is_empty() {
+            tracing::info!(
+                tasks = tasks.len(),
+                "resynced subscribed tasks after connecting"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `"<uuid> <version>,<uuid> <version>"` as written by the `taskcast_notify` trigger;
+/// malformed entries are skipped (a foreign writer on the same channel cannot break us).
+pub fn parse_payload(payload: &str) -> impl Iterator<Item = (TaskId, i64)> + '_ {
+    payload.split(',').filter_map(|entry| {
+        let (id, version) = entry.trim().split_once(' ')?;
+        Some((TaskId::parse(id).ok()?, version.parse().ok()?))
+    })
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Up to 25% random extra, so nodes that lost the database together do not reconnect in
+/// lockstep.
+fn jitter(base: Duration) -> Duration {
+    let spread = base.as_millis() as u64 / 4;
+    let random = uuid::Uuid::new_v4().as_u128() as u64;
+    base + Duration::from_millis(if spread == 0 { 0 } else { random % spread })
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_entries_parse_and_garbage_is_skipped() {
+        let a = TaskId::random();
+        let b = TaskId::random();
+        let payload = format!("{a} 3,garbage,{b} 7,{a} x");
+        let parsed: Vec<_> = parse_payload(&payload).collect();
+        assert_eq!(parsed, vec![(a, 3), (b, 7)]);
+    }
+
+    #[test]
+    fn jitter_stays_within_a_quarter() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(400));
+            assert!(d >= Duration::from_millis(400) && d < Duration::from_millis(500));
+        }
+    }
+}

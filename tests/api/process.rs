@@ -1,0 +1,253 @@
+//! The real binary as a separate process: startup refusals in production, and secrets
+//! that never reach a log line.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::WAIT;
+
+fn taskcast(env: &[(&str, &str)], args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_taskcast"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "debug")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+}
+
+/// Runs a `serve` that must refuse to start; returns everything it printed.
+async fn refused_output(env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut all_args = vec!["serve", "--listen", "127.0.0.1:0"];
+    all_args.extend_from_slice(args);
+    let output = tokio::time::timeout(WAIT, taskcast(env, &all_args).output())
+        .await
+        .expect("taskcast exited instead of serving")
+        .unwrap();
+    assert!(!output.status.success(), "taskcast started with {env:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+const STRONG: &str = "9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c";
+const SUBSCRIBE: &str = "5e7a9c1b3d5f7e9a1c3b5d7f9e1a3c5b7d9f1e3a";
+
+#[tokio::test]
+async fn production_refuses_to_start_with_a_weak_public_or_missing_key() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("NODE_ENV", "production")], "TASK_PROCESS_SECRET_KEY"),
+        (
+            &[
+                ("NODE_ENV", "production"),
+                (
+                    "OPENAI_API_KEY",
+                    "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
+                ),
+            ],
+            "public",
+        ),
+        (
+            &[
+                ("APP_ENV", "production"),
+                ("TASK_PROCESS_SECRET_KEY", "too-short-key"),
+            ],
+            "32",
+        ),
+        (
+            &[("APP_ENV", "production"), ("INTERNAL_API_KEY", "")],
+            "TASK_PROCESS_SECRET_KEY",
+        ),
+    ];
+    for (env, needle) in cases {
+        let output = refused_output(env, &[]).await;
+        assert!(output.contains(needle), "for {env:?}: {output}");
+        assert!(
+            output.contains("openssl rand"),
+            "the refusal says how to make a key: {output}"
+        );
+        assert!(
+            !output.contains("too-short-key") && !output.contains("abcdefghijklmnop"),
+            "{output}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn production_refuses_public_subscribe_and_missing_subscriber_auth() {
+    let base = [
+        ("NODE_ENV", "production"),
+        ("TASK_PROCESS_SECRET_KEY", STRONG),
+    ];
+    let output = refused_output(&base, &[]).await;
+    assert!(output.contains("TASKCAST_SUBSCRIBE_SECRET"), "{output}");
+    let with_secret = [base[0], base[1], ("TASKCAST_SUBSCRIBE_SECRET", SUBSCRIBE)];
+    let output = refused_output(&with_secret, &["--public-subscribe"]).await;
+    assert!(output.contains("public-subscribe"), "{output}");
+}
+
+/// A started server: its address, and everything it has printed so far.
+struct Server {
+    child: Child,
+    addr: String,
+    stdout: Arc<Mutex<String>>,
+}
+
+async fn start(env: &[(&str, &str)]) -> Server {
+    let mut child = taskcast(env, &["--listen", "127.0.0.1:0"]).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let collected = stdout.clone();
+    // Keeps draining stdout so the server never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut addr_tx = Some(addr_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("local_addr=").nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(tx) = addr_tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+            let mut log = collected.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let addr = tokio::time::timeout(WAIT, addr_rx)
+        .await
+        .expect("taskcast listens in time")
+        .expect("taskcast printed its address");
+    Server {
+        child,
+        addr,
+        stdout,
+    }
+}
+
+impl Server {
+    /// Stops the server and returns all it printed, stdout then stderr.
+    async fn stop(mut self) -> String {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        format!("{stdout}{stderr}")
+    }
+}
+
+/// Every 10-character window of `secret`: a log line must not hold any part of a key.
+fn fragments(secret: &str) -> Vec<&str> {
+    (0..=secret.len().saturating_sub(10))
+        .map(|i| &secret[i..i + 10])
+        .collect()
+}
+
+#[tokio::test]
+async fn secrets_never_appear_in_logs_or_error_bodies() {
+    let previous = "1a3c5e7b9d1f3a5c7e9b1d3f5a7c9e1b";
+    let server = start(&[
+        ("TASK_PROCESS_SECRET_KEY", &format!("  {STRONG}\n")),
+        ("TASK_PROCESS_SECRET_KEY_PREVIOUS", previous),
+        ("TASKCAST_SUBSCRIBE_SECRET", SUBSCRIBE),
+        (
+            "OPENAI_API_KEY",
+            "sk-proj-zyxwvutsrqponmlkjihgfedcba9876543210",
+        ),
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+    let mut bodies = String::new();
+
+    let created: serde_json::Value = http
+        .post(format!("{base}/api/tasks"))
+        .bearer_auth(STRONG)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let task = created["task_id"].as_str().unwrap().to_string();
+    let progress = format!("{base}/api/tasks/{task}/progress");
+    for key in [
+        STRONG,
+        previous,
+        &STRONG[..20],
+        "wrong",
+        &format!("{STRONG}x"),
+    ] {
+        let response = http
+            .post(&progress)
+            .bearer_auth(key)
+            .json(&json!({"progress": 5}))
+            .send()
+            .await
+            .unwrap();
+        bodies.push_str(&response.text().await.unwrap());
+    }
+    for token in ["forged.token.value", SUBSCRIBE] {
+        let response = http
+            .get(format!("{base}/api/tasks/{task}?token={token}"))
+            .send()
+            .await
+            .unwrap();
+        bodies.push_str(&response.text().await.unwrap());
+    }
+    let output = server.stop().await;
+    assert!(
+        output.contains("push key loaded"),
+        "the log says where the key came from: {output}"
+    );
+    assert!(
+        output.contains("trimmed"),
+        "the log warns about the whitespace: {output}"
+    );
+    for secret in [STRONG, previous, SUBSCRIBE, "zyxwvutsrqponmlkjihgfedcba"] {
+        for fragment in fragments(secret) {
+            assert!(
+                !output.contains(fragment),
+                "the log holds part of a secret ({fragment}): {output}"
+            );
+            assert!(
+                !bodies.contains(fragment),
+                "a response holds part of a secret: {bodies}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn development_starts_with_a_loud_warning_about_the_development_key() {
+    let server = start(&[]).await;
+    let answer = reqwest::Client::new()
+        .get(format!("http://{}/healthz", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let output = server.stop().await;
+    assert!(output.contains("INSECURE PUSH KEY"), "{output}");
+    assert!(output.contains("in-memory store"), "{output}");
+}
