@@ -119,7 +119,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
     pub supabase_jwt_secret: Option<String>,
     /// Development only: anyone may subscribe without a token. Refused in production.
-    #[arg(long, env = "TASKCAST_PUBLIC_SUBSCRIBE")]
+    #[arg(
+        long,
+        env = "TASKCAST_PUBLIC_SUBSCRIBE",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub public_subscribe: bool,
     /// Lifetime of the subscribe token returned by POST /api/tasks, in seconds.
     #[arg(long, env = "TASKCAST_TOKEN_TTL_SECS", default_value_t = 3600)]
@@ -403,6 +410,9 @@ fn subscribe_auth(
     }
     let tokens = match secret {
         Some(s) => Some(Secret::new(s)),
+        // Supabase sessions only: no tokens are minted, rather than tokens that would stop
+        // working on restart and on every other node.
+        None if production => None,
         None => {
             tracing::warn!(
                 "TASKCAST_SUBSCRIBE_SECRET is not set: using a random secret for this process \
@@ -414,7 +424,8 @@ fn subscribe_auth(
     tracing::info!(
         supabase_sessions = supabase.is_some(),
         public = public,
-        "subscriber auth: subscribe tokens"
+        subscribe_tokens = tokens.is_some(),
+        "subscriber auth"
     );
     Ok(SubscribeAuth::new(
         tokens,
@@ -480,6 +491,22 @@ mod tests {
         assert!(!is_production(
             |k: &str| (k == "NODE_ENV").then(|| "development".into())
         ));
+    }
+
+    #[test]
+    fn public_subscribe_accepts_the_usual_booleans() {
+        for (value, expected) in [
+            ("1", true),
+            ("yes", true),
+            ("TRUE", true),
+            ("0", false),
+            ("false", false),
+        ] {
+            let cli = Cli::try_parse_from(["taskcast", "--public-subscribe", value]).unwrap();
+            assert_eq!(cli.serve.public_subscribe, expected, "for {value}");
+        }
+        let cli = Cli::try_parse_from(["taskcast", "--public-subscribe"]).unwrap();
+        assert!(cli.serve.public_subscribe);
     }
 
     #[test]

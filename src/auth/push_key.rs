@@ -174,8 +174,8 @@ impl PushKey {
                 Some("is the built-in `development-key`, which anyone can guess".to_string())
             }
             KeySource::OpenAiKeyPrefix => Some(
-                "is the first 8 characters of OPENAI_API_KEY: `sk-proj-` for every modern \
-                 OpenAI key, so it is public"
+                "is the first 8 characters of OPENAI_API_KEY, the same public prefix for \
+                 every modern OpenAI key"
                     .to_string(),
             ),
             _ => {

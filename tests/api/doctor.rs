@@ -17,18 +17,6 @@ const DB_PASSWORD: &str = "p9Wq2Ex7Rt4Yu1IoZ";
 const SECRETS: [&str; 4] = [PUSH_KEY, SUBSCRIBE_SECRET, OPENAI_KEY, DB_PASSWORD];
 const APP_URL: &str = "https://app.example.com";
 
-/// The table as an app built before the guide's migration has it: no progress, no stage.
-const GUIDE_ERA_TABLE: &str = "CREATE TABLE public.image_tasks (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    user_id uuid,
-    prompt text,
-    status text NOT NULL DEFAULT 'pending',
-    image_url text,
-    error text,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
-)";
-
 /// The deployment guide's migration (选项1), exactly as the guide prints it.
 const GUIDE_SQL: &str = r#"-- 添加任务进度和阶段列
 ALTER TABLE public.image_tasks 
@@ -159,7 +147,7 @@ async fn guide_database() -> TestDb {
     let db = TestDb::create().await;
     let client = db.client().await;
     client
-        .batch_execute(GUIDE_ERA_TABLE)
+        .batch_execute(crate::helpers::GUIDE_ERA_TABLE)
         .await
         .expect("guide-era table");
     client
@@ -214,7 +202,7 @@ async fn a_guide_era_table_without_progress_and_stage_fails_and_says_taskcast_mi
     let db = TestDb::create().await;
     db.client()
         .await
-        .batch_execute(GUIDE_ERA_TABLE)
+        .batch_execute(crate::helpers::GUIDE_ERA_TABLE)
         .await
         .expect("guide-era table");
     let url = url_with_password(&db);

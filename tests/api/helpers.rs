@@ -374,3 +374,16 @@ impl Subscriber {
 pub fn schema_sql() -> &'static str {
     taskcast::store::schema::SCHEMA_SQL
 }
+
+/// `public.image_tasks` as an app built from the original guide has it: no progress, no
+/// stage, none of taskcast's columns.
+pub const GUIDE_ERA_TABLE: &str = "CREATE TABLE public.image_tasks (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id uuid,
+    prompt text,
+    status text NOT NULL DEFAULT 'pending',
+    image_url text,
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+)";

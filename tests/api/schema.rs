@@ -5,18 +5,6 @@ use taskcast::store::schema::migrate;
 
 use crate::helpers::{TestDb, spawn_app_on};
 
-/// The table as an app built from the original guide has it: no progress, no stage.
-const GUIDE_ERA_TABLE: &str = "CREATE TABLE public.image_tasks (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    user_id uuid,
-    prompt text,
-    status text NOT NULL DEFAULT 'pending',
-    image_url text,
-    error text,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
-)";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_twice_is_a_no_op() {
     let db = TestDb::create().await;
@@ -33,7 +21,10 @@ async fn migrate_twice_is_a_no_op() {
 async fn migrate_adds_the_guides_columns_to_an_existing_table_and_keeps_rows() {
     let db = TestDb::create().await;
     let client = db.client().await;
-    client.batch_execute(GUIDE_ERA_TABLE).await.unwrap();
+    client
+        .batch_execute(crate::helpers::GUIDE_ERA_TABLE)
+        .await
+        .unwrap();
     client
         .batch_execute("INSERT INTO image_tasks (prompt, status) VALUES ('kept', 'processing')")
         .await
@@ -108,7 +99,10 @@ async fn schema_is_safe_no_execute_sql_and_helper_not_public() {
 async fn missing_columns_give_422_until_migrate_then_pushes_work_without_restart() {
     let db = TestDb::create().await;
     let client = db.client().await;
-    client.batch_execute(GUIDE_ERA_TABLE).await.unwrap();
+    client
+        .batch_execute(crate::helpers::GUIDE_ERA_TABLE)
+        .await
+        .unwrap();
     let id: uuid::Uuid = client
         .query_one(
             "INSERT INTO image_tasks (prompt) VALUES ('p') RETURNING id",

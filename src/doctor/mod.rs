@@ -5,15 +5,15 @@
 //! environment; the database is read in one pass ([`inspect`]) and judged by pure functions
 //! too. No check prints a secret's value, not even a prefix: only names, sources, lengths.
 
+mod database;
+
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, config::Host};
 
 use crate::auth::{KeySource, MIN_KEY_CHARS, PushKey};
 use crate::config::{is_production, parse_origin};
-use crate::store::schema::{REQUIRED_COLUMNS, missing_columns};
+use database::database_checks;
 
 type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
@@ -22,29 +22,8 @@ const RELEVANT_VARS: &str = "TASK_PROCESS_SECRET_KEY TASK_PROCESS_SECRET_KEY_PRE
     INTERNAL_API_KEY API_SECRET_KEY OPENAI_API_KEY NEXT_PUBLIC_APP_URL DATABASE_URL \
     TASKCAST_SUBSCRIBE_SECRET SUPABASE_JWT_SECRET TASKCAST_PUBLIC_SUBSCRIBE \
     TASKCAST_ALLOWED_ORIGINS NODE_ENV APP_ENV";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const MIGRATE: &str = "run `taskcast migrate` (or paste schema.sql into the Supabase SQL editor)";
 const NEW_KEY: &str = "set TASK_PROCESS_SECRET_KEY to at least 32 random characters \
     (`openssl rand -hex 16`), the same value in the generator and in taskcast";
-const RECREATE: &str = "recreate it as SECURITY INVOKER: run `taskcast migrate` (schema.sql)";
-/// Step 2 of the guide's 验证部署, sent exactly as the guide writes it.
-const GUIDE_QUERY: &str = "SELECT \n  table_name, \n  column_name, \n  data_type \nFROM \n  \
-    information_schema.columns \nWHERE \n  table_schema = 'public' \n  AND table_name = \
-    'image_tasks'\n  AND column_name IN ('progress', 'stage')\nORDER BY \n  column_name;";
-/// Functions in schema public (extension members aside), and who may execute them.
-/// Roles are matched by oid, so a cluster without `anon` is not an error.
-const FUNCTIONS_QUERY: &str = "SELECT p.proname::text, pg_catalog.oidvectortypes(p.proargtypes),
-      p.prosecdef, pg_catalog.pg_get_userbyid(p.proowner)::text,
-      pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE'),
-      ARRAY(SELECT r.rolname::text FROM pg_catalog.pg_roles r
-            WHERE r.rolname IN ('anon', 'authenticated')
-              AND pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE') ORDER BY 1)
-    FROM pg_catalog.pg_proc p
-    WHERE p.pronamespace = 'public'::regnamespace
-      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.deptype = 'e'
-          AND d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid)
-    ORDER BY 1, 2";
-
 /// How bad a finding is. `Fail` and `Critical` fail the report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -297,220 +276,9 @@ fn subscribers(env: Env, production: bool, out: &mut Checks) {
     }
 }
 
-/// The database checks, or one warning when DATABASE_URL is not set.
-async fn database_checks(env: Env<'_>, out: &mut Checks) {
-    let Some(url) = value(env, "DATABASE_URL") else {
-        let message = "DATABASE_URL is not set: in-memory store, nothing survives a restart";
-        return out.add("database", Level::Warn, message);
-    };
-    // The parse error is not shown: it may quote part of the string.
-    let Ok(mut config) = url.parse::<tokio_postgres::Config>() else {
-        let message = "DATABASE_URL is not a Postgres connection string";
-        return out.add("database", Level::Fail, message);
-    };
-    let password = config.get_password().map(String::from_utf8_lossy);
-    let password = password.filter(|p| !p.is_empty()).map(|p| p.into_owned());
-    let hide = |e: tokio_postgres::Error| match &password {
-        Some(p) => error_chain(&e).replace(p.as_str(), "***"),
-        None => error_chain(&e),
-    };
-    let hosts = config.get_hosts().iter().filter_map(|host| match host {
-        Host::Tcp(name) => Some(name.as_str()),
-        _ => None,
-    });
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let target = format!("{}:{port}", hosts.collect::<Vec<_>>().join(","));
-    config.connect_timeout(CONNECT_TIMEOUT);
-    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls));
-    let message = match connecting.await {
-        Ok(Ok((client, connection))) => {
-            let driver = tokio::spawn(connection);
-            let read = inspect(&client, out).await;
-            driver.abort();
-            match read {
-                Ok(()) => return,
-                Err(e) => format!("reading the catalog: {}", hide(e)),
-            }
-        }
-        Ok(Err(e)) => format!("cannot reach {target}: {}", hide(e)),
-        Err(_) => format!("no answer from {target} within 5 s"),
-    };
-    out.add("database", Level::Fail, message);
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
-    }
-    out
-}
-
-const REACHABLE: &str = "SELECT 'reachable: PostgreSQL ' || current_setting('server_version') \
-    || ' as ' || current_user || ', database ' || current_database()";
-
-/// Reads the server, the guide's columns, taskcast's columns and public's functions, then
-/// judges them. Nothing is added unless every read succeeds.
-async fn inspect(client: &Client, out: &mut Checks) -> Result<(), tokio_postgres::Error> {
-    let server: String = client.query_one(REACHABLE, &[]).await?.get(0);
-    // The simple protocol returns text, whatever information_schema's domain types are.
-    let rows = client.simple_query(GUIDE_QUERY).await?;
-    let guide: Vec<(&str, &str)> = (rows.iter())
-        .filter_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some((row.get(1)?, row.get(2)?)),
-            _ => None,
-        })
-        .collect();
-    let missing = missing_columns(client).await?;
-    let functions: Vec<Function> = (client.query(FUNCTIONS_QUERY, &[]).await?.iter())
-        .map(|row| {
-            let public = row.get::<_, bool>(4).then(|| "PUBLIC".to_string());
-            let roles: Vec<String> = row.get(5);
-            let executable_by = public.into_iter().chain(roles).collect();
-            let (name, args, security_definer, owner) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            Function {
-                name,
-                args,
-                security_definer,
-                owner,
-                executable_by,
-            }
-        })
-        .collect();
-    out.add("database", Level::Ok, server);
-    schema_checks(&guide, &missing, out);
-    function_checks(&functions, out);
-    Ok(())
-}
-
-/// `progress` and `stage` as the guide's query found them (name, data_type), then the other
-/// columns taskcast uses.
-fn schema_checks(guide: &[(&str, &str)], missing: &[String], out: &mut Checks) {
-    let columns = [("progress", "numeric"), ("stage", "text")];
-    for (name, (column, wanted)) in ["column progress", "column stage"].into_iter().zip(columns) {
-        let found = guide.iter().find(|(c, _)| *c == column).map(|(_, t)| *t);
-        let message = format!("image_tasks.{column} is {}", found.unwrap_or("missing"));
-        match found {
-            None => out.fix(name, Level::Fail, message, MIGRATE),
-            Some(t) if t == wanted => out.add(name, Level::Ok, message),
-            Some(_) => out.add(name, Level::Warn, message + ", not " + wanted),
-        }
-    }
-    let others: Vec<&str> = (missing.iter().map(String::as_str))
-        .filter(|c| !matches!(*c, "progress" | "stage"))
-        .collect();
-    let message = match others.first() {
-        None => format!(
-            "image_tasks has the {} columns taskcast uses",
-            REQUIRED_COLUMNS.len()
-        ),
-        Some(table) if table.starts_with("table ") => format!("{table} does not exist"),
-        Some(_) => format!("image_tasks lacks {}", others.join(", ")),
-    };
-    match others.is_empty() {
-        true => out.add("schema", Level::Ok, message),
-        false => out.fix("schema", Level::Fail, message, MIGRATE),
-    }
-}
-
-/// A function in schema public, as [`FUNCTIONS_QUERY`] describes it.
-#[derive(Clone, Debug)]
-struct Function {
-    name: String,
-    /// Argument types as `oidvectortypes` writes them: `text, text`.
-    args: String,
-    security_definer: bool,
-    owner: String,
-    /// Which of `PUBLIC`, `anon`, `authenticated` may execute it.
-    executable_by: Vec<String>,
-}
-
-impl Function {
-    fn signature(&self) -> String {
-        format!("public.{}({})", self.name, self.args)
-    }
-}
-
-const GUIDE_FUNCTIONS: [&str; 2] = ["execute_sql", "check_column_exists"];
-const OTHER_DEFINERS: &str = "SECURITY DEFINER, so callable with their owner's rights \
-    through /rest/v1/rpc/";
-const NO_OTHER_DEFINERS: &str = "no other SECURITY DEFINER function in public is executable \
-    by PUBLIC, anon or authenticated";
-const REVOKE_OTHERS: &str =
-    "REVOKE EXECUTE from PUBLIC, anon and authenticated, or make them SECURITY INVOKER";
-
-/// The guide's `execute_sql` and `check_column_exists`, then any other SECURITY DEFINER
-/// function that anyone may call through Supabase's REST API (`/rest/v1/rpc/<name>`).
-fn function_checks(functions: &[Function], out: &mut Checks) {
-    let named = |name: &'static str| functions.iter().filter(move |f| f.name == name);
-    named("execute_sql").for_each(|f| execute_sql(f, out));
-    named("check_column_exists").for_each(|f| column_helper(f, out));
-    for name in GUIDE_FUNCTIONS {
-        if named(name).next().is_none() {
-            out.add(name, Level::Ok, format!("public.{name} does not exist"));
-        }
-    }
-    let others: Vec<String> = (functions.iter())
-        .filter(|f| f.security_definer && !f.executable_by.is_empty())
-        .filter(|f| !GUIDE_FUNCTIONS.contains(&f.name.as_str()))
-        .map(|f| format!("{} (by {})", f.signature(), f.executable_by.join(", ")))
-        .collect();
-    match others.is_empty() {
-        true => out.add("definer functions", Level::Ok, NO_OTHER_DEFINERS),
-        false => {
-            let message = format!("{OTHER_DEFINERS}: {}", others.join("; "));
-            out.fix("definer functions", Level::Warn, message, REVOKE_OTHERS)
-        }
-    }
-}
-
-const ANYONE: &str = "anyone can call it through Supabase's REST API (POST /rest/v1/rpc/";
-
-fn execute_sql(f: &Function, out: &mut Checks) {
-    let signature = f.signature();
-    let (level, runs) = match f.security_definer {
-        true => (
-            Level::Critical,
-            format!("is SECURITY DEFINER: runs any SQL as {}", f.owner),
-        ),
-        false => (Level::Fail, "runs any SQL it is given".to_string()),
-    };
-    let by = match f.executable_by.join(", ") {
-        by if by.is_empty() => by,
-        by => format!(", and {by} may execute it"),
-    };
-    let message = format!("{signature} {runs}{by}: {ANYONE}execute_sql); taskcast needs none");
-    let drop = format!("DROP FUNCTION IF EXISTS {signature};");
-    out.fix("execute_sql", level, message, &drop);
-}
-
-fn column_helper(f: &Function, out: &mut Checks) {
-    let (name, signature) = ("check_column_exists", f.signature());
-    match (f.executable_by.as_slice(), f.security_definer) {
-        ([], false) => out.add(name, Level::Ok, format!("{signature}: owner-only, INVOKER")),
-        ([], true) => {
-            let message = format!("{signature} is SECURITY DEFINER (owner-only)");
-            out.fix(name, Level::Warn, message, RECREATE)
-        }
-        (who, definer) => {
-            let revoke = |w: &String| format!("REVOKE EXECUTE ON FUNCTION {signature} FROM {w};");
-            let mut fix: Vec<String> = who.iter().map(revoke).collect();
-            let mut message = format!("{signature} is executable by {}", who.join(", "));
-            if definer {
-                let _ = write!(message, " and is SECURITY DEFINER (runs as {})", f.owner);
-                fix.push(format!("then {RECREATE}"));
-            }
-            let message = format!("{message}: {ANYONE}check_column_exists)");
-            out.fix(name, Level::Critical, message, &fix.join("\n"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::database::{Function, MIGRATE, function_checks, schema_checks};
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Vec<Check> {
