@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
+use crate::writer::WriteMode;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -174,6 +175,16 @@ pub struct ServeArgs {
     /// Seconds without a pong after which a WebSocket connection is closed.
     #[arg(long, env = "TASKCAST_PONG_TIMEOUT_SECS", default_value_t = 40)]
     pub pong_timeout_secs: u64,
+    /// `group` commits pushes together; `naive` does one UPDATE per push (a benchmark
+    /// baseline only).
+    #[arg(long, env = "TASKCAST_WRITE_MODE", value_enum, default_value = "group")]
+    pub write_mode: WriteMode,
+    /// Largest accepted body of the batch endpoint POST /api/progress, in bytes.
+    #[arg(long, env = "TASKCAST_MAX_BATCH_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_batch_body_bytes: usize,
+    /// Most updates in one POST /api/progress.
+    #[arg(long, env = "TASKCAST_MAX_BATCH_ITEMS", default_value_t = 1000)]
+    pub max_batch_items: usize,
     /// The Postgres NOTIFY channel nodes listen on (one per deployment, not per task).
     #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
     pub notify_channel: String,
@@ -186,6 +197,8 @@ pub struct ServeArgs {
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
+    pub max_batch_items: usize,
     pub max_ws_message_bytes: usize,
     pub max_subscriptions: usize,
     pub max_connections: usize,
@@ -214,6 +227,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 16 * 1024,
+            max_batch_body_bytes: 1024 * 1024,
+            max_batch_items: 1000,
             max_ws_message_bytes: 4 * 1024,
             max_subscriptions: 64,
             max_connections: default_max_connections(),
@@ -244,6 +259,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// The NOTIFY channel the listener follows (Postgres only).
     pub notify_channel: String,
+    pub write_mode: WriteMode,
     pub limits: Limits,
 }
 
@@ -258,6 +274,7 @@ impl Config {
             token_ttl: Duration::from_secs(3600),
             allowed_origins: Vec::new(),
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
+            write_mode: WriteMode::Group,
             limits: Limits::default(),
         }
     }
@@ -287,6 +304,8 @@ impl Config {
         }
         for (name, value) in [
             ("TASKCAST_MAX_BODY_BYTES", args.max_body_bytes),
+            ("TASKCAST_MAX_BATCH_BODY_BYTES", args.max_batch_body_bytes),
+            ("TASKCAST_MAX_BATCH_ITEMS", args.max_batch_items),
             ("TASKCAST_MAX_WS_MESSAGE_BYTES", args.max_ws_message_bytes),
             ("TASKCAST_MAX_SUBSCRIPTIONS", args.max_subscriptions),
             ("TASKCAST_MAX_CONNECTIONS", args.max_connections),
@@ -328,8 +347,11 @@ impl Config {
             token_ttl: Duration::from_secs(args.token_ttl_secs),
             allowed_origins,
             notify_channel: args.notify_channel,
+            write_mode: args.write_mode,
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
+                max_batch_body_bytes: args.max_batch_body_bytes,
+                max_batch_items: args.max_batch_items,
                 max_ws_message_bytes: args.max_ws_message_bytes,
                 max_subscriptions: args.max_subscriptions,
                 max_connections: args.max_connections,

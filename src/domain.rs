@@ -267,6 +267,28 @@ impl ProgressUpdate {
         Ok(update)
     }
 
+    /// One item of the batch endpoint: the push fields plus its `task_id`.
+    pub fn from_batch_item(item: Value) -> Result<(TaskId, Self), Error> {
+        let Value::Object(mut fields) = item else {
+            return Err(Error::invalid(
+                "updates",
+                format!(
+                    "each update must be a JSON object with task_id and some of: {UPDATE_FIELDS}"
+                ),
+            ));
+        };
+        let task = match fields.remove("task_id") {
+            Some(Value::String(raw)) => TaskId::parse(&raw)?,
+            _ => {
+                return Err(Error::invalid(
+                    "task_id",
+                    "each update needs a task_id string (a UUID)".to_string(),
+                ));
+            }
+        };
+        Ok((task, Self::from_fields(fields)?))
+    }
+
     pub fn progress(&self) -> Option<Progress> {
         self.progress
     }

@@ -222,6 +222,26 @@ impl Error {
         .expect("a struct of strings always serializes")
     }
 
+    /// One failed item of a batch: `{"status":N,"error":..,"message":..,"hint":..}`.
+    pub fn to_item_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            status: u16,
+            error: &'static str,
+            message: &'a str,
+            hint: &'a str,
+        }
+        self.log();
+        let message = self.public_message();
+        serde_json::to_string(&Item {
+            status: self.status().as_u16(),
+            error: self.code(),
+            message: &message,
+            hint: self.hint(),
+        })
+        .expect("a struct of strings always serializes")
+    }
+
     /// The WebSocket form: `{"type":"error","code":...,"message":...,"hint":...}`.
     pub fn to_ws_json(&self, task_id: Option<TaskId>) -> String {
         #[derive(Serialize)]

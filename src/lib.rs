@@ -102,6 +102,7 @@ impl App {
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
+            config.write_mode,
             limits.max_batch,
             limits.writer_queue,
         );
@@ -120,6 +121,8 @@ impl App {
             token_ttl: config.token_ttl,
             origins: OriginPolicy::new(config.allowed_origins.clone()),
             max_body_bytes: limits.max_body_bytes,
+            max_batch_body_bytes: limits.max_batch_body_bytes,
+            max_batch_items: limits.max_batch_items,
             ws: WsContext {
                 hub: hub.clone(),
                 store,

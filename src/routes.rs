@@ -29,6 +29,8 @@ pub struct AppState {
     pub token_ttl: std::time::Duration,
     pub origins: OriginPolicy,
     pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
+    pub max_batch_items: usize,
     pub ws: WsContext,
 }
 
@@ -53,6 +55,13 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(authorized(state.push_key.clone()))
         .and(json_body(limit))
         .then(create);
+
+    let batch = warp::path!("api" / "progress")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(authorized(state.push_key.clone()))
+        .and(json_body(state.max_batch_body_bytes))
+        .then(push_batch);
 
     let get = warp::path!("api" / "tasks" / String)
         .and(warp::get())
@@ -84,6 +93,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         );
 
     let api = push
+        .or(batch)
+        .unify()
         .or(create)
         .unify()
         .or(get)
@@ -206,6 +217,87 @@ async fn push(raw_id: String, state: AppState, body: bytes::Bytes) -> Response {
         }
         .await,
     )
+}
+
+/// `POST /api/progress`: many pushes, for many tasks, in one request. The request
+/// succeeds as a whole (200) and each item has its own status, in the order sent:
+/// `{"results":[{"status":200,"state":{...}}, {"status":404,"error":...}, ...]}`.
+async fn push_batch(state: AppState, body: bytes::Bytes) -> Response {
+    respond(
+        async {
+            let items = parse_batch(&body, state.max_batch_items)?;
+            let mut slots: Vec<Result<usize, Error>> = Vec::with_capacity(items.len());
+            let mut valid = Vec::with_capacity(items.len());
+            for item in items {
+                slots.push(ProgressUpdate::from_batch_item(item).map(|push| {
+                    valid.push(push);
+                    valid.len() - 1
+                }));
+            }
+            let mut outcomes: Vec<Option<Result<_, Error>>> = state
+                .writer
+                .push_many(valid)
+                .await
+                .into_iter()
+                .map(Some)
+                .collect();
+            let mut out = String::from(r#"{"results":["#);
+            for (i, slot) in slots.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let result =
+                    slot.and_then(|index| outcomes[index].take().expect("each outcome used once"));
+                match result {
+                    Ok(outcome) => {
+                        let state_json = outcome.state().to_json(false, Some(outcome.applied()));
+                        out.push_str(r#"{"status":200,"state":"#);
+                        out.push_str(&state_json);
+                        out.push('}');
+                    }
+                    Err(e) => out.push_str(&e.to_item_json()),
+                }
+            }
+            out.push_str("]}");
+            Ok(json_response(StatusCode::OK, out))
+        }
+        .await,
+    )
+}
+
+/// The batch body: `{"updates":[...]}` or a bare array, with at most `max` items.
+fn parse_batch(body: &[u8], max: usize) -> Result<Vec<serde_json::Value>, Error> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    let items = match value {
+        serde_json::Value::Array(items) => items,
+        serde_json::Value::Object(mut fields) => match fields.remove("updates") {
+            Some(serde_json::Value::Array(items)) if fields.is_empty() => items,
+            _ => {
+                return Err(Error::invalid(
+                    "body",
+                    r#"the body must be {"updates":[{"task_id":...,"progress":...},...]} or an array"#
+                        .to_string(),
+                ));
+            }
+        },
+        _ => {
+            return Err(Error::invalid(
+                "body",
+                r#"the body must be {"updates":[...]} or an array of updates"#.to_string(),
+            ));
+        }
+    };
+    if items.is_empty() || items.len() > max {
+        return Err(Error::invalid(
+            "updates",
+            format!(
+                "send from 1 to {max} updates per request (TASKCAST_MAX_BATCH_ITEMS), got {}",
+                items.len()
+            ),
+        ));
+    }
+    Ok(items)
 }
 
 async fn create(state: AppState, body: bytes::Bytes) -> Response {

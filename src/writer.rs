@@ -21,10 +21,23 @@ struct Job {
     reply: oneshot::Sender<Result<Outcome, Error>>,
 }
 
+/// How pushes reach the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteMode {
+    /// One writer task; pushes that arrive during a commit share the next one.
+    Group,
+    /// Each push commits on its own pool connection: one UPDATE per push. A baseline for
+    /// benchmarks, not for production.
+    Naive,
+}
+
 /// A handle for submitting pushes. Cloning is shallow (an mpsc sender).
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
+    mode: WriteMode,
+    store: Store,
+    hub: Hub,
 }
 
 impl Writer {
@@ -33,17 +46,73 @@ impl Writer {
     pub fn spawn(
         store: Store,
         hub: Hub,
+        mode: WriteMode,
         max_batch: usize,
         queue: usize,
     ) -> (Writer, JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(store, hub, rx, max_batch));
-        (Writer { jobs }, task)
+        let task = tokio::spawn(run(store.clone(), hub.clone(), rx, max_batch));
+        let writer = Writer {
+            jobs,
+            mode,
+            store,
+            hub,
+        };
+        (writer, task)
     }
 
-    /// Queues a push and waits for its commit. A full queue is refused at once with 503
-    /// rather than letting requests pile up.
+    /// Commits a push and returns its outcome. In group mode a full queue is refused at
+    /// once with 503 rather than letting requests pile up.
     pub async fn push(&self, task: TaskId, update: ProgressUpdate) -> Result<Outcome, Error> {
+        match self.mode {
+            WriteMode::Group => self.enqueue(task, update)?.await,
+            WriteMode::Naive => {
+                let mut results = self.store.apply_batch(&[(task, update)]).await?;
+                let result = results.pop().expect("one result per push");
+                if let Ok(Outcome::Applied(state)) = &result {
+                    self.hub.publish(state);
+                }
+                result
+            }
+        }
+    }
+
+    /// Commits several pushes, in order; each gets its own result. In group mode they
+    /// are queued together, so they share commits with each other and with other pushes.
+    pub async fn push_many(
+        &self,
+        pushes: Vec<(TaskId, ProgressUpdate)>,
+    ) -> Vec<Result<Outcome, Error>> {
+        match self.mode {
+            WriteMode::Group => {
+                let pending: Vec<_> = pushes
+                    .into_iter()
+                    .map(|(task, update)| self.enqueue(task, update))
+                    .collect();
+                let mut results = Vec::with_capacity(pending.len());
+                for answer in pending {
+                    results.push(match answer {
+                        Ok(answer) => answer.await,
+                        Err(e) => Err(e),
+                    });
+                }
+                results
+            }
+            WriteMode::Naive => {
+                let mut results = Vec::with_capacity(pushes.len());
+                for (task, update) in pushes {
+                    results.push(self.push(task, update).await);
+                }
+                results
+            }
+        }
+    }
+
+    fn enqueue(
+        &self,
+        task: TaskId,
+        update: ProgressUpdate,
+    ) -> Result<impl Future<Output = Result<Outcome, Error>> + use<>, Error> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             task,
@@ -60,9 +129,11 @@ impl Writer {
                 source: None,
             },
         })?;
-        answer
-            .await
-            .map_err(|_| Error::internal("waiting for the commit", "the writer stopped"))?
+        Ok(async move {
+            answer
+                .await
+                .map_err(|_| Error::internal("waiting for the commit", "the writer stopped"))?
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod auth;
+mod batch;
 mod cluster;
 mod concurrency;
 mod delivery;
