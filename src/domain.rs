@@ -15,6 +15,10 @@ use crate::error::Error;
 
 /// Longest accepted `stage` text, in characters.
 pub const MAX_STAGE_CHARS: usize = 256;
+/// Longest accepted `image_url`, in characters.
+pub const MAX_IMAGE_URL_CHARS: usize = 2048;
+/// Longest accepted `error` text, in characters.
+pub const MAX_ERROR_CHARS: usize = 1024;
 
 /// The id of a row in `public.image_tasks`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -176,10 +180,53 @@ pub struct ProgressUpdate {
     progress: Option<Progress>,
     stage: Option<Stage>,
     status: Option<TaskStatus>,
+    image_url: Option<String>,
+    error: Option<String>,
     seq: Option<i64>,
 }
 
-const UPDATE_FIELDS: &str = "progress, stage, status, seq";
+const UPDATE_FIELDS: &str = "progress, stage, status, image_url, error, seq";
+
+/// The result's address: an http(s) URL without spaces, at most [`MAX_IMAGE_URL_CHARS`].
+fn image_url(value: Value) -> Result<String, Error> {
+    let bad = |why: &str| Error::invalid("image_url", format!("image_url {why}"));
+    let Value::String(url) = value else {
+        return Err(bad("must be a string"));
+    };
+    if url.chars().count() > MAX_IMAGE_URL_CHARS {
+        return Err(bad(&format!(
+            "must be at most {MAX_IMAGE_URL_CHARS} characters"
+        )));
+    }
+    let lower = url.to_ascii_lowercase();
+    let scheme_ok = lower.starts_with("https://") || lower.starts_with("http://");
+    if !scheme_ok
+        || url.len() <= "http://".len()
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad(
+            "must be an http(s) URL without spaces, e.g. https://cdn.example.com/a.png",
+        ));
+    }
+    Ok(url)
+}
+
+/// Why a generation failed, for the browser: text of at most [`MAX_ERROR_CHARS`].
+fn error_text(value: Value) -> Result<String, Error> {
+    let Value::String(text) = value else {
+        return Err(Error::invalid(
+            "error",
+            "error must be a string".to_string(),
+        ));
+    };
+    if text.chars().count() > MAX_ERROR_CHARS || text.contains('\0') {
+        return Err(Error::invalid(
+            "error",
+            format!("error must be at most {MAX_ERROR_CHARS} characters, without NUL"),
+        ));
+    }
+    Ok(text)
+}
 
 impl ProgressUpdate {
     /// Parses a push body. Every message names the offending field and the accepted form.
@@ -200,6 +247,8 @@ impl ProgressUpdate {
             progress: None,
             stage: None,
             status: None,
+            image_url: None,
+            error: None,
             seq: None,
         };
         for (name, value) in fields {
@@ -225,6 +274,8 @@ impl ProgressUpdate {
                         ));
                     }
                 },
+                "image_url" => update.image_url = Some(image_url(value)?),
+                "error" => update.error = Some(error_text(value)?),
                 "status" => {
                     let status = value.as_str().and_then(TaskStatus::parse);
                     update.status = Some(status.ok_or_else(|| {
@@ -258,10 +309,16 @@ impl ProgressUpdate {
                 }
             }
         }
-        if update.progress.is_none() && update.stage.is_none() && update.status.is_none() {
+        let empty = update.progress.is_none()
+            && update.stage.is_none()
+            && update.status.is_none()
+            && update.image_url.is_none()
+            && update.error.is_none();
+        if empty {
             return Err(Error::invalid(
                 "body",
-                "a push must set at least one of progress, stage or status".to_string(),
+                "a push must set at least one of progress, stage, status, image_url or error"
+                    .to_string(),
             ));
         }
         Ok(update)
@@ -299,6 +356,14 @@ impl ProgressUpdate {
 
     pub fn status(&self) -> Option<TaskStatus> {
         self.status
+    }
+
+    pub fn image_url(&self) -> Option<&str> {
+        self.image_url.as_deref()
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
     }
 
     pub fn seq(&self) -> Option<i64> {
@@ -491,6 +556,12 @@ impl TaskRow {
         if let Some(status) = update.status {
             state.status = status;
         }
+        if let Some(url) = &update.image_url {
+            state.image_url = Some(url.clone());
+        }
+        if let Some(error) = &update.error {
+            state.error = Some(error.clone());
+        }
         if update.seq.is_some() {
             self.last_seq = update.seq;
         }
@@ -553,6 +624,19 @@ mod tests {
     fn unknown_field_is_rejected_with_its_name() {
         let msg = message(parse(r#"{"progress":1,"colour":"red"}"#).unwrap_err());
         assert!(msg.contains("colour"), "{msg}");
+    }
+
+    #[test]
+    fn image_url_must_be_http_and_error_bounded() {
+        let ok = parse(r#"{"status":"completed","image_url":"https://cdn.example.com/a.png"}"#);
+        assert_eq!(
+            ok.unwrap().image_url(),
+            Some("https://cdn.example.com/a.png")
+        );
+        assert!(parse(r#"{"image_url":"javascript:alert(1)"}"#).is_err());
+        assert!(parse(r#"{"image_url":"https://a b"}"#).is_err());
+        assert!(parse(&format!(r#"{{"error":"{}"}}"#, "e".repeat(1025))).is_err());
+        assert!(parse(r#"{"status":"failed","error":"out of memory"}"#).is_ok());
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod listener;
 pub mod origin;
 pub mod routes;
 pub mod server;
+pub mod sse;
 pub mod store;
 pub mod telemetry;
 pub mod writer;

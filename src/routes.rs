@@ -63,6 +63,16 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(json_body(state.max_batch_body_bytes))
         .then(push_batch);
 
+    let events = warp::path!("api" / "tasks" / String / "events")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(warp::query::<TokenQuery>())
+        .then(
+            |raw_id: String, state: AppState, query: TokenQuery| async move {
+                respond(crate::sse::events(state.ws, raw_id, query.token).await)
+            },
+        );
+
     let get = warp::path!("api" / "tasks" / String)
         .and(warp::get())
         .and(with_state.clone())
@@ -98,6 +108,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(create)
         .unify()
         .or(get)
+        .unify()
+        .or(events)
         .unify()
         .or(healthz)
         .unify()

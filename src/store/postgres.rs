@@ -34,11 +34,14 @@ const APPLY: &str = "UPDATE public.image_tasks AS t SET \
        progress = COALESCE(u.progress::numeric, t.progress), \
        stage = COALESCE(u.stage, t.stage), \
        status = COALESCE(u.status, t.status), \
+       image_url = COALESCE(u.image_url, t.image_url), \
+       error = COALESCE(u.error, t.error), \
        taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
        taskcast_version = t.taskcast_version + 1, \
        updated_at = now() \
-     FROM unnest($1::uuid[], $2::float8[], $3::text[], $4::text[], $5::int8[]) \
-       AS u(id, progress, stage, status, seq) \
+     FROM unnest($1::uuid[], $2::float8[], $3::text[], $4::text[], $5::int8[], \
+                 $6::text[], $7::text[]) \
+       AS u(id, progress, stage, status, seq, image_url, error) \
      WHERE t.id = u.id \
      RETURNING t.id, t.progress::float8, t.stage, t.status, t.taskcast_version, t.updated_at, \
        t.image_url, t.error, t.taskcast_seq, t.user_id";
@@ -153,8 +156,21 @@ impl PgStore {
             let stages = pick(&|u| u.stage().map(|s| s.as_str().to_owned()));
             let statuses = pick(&|u| u.status().map(|s| s.as_str().to_owned()));
             let seqs: Vec<Option<i64>> = to_apply.iter().map(|&i| batch[i].1.seq()).collect();
+            let image_urls = pick(&|u| u.image_url().map(str::to_owned));
+            let errors = pick(&|u| u.error().map(str::to_owned));
             let rows = tx
-                .query(&apply, &[&ids, &progress, &stages, &statuses, &seqs])
+                .query(
+                    &apply,
+                    &[
+                        &ids,
+                        &progress,
+                        &stages,
+                        &statuses,
+                        &seqs,
+                        &image_urls,
+                        &errors,
+                    ],
+                )
                 .await?;
             let mut applied = HashMap::with_capacity(rows.len());
             for row in rows {

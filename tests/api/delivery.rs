@@ -225,6 +225,30 @@ async fn acknowledged_push_is_already_committed(kind: StoreKind) {
     }
 }
 
+async fn the_final_push_carries_the_image_url_to_subscribers(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    let mut sub = app.subscribe(task).await;
+    sub.next_state().await;
+    app.push_ok(
+        task,
+        json!({"status": "completed", "progress": 100, "image_url": "https://cdn.example.com/cat.png"}),
+    )
+    .await;
+    let last = sub.next_state().await;
+    assert_eq!(last["image_url"], "https://cdn.example.com/cat.png");
+    let failed = app.create_task().await;
+    let answer = app
+        .push_ok(
+            failed,
+            json!({"status": "failed", "error": "GPU out of memory"}),
+        )
+        .await;
+    assert_eq!(answer["error"], "GPU out of memory");
+    let body: serde_json::Value = app.get_task(failed).await.json().await.unwrap();
+    assert_eq!(body["error"], "GPU out of memory");
+}
+
 both_stores!(
     push_reaches_a_subscriber,
     late_subscriber_gets_the_current_state_as_snapshot,
@@ -236,4 +260,5 @@ both_stores!(
     hub_entries_are_gone_after_subscribers_leave,
     subscribers_joining_during_pushes_miss_nothing,
     acknowledged_push_is_already_committed,
+    the_final_push_carries_the_image_url_to_subscribers,
 );

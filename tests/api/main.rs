@@ -12,4 +12,5 @@ mod doctor;
 mod errors;
 mod process;
 mod schema;
+mod sse;
 mod websocket;

@@ -1,0 +1,70 @@
+//! Server-Sent Events: the fallback for browsers that cannot open a WebSocket.
+//!
+//! `GET /api/tasks/{id}/events?token=...` streams the same state messages as the socket:
+//! the snapshot first, then every newer version, from the same hub subscription. Refusals
+//! are plain HTTP errors before the stream starts. Each event's `id` is the version.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use warp::Reply;
+use warp::reply::Response;
+
+use crate::auth::may_watch;
+use crate::domain::TaskId;
+use crate::error::Error;
+use crate::ws::WsContext;
+
+/// How often an idle stream sends a comment, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Authorizes, subscribes, then reads the snapshot, and answers with the event stream.
+pub async fn events(
+    ctx: WsContext,
+    raw_id: String,
+    token: Option<String>,
+) -> Result<Response, Error> {
+    let task = TaskId::parse(&raw_id)?;
+    may_watch(&ctx.subscribe, &ctx.store, token.as_deref(), task).await?;
+    let permit = ctx
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::Unavailable {
+            what: "a streaming slot (TASKCAST_MAX_CONNECTIONS reached)",
+            source: None,
+        })?;
+    let (mut subscription, current) = ctx.hub.subscribe(task);
+    let snapshot = match current {
+        Some(frame) => frame.state.clone(),
+        None => {
+            let state = ctx.store.get(task).await?.ok_or(Error::NotFound(task))?;
+            ctx.hub.publish(&state);
+            state
+        }
+    };
+    subscription.mark_delivered(snapshot.version);
+    let first = event(snapshot.version, snapshot.to_json(true, None));
+    let updates = subscription.map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
+    let mut shutdown = ctx.shutdown.clone();
+    let stopped = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    // The permit lives as long as the stream.
+    let events = stream::once(async move { first })
+        .chain(updates)
+        .take_until(stopped)
+        .map(move |e| {
+            let _ = &permit;
+            e
+        });
+    let keep_alive = warp::sse::keep_alive().interval(KEEP_ALIVE).stream(events);
+    Ok(warp::sse::reply(keep_alive).into_response())
+}
+
+fn event(version: i64, data: String) -> Result<warp::sse::Event, Infallible> {
+    Ok(warp::sse::Event::default()
+        .id(version.to_string())
+        .data(data))
+}
