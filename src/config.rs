@@ -175,6 +175,17 @@ pub struct ServeArgs {
     /// Seconds without a pong after which a WebSocket connection is closed.
     #[arg(long, env = "TASKCAST_PONG_TIMEOUT_SECS", default_value_t = 40)]
     pub pong_timeout_secs: u64,
+    /// Serve the demo page at / and its simulated generations (always on with the
+    /// in-memory store).
+    #[arg(
+        long,
+        env = "TASKCAST_DEMO",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        default_value = "false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub demo: bool,
     /// `group` commits pushes together; `naive` does one UPDATE per push (a benchmark
     /// baseline only).
     #[arg(long, env = "TASKCAST_WRITE_MODE", value_enum, default_value = "group")]
@@ -260,6 +271,8 @@ pub struct Config {
     /// The NOTIFY channel the listener follows (Postgres only).
     pub notify_channel: String,
     pub write_mode: WriteMode,
+    /// Serve the demo page and simulated generations (forced on with the in-memory store).
+    pub demo: bool,
     pub limits: Limits,
 }
 
@@ -275,6 +288,7 @@ impl Config {
             allowed_origins: Vec::new(),
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
             write_mode: WriteMode::Group,
+            demo: false,
             limits: Limits::default(),
         }
     }
@@ -348,6 +362,7 @@ impl Config {
             allowed_origins,
             notify_channel: args.notify_channel,
             write_mode: args.write_mode,
+            demo: args.demo,
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_batch_body_bytes: args.max_batch_body_bytes,

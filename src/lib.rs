@@ -124,6 +124,7 @@ impl App {
             max_body_bytes: limits.max_body_bytes,
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,
+            demo: config.demo || config.database_url.is_none(),
             ws: WsContext {
                 hub: hub.clone(),
                 store,

@@ -31,6 +31,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
+    /// Serve the demo page at `/` and `POST /api/demo/tasks`.
+    pub demo: bool,
     pub ws: WsContext,
 }
 
