@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod doctor;
 pub mod domain;
 pub mod error;

@@ -118,6 +118,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(readyz)
         .unify()
         .or(socket)
+        .unify()
+        .or(crate::demo::routes(state.clone()))
         .unify();
     // The origin check runs first, so a foreign page is refused before any route (and
     // before a WebSocket upgrade); allowed cross-origin responses carry CORS headers.
