@@ -175,6 +175,12 @@ pub struct ServeArgs {
     /// Seconds without a pong after which a WebSocket connection is closed.
     #[arg(long, env = "TASKCAST_PONG_TIMEOUT_SECS", default_value_t = 40)]
     pub pong_timeout_secs: u64,
+    /// Bearer token that GET /metrics requires; unset: /metrics is open.
+    #[arg(long, env = "TASKCAST_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Upper bound on a graceful shutdown, in seconds.
+    #[arg(long, env = "TASKCAST_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
     /// Serve the demo page at / and its simulated generations (always on with the
     /// in-memory store).
     #[arg(
@@ -273,6 +279,8 @@ pub struct Config {
     pub write_mode: WriteMode,
     /// Serve the demo page and simulated generations (forced on with the in-memory store).
     pub demo: bool,
+    pub metrics_token: Option<Secret>,
+    pub shutdown_timeout: Duration,
     pub limits: Limits,
 }
 
@@ -289,6 +297,8 @@ impl Config {
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
             write_mode: WriteMode::Group,
             demo: false,
+            metrics_token: None,
+            shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
         }
     }
@@ -363,6 +373,12 @@ impl Config {
             notify_channel: args.notify_channel,
             write_mode: args.write_mode,
             demo: args.demo,
+            metrics_token: args
+                .metrics_token
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_batch_body_bytes: args.max_batch_body_bytes,

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::domain::{TaskId, TaskState};
+use crate::telemetry;
 
 /// A committed state and its wire encoding, built once per change.
 #[derive(Debug)]
@@ -66,6 +67,7 @@ impl Hub {
             delivered,
             hub: self.clone(),
         };
+        metrics::gauge!(telemetry::SUBSCRIPTIONS).increment(1.0);
         (subscription, current)
     }
 
@@ -160,6 +162,13 @@ impl Stream for Subscription {
         loop {
             match Pin::new(&mut *stream).poll_next(cx) {
                 Poll::Ready(Some(Some(frame))) if frame.version() > this.delivered => {
+                    // Versions between the last delivered one and this one were skipped.
+                    if this.delivered != i64::MIN {
+                        let skipped = frame.version() - this.delivered - 1;
+                        if skipped > 0 {
+                            metrics::counter!(telemetry::CONFLATED).increment(skipped as u64);
+                        }
+                    }
                     this.delivered = frame.version();
                     return Poll::Ready(Some(frame));
                 }
@@ -176,6 +185,7 @@ impl Drop for Subscription {
         // Drop the receiver first so the count the hub checks no longer includes it.
         drop(self.stream.take());
         self.hub.release(&self.task);
+        metrics::gauge!(telemetry::SUBSCRIPTIONS).decrement(1.0);
     }
 }
 

@@ -52,9 +52,6 @@ use crate::store::{MemoryStore, PgStore, Store};
 use crate::writer::Writer;
 use crate::ws::WsContext;
 
-/// How long shutdown waits for WebSocket connections to say goodbye.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// A bound, not yet serving, server: the one seam shared by the binary and the tests.
 pub struct App {
     listener: TcpListener,
@@ -65,11 +62,13 @@ pub struct App {
     notify_listener: Option<Listener>,
     stop: watch::Sender<bool>,
     max_connections: usize,
+    shutdown_timeout: Duration,
 }
 
 impl App {
     /// Opens the store, starts the writer and binds the listener (port 0 is allowed).
     pub async fn build(config: Config) -> Result<App, Error> {
+        telemetry::metrics();
         let limits = config.limits.clone();
         let store = match &config.database_url {
             Some(url) => {
@@ -101,12 +100,14 @@ impl App {
             }),
             _ => None,
         };
+        let (stop, shutdown) = watch::channel(false);
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
             config.write_mode,
             limits.max_batch,
             limits.writer_queue,
+            shutdown.clone(),
         );
         let listener = TcpListener::bind(config.listen)
             .await
@@ -114,7 +115,6 @@ impl App {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::internal("reading the bound address", e))?;
-        let (stop, shutdown) = watch::channel(false);
         let state = AppState {
             store: store.clone(),
             writer,
@@ -126,6 +126,7 @@ impl App {
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,
             demo: config.demo || config.database_url.is_none(),
+            metrics_token: config.metrics_token.clone(),
             ws: WsContext {
                 hub: hub.clone(),
                 store,
@@ -144,6 +145,7 @@ impl App {
             notify_listener,
             stop,
             max_connections: limits.max_connections,
+            shutdown_timeout: config.shutdown_timeout,
         })
     }
 
@@ -167,6 +169,7 @@ impl App {
             notify_listener,
             stop,
             max_connections,
+            shutdown_timeout,
             ..
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
@@ -178,11 +181,11 @@ impl App {
             tracing::info!("shutting down");
             let _ = stop.send(true);
         };
-        server::serve(listener, routes, signal, SHUTDOWN_GRACE).await;
+        server::serve(listener, routes, signal, shutdown_timeout).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so
         // the writer drains its queue and ends. WebSockets got the signal through `stop`.
         let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(SHUTDOWN_GRACE, connections.acquire_many(all))
+        if tokio::time::timeout(shutdown_timeout, connections.acquire_many(all))
             .await
             .is_err()
         {

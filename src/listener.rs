@@ -22,7 +22,9 @@ use crate::hub::Hub;
 use crate::store::PgStore;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Capped low: one connect attempt a second is cheap, and recovery after an outage is
+/// then at most about a second late.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the connection proves it is alive with `SELECT 1`.
 const LIVENESS_EVERY: Duration = Duration::from_secs(10);
 /// Rows read per query when catching up.
@@ -63,6 +65,7 @@ impl Listener {
                 End::Lost { listened, why } => {
                     if listened {
                         connections += 1;
+                        metrics::counter!(crate::telemetry::LISTENER_RECONNECTS).increment(1);
                         backoff = MIN_BACKOFF;
                     }
                     tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "listener lost its connection");

@@ -12,10 +12,11 @@ use warp::reply::Response;
 
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{PushKey, may_watch};
-use crate::domain::{NewTask, ProgressUpdate, TaskId};
+use crate::domain::{NewTask, Outcome, ProgressUpdate, TaskId};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
 use crate::store::Store;
+use crate::telemetry;
 use crate::writer::Writer;
 use crate::ws::{self, WsContext};
 
@@ -31,6 +32,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
+    /// Bearer token required by GET /metrics, when set.
+    pub metrics_token: Option<crate::auth::Secret>,
     /// Serve the demo page at `/` and `POST /api/demo/tasks`.
     pub demo: bool,
     pub ws: WsContext,
@@ -82,6 +85,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::query::<TokenQuery>())
         .then(get_task);
 
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .map(|state: AppState, authorization: Option<String>| {
+            respond(render_metrics(&state, authorization.as_deref()))
+        });
+
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_string()));
@@ -114,6 +125,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(events)
         .unify()
         .or(healthz)
+        .unify()
+        .or(metrics)
         .unify()
         .or(readyz)
         .unify()
@@ -225,14 +238,27 @@ fn respond(result: Result<Response, Error>) -> Response {
 async fn push(raw_id: String, state: AppState, body: bytes::Bytes) -> Response {
     respond(
         async {
-            let task = TaskId::parse(&raw_id)?;
-            let update = ProgressUpdate::from_json(&body)?;
-            let outcome = state.writer.push(task, update).await?;
+            let pushed = async {
+                let task = TaskId::parse(&raw_id)?;
+                let update = ProgressUpdate::from_json(&body)?;
+                state.writer.push(task, update).await
+            };
+            let outcome = count(pushed.await)?;
             let body = outcome.state().to_json(false, Some(outcome.applied()));
             Ok(json_response(StatusCode::OK, body))
         }
         .await,
     )
+}
+
+/// Counts a push by outcome for `taskcast_pushes_total`, passing it through.
+fn count(result: Result<Outcome, Error>) -> Result<Outcome, Error> {
+    telemetry::count_push(match &result {
+        Ok(outcome) if outcome.applied() => "applied",
+        Ok(_) => "stale",
+        Err(e) => e.code(),
+    });
+    result
 }
 
 /// `POST /api/progress`: many pushes, for many tasks, in one request. The request
@@ -350,6 +376,33 @@ async fn get_task(
         }
         .await,
     )
+}
+
+/// Prometheus text. Gauges that are cheap to read are read now rather than tracked.
+fn render_metrics(state: &AppState, authorization: Option<&str>) -> Result<Response, Error> {
+    if let Some(token) = &state.metrics_token {
+        let presented = authorization
+            .and_then(crate::auth::bearer)
+            .unwrap_or_default();
+        let matches: bool =
+            subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), token.expose().as_bytes()).into();
+        if !matches {
+            return Err(Error::Forbidden(
+                "GET /metrics needs Authorization: Bearer <TASKCAST_METRICS_TOKEN>".to_string(),
+            ));
+        }
+    }
+    let open = state.ws.limits.max_connections - state.ws.connections.available_permits();
+    metrics::gauge!(telemetry::CONNECTIONS).set(open as f64);
+    metrics::gauge!(telemetry::HUB_TASKS).set(state.ws.hub.len() as f64);
+    let handle = telemetry::metrics();
+    handle.run_upkeep();
+    let mut response = Response::new(handle.render().into());
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(response)
 }
 
 async fn readyz(state: AppState) -> Response {

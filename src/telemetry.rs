@@ -19,3 +19,79 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+// ---- Metrics -------------------------------------------------------------------------
+//
+// Prometheus text at GET /metrics. The recorder is process-wide (the `metrics` facade has
+// one global recorder), installed the first time an App is built.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const PUSHES: &str = "taskcast_pushes_total";
+pub const BATCH_SIZE: &str = "taskcast_batch_size";
+pub const COMMIT_SECONDS: &str = "taskcast_commit_duration_seconds";
+pub const FANOUT_SECONDS: &str = "taskcast_push_fanout_seconds";
+pub const CONFLATED: &str = "taskcast_conflated_states_total";
+pub const SUBSCRIPTIONS: &str = "taskcast_subscriptions_active";
+pub const LISTENER_RECONNECTS: &str = "taskcast_listener_reconnects_total";
+pub const CONNECTIONS: &str = "taskcast_connections_open";
+pub const HUB_TASKS: &str = "taskcast_hub_tasks";
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+
+/// The process's metrics handle, installing the recorder on first use.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS))
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        PUSHES,
+        "Pushes answered, by outcome (applied, stale, or the error code)."
+    );
+    describe_histogram!(BATCH_SIZE, "Pushes committed per transaction.");
+    describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Time to commit one batch.");
+    describe_histogram!(
+        FANOUT_SECONDS,
+        Unit::Seconds,
+        "From a push entering the writer to its state reaching the hub."
+    );
+    describe_counter!(
+        CONFLATED,
+        "States a slow subscriber skipped (latest-state conflation)."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        "Task subscriptions open (WebSocket and SSE)."
+    );
+    describe_counter!(
+        LISTENER_RECONNECTS,
+        "Times the NOTIFY listener reconnected."
+    );
+    describe_gauge!(CONNECTIONS, "Open WebSocket and SSE connections.");
+    describe_gauge!(HUB_TASKS, "Tasks with at least one local subscriber.");
+}
+
+/// Counts a push by its outcome: `applied`, `stale`, or the error code.
+pub fn count_push(outcome: &'static str) {
+    metrics::counter!(PUSHES, "outcome" => outcome).increment(1);
+}

@@ -7,18 +7,21 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::domain::{Outcome, ProgressUpdate, TaskId};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::store::Store;
+use crate::telemetry;
 
 struct Job {
     task: TaskId,
     update: ProgressUpdate,
     reply: oneshot::Sender<Result<Outcome, Error>>,
+    queued: Instant,
 }
 
 /// How pushes reach the store.
@@ -41,17 +44,20 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task. It ends once every `Writer` handle is dropped and the
-    /// queue is drained, so shutdown answers every accepted push.
+    /// Starts the writer task. It ends once every `Writer` handle is dropped, or after
+    /// shutdown, with the queue drained either way: every accepted push is answered.
+    /// Once `shutdown` turns true the queue closes: later pushes get 503, queued ones are
+    /// still committed and answered, then the task ends.
     pub fn spawn(
         store: Store,
         hub: Hub,
         mode: WriteMode,
         max_batch: usize,
         queue: usize,
+        shutdown: watch::Receiver<bool>,
     ) -> (Writer, JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(store.clone(), hub.clone(), rx, max_batch));
+        let task = tokio::spawn(run(store.clone(), hub.clone(), rx, max_batch, shutdown));
         let writer = Writer {
             jobs,
             mode,
@@ -118,6 +124,7 @@ impl Writer {
             task,
             update,
             reply,
+            queued: Instant::now(),
         };
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Unavailable {
@@ -137,12 +144,28 @@ impl Writer {
     }
 }
 
-async fn run(store: Store, hub: Hub, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+async fn run(
+    store: Store,
+    hub: Hub,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
     // Jobs received but not yet committed. Holds at most `max_batch` jobs.
     let mut pending: VecDeque<Job> = VecDeque::with_capacity(max_batch);
+    let mut closed = false;
     loop {
         if pending.is_empty() {
-            match rx.recv().await {
+            let next = tokio::select! {
+                job = rx.recv() => job,
+                _ = shutdown.wait_for(|stop| *stop), if !closed => {
+                    // Refuse new pushes (503), but commit and answer every queued one.
+                    rx.close();
+                    closed = true;
+                    continue;
+                }
+            };
+            match next {
                 Some(job) => pending.push_back(job),
                 None => return,
             }
@@ -176,15 +199,23 @@ fn take_batch(pending: &mut VecDeque<Job>) -> Vec<Job> {
 }
 
 async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
-    let (items, replies): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .map(|job| ((job.task, job.update), job.reply))
-        .unzip();
-    match store.apply_batch(&items).await {
+    let mut items = Vec::with_capacity(batch.len());
+    let mut waiting = Vec::with_capacity(batch.len());
+    for job in batch {
+        items.push((job.task, job.update));
+        waiting.push((job.reply, job.queued));
+    }
+    metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
+    let started = Instant::now();
+    let committed = store.apply_batch(&items).await;
+    metrics::histogram!(telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+    match committed {
         Ok(results) => {
-            for (result, reply) in results.into_iter().zip(replies) {
+            let fanout = metrics::histogram!(telemetry::FANOUT_SECONDS);
+            for (result, (reply, queued)) in results.into_iter().zip(waiting) {
                 if let Ok(Outcome::Applied(state)) = &result {
                     hub.publish(state);
+                    fanout.record(queued.elapsed().as_secs_f64());
                 }
                 // The pusher may have gone; the commit stands and a retry with the same
                 // seq is answered `applied: false`.
@@ -192,8 +223,8 @@ async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
             }
         }
         Err(error) => {
-            tracing::warn!(error = %error.chain(), pushes = replies.len(), "batch not committed");
-            for reply in replies {
+            tracing::warn!(error = %error.chain(), pushes = waiting.len(), "batch not committed");
+            for (reply, _) in waiting {
                 let _ = reply.send(Err(same_error(&error)));
             }
         }

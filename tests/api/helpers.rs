@@ -79,6 +79,20 @@ impl TestDb {
         TestDb { name, url }
     }
 
+    /// The same database reached through another port on 127.0.0.1 (a proxy).
+    pub fn url_via_port(&self, port: u16) -> String {
+        let mut config: tokio_postgres::Config = self.url.parse().expect("a valid URL");
+        config.host("127.0.0.1");
+        let mut url = pg_url(&config);
+        // pg_url takes the first host and port, so replace the port explicitly.
+        url = url.replacen(
+            &format!("port={}", config.get_ports()[0]),
+            &format!("port={port}"),
+            1,
+        );
+        url
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url, NoTls)
             .await

@@ -10,6 +10,7 @@ mod concurrency;
 mod delivery;
 mod doctor;
 mod errors;
+mod operations;
 mod process;
 mod schema;
 mod sse;

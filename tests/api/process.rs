@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 
 use crate::helpers::WAIT;
 
-fn taskcast(env: &[(&str, &str)], args: &[&str]) -> Command {
+pub fn taskcast(env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_taskcast"));
     command
         .env_clear()
@@ -99,14 +99,19 @@ async fn production_refuses_public_subscribe_and_missing_subscriber_auth() {
 }
 
 /// A started server: its address, and everything it has printed so far.
-struct Server {
-    child: Child,
-    addr: String,
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
     stdout: Arc<Mutex<String>>,
 }
 
 async fn start(env: &[(&str, &str)]) -> Server {
-    let mut child = taskcast(env, &["--listen", "127.0.0.1:0"]).spawn().unwrap();
+    start_on(env, "127.0.0.1:0").await
+}
+
+/// Starts `taskcast serve` on `listen` and waits until it listens.
+pub async fn start_on(env: &[(&str, &str)], listen: &str) -> Server {
+    let mut child = taskcast(env, &["--listen", listen]).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let stdout = Arc::new(Mutex::new(String::new()));
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -142,6 +147,31 @@ async fn start(env: &[(&str, &str)]) -> Server {
 }
 
 impl Server {
+    /// Sends `signal` (e.g. "TERM", "KILL") to the process.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the server is running").to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// Waits for the process to exit and returns all it printed, stdout then stderr.
+    pub async fn exited(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(WAIT * 2, self.child.wait())
+            .await
+            .expect("the server exited in time")
+            .unwrap();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        (status, format!("{stdout}{stderr}"))
+    }
+
     /// Stops the server and returns all it printed, stdout then stderr.
     async fn stop(mut self) -> String {
         self.child.start_kill().unwrap();
