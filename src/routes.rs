@@ -157,6 +157,16 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .unify()
         .recover(error::recover)
         .unify()
+        .with(warp::log::custom(|info| {
+            tracing::debug!(
+                method = %info.method(),
+                path = info.path(),
+                status = info.status().as_u16(),
+                micros = info.elapsed().as_micros() as u64,
+                "request"
+            );
+        }))
+        .map(warp::Reply::into_response)
         .boxed()
 }
 

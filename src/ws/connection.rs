@@ -72,7 +72,7 @@ impl Connection {
     }
 
     pub async fn run(mut self, initial: Option<TaskId>) {
-        tracing::debug!("websocket opened");
+        tracing::info!("websocket opened");
         let end = match self.serve(initial).await {
             Ok(end) | Err(end) => end,
         };
@@ -84,7 +84,7 @@ impl Connection {
             let close = self.socket.send(Message::Close(Some(frame)));
             let _ = timeout(Duration::from_secs(1), close).await;
         }
-        tracing::debug!(tasks = self.subscriptions.len(), "websocket closed");
+        tracing::info!(tasks = self.subscriptions.len(), "websocket closed");
     }
 
     async fn serve(&mut self, initial: Option<TaskId>) -> Result<End, End> {
