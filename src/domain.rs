@@ -185,6 +185,21 @@ pub struct ProgressUpdate {
     seq: Option<i64>,
 }
 
+/// A client's value for an error message, cut short: a huge bad value must not come back
+/// as a huge error.
+fn shown(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() <= 80 {
+        text
+    } else {
+        format!(
+            "{}… ({} characters)",
+            text.chars().take(80).collect::<String>(),
+            text.chars().count()
+        )
+    }
+}
+
 const UPDATE_FIELDS: &str = "progress, stage, status, image_url, error, seq";
 
 /// The result's address: an http(s) URL without spaces, at most [`MAX_IMAGE_URL_CHARS`].
@@ -260,7 +275,10 @@ impl ProgressUpdate {
                     let n = value.as_f64().ok_or_else(|| {
                         Error::invalid(
                             "progress",
-                            format!("progress must be a number from 0 to 100, got {value}"),
+                            format!(
+                                "progress must be a number from 0 to 100, got {}",
+                                shown(&value)
+                            ),
                         )
                     })?;
                     update.progress = Some(Progress::new(n)?);
@@ -270,7 +288,7 @@ impl ProgressUpdate {
                     other => {
                         return Err(Error::invalid(
                             "stage",
-                            format!("stage must be a string, got {other}"),
+                            format!("stage must be a string, got {}", shown(&other)),
                         ));
                     }
                 },
@@ -283,7 +301,8 @@ impl ProgressUpdate {
                             "status",
                             format!(
                                 "status must be one of pending, processing, completed, failed, \
-                                 cancelled; got {value}"
+                                 cancelled; got {}",
+                                shown(&value)
                             ),
                         )
                     })?);
@@ -294,8 +313,9 @@ impl ProgressUpdate {
                         Error::invalid(
                             "seq",
                             format!(
-                                "seq must be a whole number from 0 to {}, got {value}",
-                                i64::MAX
+                                "seq must be a whole number from 0 to {}, got {}",
+                                i64::MAX,
+                                shown(&value)
                             ),
                         )
                     })?);
@@ -408,7 +428,7 @@ impl NewTask {
                 ("prompt", other) => {
                     return Err(Error::invalid(
                         "prompt",
-                        format!("prompt must be a string, got {other}"),
+                        format!("prompt must be a string, got {}", shown(&other)),
                     ));
                 }
                 ("user_id", Value::String(u)) => {
@@ -417,7 +437,10 @@ impl NewTask {
                             .map_err(|_| {
                                 Error::invalid(
                                     "user_id",
-                                    format!("user_id must be a UUID, got {u:?}"),
+                                    format!(
+                                        "user_id must be a UUID, got {}",
+                                        shown(&Value::String(u.clone()))
+                                    ),
                                 )
                             })?
                             .as_uuid(),
@@ -426,7 +449,7 @@ impl NewTask {
                 ("user_id", other) => {
                     return Err(Error::invalid(
                         "user_id",
-                        format!("user_id must be a UUID string, got {other}"),
+                        format!("user_id must be a UUID string, got {}", shown(&other)),
                     ));
                 }
                 (other, _) => {

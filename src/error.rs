@@ -285,6 +285,17 @@ impl Error {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
         }
+        // These are answered before the body is read; the connection cannot be reused,
+        // so say so instead of letting the client's next request hit a closed socket.
+        if matches!(
+            self,
+            Error::PayloadTooLarge { .. } | Error::UnsupportedMediaType | Error::Unauthorized
+        ) {
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         response
     }
 

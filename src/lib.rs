@@ -25,6 +25,7 @@ pub mod error;
 pub mod hub;
 pub mod listener;
 pub mod origin;
+pub mod reporter;
 pub mod routes;
 pub mod server;
 pub mod sse;

@@ -17,8 +17,8 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(args)) => {
             taskcast::telemetry::init(LogFormat::Text);
             match schema::migrate_with_channel(&args.database_url, &args.notify_channel).await {
-                Ok(changes) if changes.is_empty() => println!("up to date"),
-                Ok(changes) => changes.iter().for_each(|c| println!("{c}")),
+                Ok(changes) if changes.is_empty() => out("up to date\n"),
+                Ok(changes) => changes.iter().for_each(|c| out(&format!("{c}\n"))),
                 Err(e) => {
                     eprintln!("taskcast migrate failed: {}", e.chain());
                     return ExitCode::FAILURE;
@@ -30,9 +30,9 @@ async fn main() -> ExitCode {
             let env = |name: &str| std::env::var(name).ok();
             let report = taskcast::doctor::run(&env).await;
             if args.json {
-                println!("{}", report.to_json());
+                out(&format!("{}\n", report.to_json()));
             } else {
-                print!("{}", report.render_text());
+                out(&report.render_text());
             }
             if report.failed() {
                 ExitCode::FAILURE
@@ -45,7 +45,7 @@ async fn main() -> ExitCode {
             match tasks {
                 Ok(tasks) => {
                     let secret = Secret::new(args.subscribe_secret.trim());
-                    println!("{}", subscribe::mint(&secret, &tasks, args.ttl));
+                    out(&format!("{}\n", subscribe::mint(&secret, &tasks, args.ttl)));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -77,6 +77,12 @@ async fn serve(args: taskcast::config::ServeArgs) -> ExitCode {
     };
     app.run_until(shutdown_signal()).await;
     ExitCode::SUCCESS
+}
+
+/// Writes to stdout; a reader that went away (`taskcast doctor | head`) is not an error.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }
 
 /// Ctrl-C or SIGTERM.

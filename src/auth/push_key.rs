@@ -173,11 +173,9 @@ impl PushKey {
             KeySource::DevelopmentDefault => {
                 Some("is the built-in `development-key`, which anyone can guess".to_string())
             }
-            KeySource::OpenAiKeyPrefix => Some(
-                "is the first 8 characters of OPENAI_API_KEY, the same public prefix for \
-                 every modern OpenAI key"
-                    .to_string(),
-            ),
+            KeySource::OpenAiKeyPrefix => {
+                Some("is a prefix that every modern OpenAI key shares, so it is public".to_string())
+            }
             _ => {
                 let chars = self.secret.expose().chars().count();
                 (chars < MIN_KEY_CHARS).then(|| {

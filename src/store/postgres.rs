@@ -39,7 +39,7 @@ const APPLY: &str = "UPDATE public.image_tasks AS t SET \
        taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
        taskcast_version = t.taskcast_version + 1, \
        updated_at = now() \
-     FROM unnest($1::uuid[], $2::float8[], $3::text[], $4::text[], $5::int8[], \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], \
                  $6::text[], $7::text[]) \
        AS u(id, progress, stage, status, seq, image_url, error) \
      WHERE t.id = u.id \
@@ -149,10 +149,9 @@ impl PgStore {
                 to_apply.iter().map(|&i| f(&batch[i].1)).collect()
             };
             let ids: Vec<Uuid> = to_apply.iter().map(|&i| batch[i].0.as_uuid()).collect();
-            let progress: Vec<Option<f64>> = to_apply
-                .iter()
-                .map(|&i| batch[i].1.progress().map(|p| p.value()))
-                .collect();
+            // As text: Rust prints the shortest string that reads back as the same f64, so
+            // NUMERIC keeps every digit (a float8 parameter would round to 15 digits).
+            let progress = pick(&|u| u.progress().map(|p| p.value().to_string()));
             let stages = pick(&|u| u.stage().map(|s| s.as_str().to_owned()));
             let statuses = pick(&|u| u.status().map(|s| s.as_str().to_owned()));
             let seqs: Vec<Option<i64>> = to_apply.iter().map(|&i| batch[i].1.seq()).collect();

@@ -1,0 +1,457 @@
+//! The generator side against a real server: `taskcast::reporter`, and the Python and Node
+//! snippets run as subprocesses. A failed progress update must never break a generation.
+
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use taskcast::domain::{TaskId, TaskStatus};
+use taskcast::reporter::{Options, Reporter, Stats, Update};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::process::Command;
+
+use crate::both_stores;
+use crate::helpers::{KEY, StoreKind, TestApp, WAIT, spawn_app};
+
+/// Retries that give up in about a tenth of a second.
+fn fast_retries() -> Options {
+    Options {
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        request_timeout: Duration::from_secs(2),
+        ..Options::default()
+    }
+}
+
+/// Every report ends up counted exactly once once the queue has drained.
+fn accounted(stats: Stats) -> u64 {
+    stats.sent + stats.conflated + stats.dropped + stats.failed
+}
+
+async fn stored(app: &TestApp, task: TaskId) -> Value {
+    let response = app.get_task(task).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("JSON body")
+}
+
+/// Polls the stored task until `done` holds, failing the test after [`WAIT`].
+async fn stored_until(app: &TestApp, task: TaskId, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state = stored(app, task).await;
+        if done(&state) {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored state never got there: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A port on which nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+async fn the_rust_reporter_delivers_a_walk_through_that_a_subscriber_sees_end_completed(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    let mut subscriber = app.subscribe(task).await;
+    assert_eq!(subscriber.next_state().await["status"], "pending");
+    let reporter = Reporter::new(app.url(""), KEY, Options::default());
+    let image_url = format!("https://cdn.example.com/{task}.png");
+
+    let stage = |text: &str| Update::new().stage(text);
+    reporter.report(task, stage("queued").status(TaskStatus::Pending));
+    reporter.report(task, stage("generating").status(TaskStatus::Processing));
+    for percent in 0..=100u32 {
+        reporter.report(task, Update::new().progress(f64::from(percent)));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    reporter.report(task, stage("uploading"));
+    reporter.report(task, Update::completed(&image_url).stage("done"));
+    let reports = 2 + 101 + 2;
+
+    let mut seen = Vec::new();
+    let last = loop {
+        let state = subscriber.next_state().await;
+        let progress = state["progress"].as_f64().unwrap_or(0.0);
+        if let Some(previous) = seen.last() {
+            assert!(
+                progress >= *previous,
+                "progress went back: {previous} -> {progress}"
+            );
+        }
+        seen.push(progress);
+        if state["status"] != "processing" && state["status"] != "pending" {
+            break state;
+        }
+    };
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(last["image_url"], image_url.as_str());
+    assert_eq!(last["stage"], "done");
+    assert_eq!(last["progress"], 100.0);
+    assert!(
+        seen.len() > 2,
+        "the subscriber saw the walk, not only its end: {seen:?}"
+    );
+
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+    let stats = reporter.stats();
+    assert_eq!((stats.failed, stats.dropped, stats.retried), (0, 0, 0));
+    assert_eq!(accounted(stats), reports, "{stats:?}");
+}
+
+async fn the_python_snippet_walks_a_task_to_completed_with_the_pushed_stage(kind: StoreKind) {
+    snippet_walks_a_task_to_completed(kind, "python3", "clients/python/taskcast_reporter.py").await;
+}
+
+async fn the_node_snippet_walks_a_task_to_completed_with_the_pushed_stage(kind: StoreKind) {
+    snippet_walks_a_task_to_completed(kind, "node", "clients/node/taskcast_reporter.mjs").await;
+}
+
+both_stores!(
+    the_rust_reporter_delivers_a_walk_through_that_a_subscriber_sees_end_completed,
+    the_python_snippet_walks_a_task_to_completed_with_the_pushed_stage,
+    the_node_snippet_walks_a_task_to_completed_with_the_pushed_stage,
+);
+
+#[tokio::test]
+async fn a_reporter_pointed_at_a_closed_port_never_blocks_and_its_flush_gives_up_in_time() {
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    let capacity = 4;
+    // Slow enough that the queue is still busy when the first flush gives up.
+    let options = Options {
+        capacity,
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(400),
+        ..Options::default()
+    };
+    let reporter = Reporter::new(url, KEY, options);
+    let tasks: Vec<TaskId> = (0..10).map(|_| TaskId::random()).collect();
+
+    let started = Instant::now();
+    for i in 0..1000u32 {
+        let task = tasks[i as usize % tasks.len()];
+        reporter.report(task, Update::new().progress(f64::from(i) / 10.0));
+        assert!(reporter.pending() <= capacity);
+    }
+    let reporting = started.elapsed();
+    assert!(
+        reporting < Duration::from_millis(500),
+        "1000 reports took {reporting:?}"
+    );
+
+    let started = Instant::now();
+    let limit = Duration::from_millis(300);
+    assert!(!reporter.flush(limit).await, "nothing can be delivered");
+    let flushing = started.elapsed();
+    assert!(
+        flushing >= limit && flushing < limit + Duration::from_secs(1),
+        "{flushing:?}"
+    );
+
+    assert!(!reporter.flush(WAIT).await);
+    let stats = reporter.stats();
+    assert_eq!(stats.sent, 0);
+    assert!(
+        stats.failed > 0 && stats.dropped > 0 && stats.retried > 0,
+        "{stats:?}"
+    );
+    assert!(stats.peak_pending <= capacity, "{stats:?}");
+    assert_eq!(accounted(stats), 1000, "{stats:?}");
+    eprintln!("closed port: 1000 reports in {reporting:?}, flush gave up after {flushing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_ten_thousand_reports_for_one_task_conflates_and_the_final_state_arrives() {
+    let app = spawn_app(StoreKind::Memory).await;
+    let task = app.create_task().await;
+    let capacity = 8;
+    let reporter = Reporter::new(
+        app.url(""),
+        KEY,
+        Options {
+            capacity,
+            ..Options::default()
+        },
+    );
+    let image_url = format!("https://cdn.example.com/{task}.png");
+
+    let started = Instant::now();
+    reporter.report(task, Update::new().status(TaskStatus::Processing));
+    for i in 0..10_000u32 {
+        let update = Update::new().progress(f64::from(i) / 100.0);
+        reporter.report(task, update.stage(format!("step {i}")));
+        assert!(reporter.pending() <= capacity);
+    }
+    reporter.report(task, Update::completed(&image_url));
+    let reporting = started.elapsed();
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+
+    let state = stored(&app, task).await;
+    assert_eq!(state["status"], "completed", "{state}");
+    assert_eq!(
+        state["stage"], "step 9999",
+        "merged updates keep the last stage"
+    );
+    assert_eq!(state["image_url"], image_url.as_str());
+    let stats = reporter.stats();
+    assert_eq!(accounted(stats), 10_002, "{stats:?}");
+    assert_eq!((stats.failed, stats.dropped), (0, 0), "{stats:?}");
+    assert!(
+        stats.sent < 2_000,
+        "a burst conflates into few requests: {stats:?}"
+    );
+    assert!(stats.peak_pending <= capacity);
+    eprintln!(
+        "10,002 reports in {reporting:?} became {} requests",
+        stats.sent
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_across_more_tasks_than_the_capacity_stays_bounded_and_counts_its_drops() {
+    let app = spawn_app(StoreKind::Memory).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        tasks.push(app.create_task().await);
+    }
+    let capacity = 8;
+    let reporter = Reporter::new(
+        app.url(""),
+        KEY,
+        Options {
+            capacity,
+            ..Options::default()
+        },
+    );
+    for i in 0..10_000u32 {
+        let task = tasks[i as usize % tasks.len()];
+        reporter.report(task, Update::new().progress(f64::from(i) / 100.0));
+        assert!(reporter.pending() <= capacity);
+    }
+    assert!(
+        !reporter.flush(WAIT).await,
+        "drops make flush report a loss"
+    );
+    let stats = reporter.stats();
+    assert!(stats.dropped > 0 && stats.sent > 0, "{stats:?}");
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.peak_pending <= capacity, "{stats:?}");
+    assert_eq!(accounted(stats), 10_000, "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_counted_as_failed_with_401_and_never_retried() {
+    let app = spawn_app(StoreKind::Memory).await;
+    let tasks = [app.create_task().await, app.create_task().await];
+    let reporter = Reporter::new(app.url(""), "not-the-push-key", fast_retries());
+    for task in tasks {
+        reporter.report(task, Update::new().progress(50.0));
+    }
+    let started = Instant::now();
+    assert!(!reporter.flush(WAIT).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.failed, stats.retried, stats.sent),
+        (2, 0, 0),
+        "{stats:?}"
+    );
+    for task in tasks {
+        assert_eq!(
+            stored(&app, task).await["version"],
+            0,
+            "nothing was applied"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_last_reporter_clone_still_delivers_what_was_queued() {
+    let app = spawn_app(StoreKind::Memory).await;
+    let task = app.create_task().await;
+    let reporter = Reporter::new(app.url(""), KEY, Options::default());
+    let clone = reporter.clone();
+    drop(reporter);
+    clone.report(
+        task,
+        Update::completed("https://cdn.example.com/dropped.png"),
+    );
+    drop(clone);
+    let state = stored_until(&app, task, |s| s["status"] == "completed").await;
+    assert_eq!(state["image_url"], "https://cdn.example.com/dropped.png");
+}
+
+#[tokio::test]
+async fn a_503_is_retried_after_its_retry_after_delay_and_then_delivered() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let server = tokio::spawn(answer(listener, arrivals.clone()));
+    let options = Options {
+        backoff_base: Duration::from_millis(10),
+        ..Options::default()
+    };
+    let reporter = Reporter::new(url, KEY, options);
+    reporter.report(TaskId::random(), Update::new().progress(1.0));
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.sent, stats.retried, stats.failed),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    let arrivals = arrivals.lock().expect("not poisoned").clone();
+    assert_eq!(arrivals.len(), 2);
+    let waited = arrivals[1] - arrivals[0];
+    assert!(
+        waited >= Duration::from_secs(1),
+        "Retry-After: 1 was not honoured: {waited:?}"
+    );
+    server.abort();
+}
+
+/// A stand-in for taskcast that answers 503 with `Retry-After: 1` once, then 200.
+async fn answer(listener: TcpListener, arrivals: Arc<Mutex<Vec<Instant>>>) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buffer[..n]),
+            }
+        }
+        let first = {
+            let mut arrivals = arrivals.lock().expect("not poisoned");
+            arrivals.push(Instant::now());
+            arrivals.len() == 1
+        };
+        let response: &[u8] = if first {
+            b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 2\r\n\
+              connection: close\r\n\r\n{}"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+        };
+        let _ = socket.write_all(response).await;
+        let _ = socket.shutdown().await;
+    }
+}
+
+/// Runs a snippet's CLI; `None` (after saying so on stderr) when its interpreter is missing.
+async fn run_snippet(interpreter: &str, script: &str, args: &[&str]) -> Option<(Output, Duration)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let started = Instant::now();
+    let child = Command::new(interpreter)
+        .arg(&path)
+        .args(args)
+        .env_remove("TASK_PROCESS_SECRET_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let child = match child {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("SKIPPED: `{interpreter}` is not installed, so {script} was not tested");
+            return None;
+        }
+        other => other.expect("the interpreter starts"),
+    };
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not exit within {WAIT:?}"))
+        .expect("the snippet runs");
+    Some((output, started.elapsed()))
+}
+
+async fn snippet_walks_a_task_to_completed(kind: StoreKind, interpreter: &str, script: &str) {
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    let stage = format!("finished by {interpreter}");
+    let (url, task_arg) = (app.url(""), task.to_string());
+    let args = [
+        "--url", &url, "--key", KEY, "--task", &task_arg, "--stage", &stage,
+    ];
+    let Some((output, took)) = run_snippet(interpreter, script, &args).await else {
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{script} failed: {stderr}");
+    let state = stored(&app, task).await;
+    assert_eq!(state["status"], "completed", "{state}\n{stderr}");
+    assert_eq!(state["stage"], stage.as_str());
+    assert_eq!(state["progress"], 100.0);
+    assert!(
+        state["image_url"]
+            .as_str()
+            .is_some_and(|u| u.contains(&task_arg))
+    );
+    let stats: Value = serde_json::from_slice(&output.stdout).expect("stats as JSON on stdout");
+    assert_eq!(stats["failed"], 0, "{stats}");
+    eprintln!("{script} walked a task in {took:?}: {stats}");
+}
+
+async fn snippet_with_a_wrong_key_exits_0_quickly_and_notes_the_failure(
+    interpreter: &str,
+    script: &str,
+) {
+    let app = spawn_app(StoreKind::Memory).await;
+    let task = app.create_task().await;
+    let wrong = "wrong-key-0123456789abcdef0123456789";
+    let (url, task_arg) = (app.url(""), task.to_string());
+    let args = ["--url", &url, "--key", wrong, "--task", &task_arg];
+    let Some((output, took)) = run_snippet(interpreter, script, &args).await else {
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "fire-and-forget exits 0: {stderr}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a refused key is not retried: {took:?}"
+    );
+    assert!(
+        stderr.contains("not delivered") && stderr.contains("401"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(wrong),
+        "the key must not be printed: {stderr}"
+    );
+    assert_eq!(
+        stored(&app, task).await["version"],
+        0,
+        "nothing was applied"
+    );
+    eprintln!("{script} with a wrong key exited 0 in {took:?}");
+}
+
+#[tokio::test]
+async fn the_python_snippet_with_a_wrong_key_exits_0_quickly_and_notes_the_failure() {
+    let script = "clients/python/taskcast_reporter.py";
+    snippet_with_a_wrong_key_exits_0_quickly_and_notes_the_failure("python3", script).await;
+}
+
+#[tokio::test]
+async fn the_node_snippet_with_a_wrong_key_exits_0_quickly_and_notes_the_failure() {
+    let script = "clients/node/taskcast_reporter.mjs";
+    snippet_with_a_wrong_key_exits_0_quickly_and_notes_the_failure("node", script).await;
+}
