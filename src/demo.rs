@@ -1,14 +1,412 @@
-//! The demo page and simulated generations (placeholder until the demo lands).
+//! The browser client and the demo: `GET /client.js` always; with `--demo` (on by default
+//! with the in-memory store) also the page at `/`, `POST /api/demo/tasks` and the result
+//! pictures at `GET /demo/result/{task_id}.svg`. Without `--demo` those are 404.
+//!
+//! A simulated generation runs in-process but pushes through the same writer as
+//! `POST /api/tasks/{id}/progress`, so the page sees exactly what a real app's browser
+//! would. It stops when the server shuts down (its pushes would get 503 from then on), so
+//! after a restart its task stays where it was, like the task of a generator that crashed.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use warp::Filter;
 use warp::filters::BoxedFilter;
+use warp::http::header::{self, HeaderValue};
+use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
+use crate::domain::{NewTask, ProgressUpdate, TaskId};
+use crate::error::{Error, json_response};
 use crate::routes::AppState;
+use crate::writer::Writer;
 
-/// `GET /`, `GET /client.js` and `POST /api/demo/tasks`.
-pub fn routes(_state: AppState) -> BoxedFilter<(Response,)> {
-    warp::any()
-        .and_then(|| async { Err::<Response, _>(warp::reject::not_found()) })
+const CLIENT_JS: &str = include_str!("../static/client.js");
+const INDEX_HTML: &str = include_str!("../static/index.html");
+
+/// Simulated generations running at once; one more gets 503.
+const MAX_RUNNING: usize = 20;
+/// With failures on, one generation in this many fails part-way.
+const FAILURE_ODDS: u64 = 6;
+
+const PROMPTS: [&str; 8] = [
+    "a red fox in fresh snow",
+    "a lighthouse at dusk, oil painting",
+    "a tiny robot watering plants",
+    "a neon city street in the rain",
+    "an astronaut cat on the moon",
+    "a bowl of ramen, studio lighting",
+    "a paper boat on a quiet lake",
+    "mountains at sunrise, watercolor",
+];
+
+const FAILURES: [&str; 3] = [
+    "out of GPU memory at 1024x1024 (simulated failure)",
+    "the safety filter rejected the image (simulated failure)",
+    "the upstream model timed out after 60 s (simulated failure)",
+];
+
+#[derive(Deserialize)]
+struct StartQuery {
+    /// `?failures=false` turns off the random failures (the browser test needs that).
+    failures: Option<bool>,
+}
+
+/// `GET /client.js`, and the demo routes when `state.demo` is set.
+pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    let client = warp::path!("client.js")
+        .and(warp::get())
+        .map(|| asset(CLIENT_JS, "text/javascript; charset=utf-8"));
+
+    let enabled = state.demo;
+    let demo_on = warp::any()
+        .and_then(move || async move {
+            if enabled {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one();
+
+    let page = warp::path::end()
+        .and(warp::get())
+        .map(|| asset(INDEX_HTML, "text/html; charset=utf-8"));
+
+    // Created per route tree, so each App (and each test server) has its own bound.
+    let running = Arc::new(Semaphore::new(MAX_RUNNING));
+    let start = warp::path!("api" / "demo" / "tasks")
+        .and(warp::post())
+        .and(warp::any().map(move || (state.clone(), running.clone())))
+        .and(warp::header::headers_cloned())
+        .and(warp::query::<StartQuery>())
+        .then(
+            |(state, running), headers: HeaderMap, query: StartQuery| async move {
+                start(state, running, &headers, query.failures.unwrap_or(true))
+                    .await
+                    .unwrap_or_else(Error::into_response)
+            },
+        );
+
+    let result = warp::path!("demo" / "result" / String)
+        .and(warp::get())
+        .map(|file: String| result_picture(&file).unwrap_or_else(Error::into_response));
+
+    client
+        .or(demo_on.and(page.or(start).unify().or(result).unify()))
+        .unify()
         .boxed()
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = Response::new(body.into());
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Compiled in: a new binary may bring a new file, so browsers revalidate.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// `POST /api/demo/tasks`: creates a task, starts its simulated generation, and answers
+/// 201 `{"task_id","token","prompt"}`. No push key: the demo is public by choice.
+async fn start(
+    state: AppState,
+    running: Arc<Semaphore>,
+    headers: &HeaderMap,
+    failures: bool,
+) -> Result<Response, Error> {
+    let permit = running
+        .try_acquire_owned()
+        .map_err(|_| Error::Unavailable {
+            what: "a demo generation slot (at most 20 run at once)",
+            source: None,
+        })?;
+    let mut rng = Rng::new();
+    let prompt = PROMPTS[rng.below(PROMPTS.len() as u64) as usize];
+    let created = state
+        .store
+        .create(NewTask {
+            prompt: Some(prompt.to_string()),
+            user_id: None,
+        })
+        .await?;
+    let task = created.task_id;
+    let token = state.subscribe.mint(&[task], state.token_ttl);
+    let generation = Generation {
+        writer: state.writer.clone(),
+        shutdown: state.ws.shutdown.clone(),
+        task,
+        result_url: result_url(headers, task),
+        fail: failures && rng.below(FAILURE_ODDS) == 0,
+        rng,
+        seq: 0,
+        _permit: permit,
+    };
+    tokio::spawn(generation.run());
+    let body = json!({"task_id": task, "token": token, "prompt": prompt});
+    Ok(json_response(StatusCode::CREATED, body.to_string()))
+}
+
+/// Where the finished picture is, as the browser reached us. Pushes accept only http(s)
+/// URLs, so the page's origin is rebuilt from `Host` (and `X-Forwarded-Proto`).
+fn result_url(headers: &HeaderMap, task: TaskId) -> String {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = header("host")
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("127.0.0.1");
+    let scheme = match header("x-forwarded-proto") {
+        Some(proto) if proto.trim().eq_ignore_ascii_case("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}/demo/result/{task}.svg")
+}
+
+/// One simulated generation: queued, generating 0..100, uploading, completed (or failed).
+struct Generation {
+    writer: Writer,
+    shutdown: watch::Receiver<bool>,
+    task: TaskId,
+    result_url: String,
+    fail: bool,
+    rng: Rng,
+    seq: i64,
+    /// Holds a slot of the bound until the generation ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Why a generation stops early.
+enum Stop {
+    Shutdown,
+    Finished,
+}
+
+impl Generation {
+    async fn run(mut self) {
+        let _ = self.steps().await;
+    }
+
+    async fn steps(&mut self) -> Result<(), Stop> {
+        self.push(json!({"status": "pending", "stage": "queued", "progress": 0}))
+            .await?;
+        self.pause(300, 700).await?;
+        let fail_at = self.fail.then(|| 15 + self.rng.below(60) as u32);
+        let mut progress: u32 = 0;
+        loop {
+            let update =
+                json!({"status": "processing", "stage": "generating", "progress": progress});
+            self.push(update).await?;
+            if fail_at.is_some_and(|at| progress >= at) {
+                let error = FAILURES[self.rng.below(FAILURES.len() as u64) as usize];
+                return self.push(json!({"status": "failed", "error": error})).await;
+            }
+            if progress == 100 {
+                break;
+            }
+            self.pause(100, 300).await?;
+            progress = (progress + 3 + self.rng.below(9) as u32).min(100);
+        }
+        self.push(json!({"stage": "uploading"})).await?;
+        self.pause(300, 600).await?;
+        let done = json!({"status": "completed", "stage": "done", "image_url": self.result_url});
+        self.push(done).await
+    }
+
+    /// A failed push is logged and the generation goes on, as the guide asks of real
+    /// generators; only a finished task (someone else ended it) stops it.
+    async fn push(&mut self, mut fields: serde_json::Value) -> Result<(), Stop> {
+        self.seq += 1;
+        fields["seq"] = self.seq.into();
+        let update = ProgressUpdate::from_json(fields.to_string().as_bytes())
+            .expect("the demo's updates are valid");
+        match self.writer.push(self.task, update).await {
+            Ok(_) => Ok(()),
+            Err(Error::Conflict { .. }) => Err(Stop::Finished),
+            Err(_) if *self.shutdown.borrow() => Err(Stop::Shutdown),
+            Err(e) => {
+                tracing::warn!(task = %self.task, error = %e.chain(), "demo push failed");
+                Ok(())
+            }
+        }
+    }
+
+    async fn pause(&mut self, min_ms: u64, max_ms: u64) -> Result<(), Stop> {
+        let wait = Duration::from_millis(min_ms + self.rng.below(max_ms - min_ms + 1));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => Ok(()),
+            _ = self.shutdown.wait_for(|stop| *stop) => Err(Stop::Shutdown),
+        }
+    }
+}
+
+/// xorshift64*, seeded from a v4 UUID: plenty for pauses and prompts, no extra crate.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Self {
+        let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+        Rng(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+/// `GET /demo/result/{task_id}.svg`: the "generated image", a small landscape whose
+/// colours and shapes are derived from the task id. Only numbers are interpolated.
+fn result_picture(file: &str) -> Result<Response, Error> {
+    let raw = file.strip_suffix(".svg").ok_or(Error::RouteNotFound)?;
+    let bytes = TaskId::parse(raw)?.as_uuid().into_bytes();
+    let n = |i: usize| u32::from(bytes[i]);
+    // Skies from cyan through violet to pink, a warm sun, muted green-to-teal land.
+    // (Bytes 6 and 8 hold the UUID's version and variant bits, so they are not used.)
+    let sky = 180 + n(0) * 150 / 256;
+    let sun = 25 + n(1) % 30;
+    let land = 90 + n(9) * 110 / 256;
+    let (sun_x, sun_y, sun_r) = (60 + n(2) * 140 / 256, 40 + n(3) % 40, 14 + n(4) % 14);
+    let (peak_a, peak_b, peak_c) = (50 + n(5) % 40, 40 + n(7) % 50, 60 + n(10) % 40);
+    let svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 256 160" width="512" height="320">
+<defs><linearGradient id="sky" x1="0" y1="0" x2="0" y2="1">
+<stop offset="0" stop-color="hsl({sky},60%,60%)"/><stop offset="1" stop-color="hsl({sky2},75%,85%)"/>
+</linearGradient></defs>
+<rect width="256" height="160" fill="url(#sky)"/>
+<circle cx="{sun_x}" cy="{sun_y}" r="{sun_r}" fill="hsl({sun},95%,70%)"/>
+<path d="M0 160 L0 {a} L60 {b} L120 {c} L190 {d} L256 {e} L256 160 Z" fill="hsl({land},25%,45%)"/>
+<path d="M0 160 L0 130 L70 112 L150 128 L256 108 L256 160 Z" fill="hsl({land},30%,28%)"/>
+</svg>
+"##,
+        sky2 = (sky + 25) % 360,
+        a = 160 - peak_a,
+        b = 160 - peak_b - 20,
+        c = 160 - peak_c,
+        d = 160 - peak_b,
+        e = 160 - peak_a - 10,
+    );
+    let mut response = Response::new(svg.into());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("image/svg+xml"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=86400, immutable"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_url_is_built_from_a_plausible_host_only() {
+        let task = TaskId::random();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("127.0.0.1:8080"));
+        let url = result_url(&headers, task);
+        assert_eq!(url, format!("http://127.0.0.1:8080/demo/result/{task}.svg"));
+        let body = json!({"image_url": url}).to_string();
+        assert!(ProgressUpdate::from_json(body.as_bytes()).is_ok());
+
+        headers.insert("host", HeaderValue::from_static("evil.example\"><x"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert_eq!(
+            result_url(&headers, task),
+            format!("https://127.0.0.1/demo/result/{task}.svg")
+        );
+    }
+
+    #[test]
+    fn result_picture_needs_a_task_id_and_the_svg_suffix() {
+        let task = TaskId::random();
+        let ok = result_picture(&format!("{task}.svg")).unwrap();
+        assert_eq!(ok.headers()["content-type"], "image/svg+xml");
+        assert!(result_picture(&task.to_string()).is_err());
+        assert!(result_picture("x.svg").is_err());
+    }
+
+    /// The in-memory store turns the demo on; the whole path runs through `App`.
+    #[tokio::test]
+    async fn demo_serves_its_files_and_refuses_a_21st_running_generation_with_503() {
+        let key = crate::auth::PushKey::new("k".repeat(32));
+        let config = crate::config::Config::new(([127, 0, 0, 1], 0).into(), None, key);
+        let app = crate::App::build(config).await.expect("the app builds");
+        let base = format!("http://{}", app.local_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::new();
+
+        for (path, content_type) in [("/client.js", "text/javascript"), ("/", "text/html")] {
+            let response = http.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            let header = response.headers()["content-type"].to_str().unwrap();
+            assert!(header.starts_with(content_type), "{path}: {header}");
+        }
+
+        let mut tasks = Vec::new();
+        for _ in 0..MAX_RUNNING {
+            let response = http
+                .post(format!("{base}/api/demo/tasks?failures=false"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(body["token"].is_string(), "{body}");
+            tasks.push(body);
+        }
+        let refused = http
+            .post(format!("{base}/api/demo/tasks"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 503);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["error"], "unavailable");
+
+        let first = &tasks[0];
+        let url = format!(
+            "{base}/api/tasks/{}?token={}",
+            first["task_id"].as_str().unwrap(),
+            first["token"].as_str().unwrap()
+        );
+        let state: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(state["task_id"], first["task_id"]);
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops while generations are mid-way")
+            .unwrap();
+    }
+
+    #[test]
+    fn rng_stays_below_its_bound() {
+        let mut rng = Rng::new();
+        assert!((0..1000).all(|_| rng.below(6) < 6));
+    }
 }

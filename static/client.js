@@ -1,0 +1,500 @@
+// taskcast browser client: watch tasks live, with no dependencies.
+//
+//   import { watchTask } from "https://taskcast.example.com/client.js";
+//   const handle = watchTask(taskId, {
+//     token,                             // from POST /api/tasks (minted by your server)
+//     getToken: () => fetchFreshToken(), // optional; may return a Promise
+//     onState: (state) => render(state), // {task_id, progress, stage, status, version, ...}
+//     onError: (error) => console.warn(error.code, error.message, error.fatal),
+//   });
+//   handle.close();                      // stop watching (it also stops by itself when the
+//                                        // task is completed, failed or cancelled)
+//
+// All tasks watched against one server share one WebSocket (ref-counted). After every
+// reconnect the server's snapshot is the truth; otherwise a state whose version is not
+// newer than the last one seen is ignored, so a task never goes backwards. When a
+// WebSocket cannot be opened while the server itself answers HTTP (a proxy that drops
+// Upgrade, say), or when WebSocket does not exist, each task is streamed over
+// Server-Sent Events (GET /api/tasks/{id}/events) instead.
+//
+// `url` defaults to the folder this module was loaded from (so a page that imports
+// https://host/client.js talks to https://host). A copy bundled into an app must pass
+// `url` explicitly, as "https://host" or "wss://host".
+
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+// Errors a fresh token (getToken) may cure.
+const TOKEN_ERRORS = new Set(["token_expired", "token_invalid", "token_required", "forbidden"]);
+// Errors worth retrying later on the same subscription.
+const TRANSIENT_ERRORS = new Set(["limit_exceeded", "unavailable", "internal"]);
+
+/** Backoff and fallback settings; exported so tests and apps can tune them. */
+export const settings = {
+  minDelayMs: 500, // first reconnect waits 0.5x..1x of this
+  maxDelayMs: 15000, // the cap of the exponential backoff
+  wsFailuresBeforeSse: 3, // failed WS opens, with the server reachable, before SSE
+  maxTokenRefreshes: 3, // consecutive refreshes that did not help before giving up
+  lingerMs: 1000, // an unused socket is kept this long for the next watchTask
+};
+
+const connections = new Map(); // http base URL -> Connection
+
+/** An error from the server (code, message, hint) or from the client itself. */
+export class TaskcastError extends Error {
+  constructor(code, message, { hint = "", taskId = null, fatal = false } = {}) {
+    super(message);
+    this.name = "TaskcastError";
+    this.code = code;
+    this.hint = hint;
+    this.taskId = taskId;
+    this.fatal = fatal;
+  }
+}
+
+/**
+ * Watches one task. Options: token, getToken, onState(state), onError(TaskcastError),
+ * onConnection({connected, transport}), url. Returns {taskId, state, close()}.
+ */
+export function watchTask(taskId, options = {}) {
+  if (typeof taskId !== "string" || taskId === "") {
+    throw new TypeError("watchTask: taskId must be a non-empty string (the task's UUID)");
+  }
+  const base = endpoints(options.url);
+  let connection = connections.get(base.http);
+  if (!connection) {
+    connection = new Connection(base);
+    connections.set(base.http, connection);
+  }
+  const watcher = new Watcher(taskId, options);
+  connection.add(watcher);
+  return {
+    taskId,
+    get state() {
+      return watcher.state;
+    },
+    close: () => connection.remove(watcher),
+  };
+}
+
+function endpoints(url) {
+  const given = url != null;
+  const u = given
+    ? new URL(String(url), typeof location === "undefined" ? undefined : location.href)
+    : new URL(".", import.meta.url);
+  const scheme = { "ws:": "http:", "wss:": "https:" }[u.protocol] || u.protocol;
+  if (scheme !== "http:" && scheme !== "https:") {
+    throw new TypeError(`watchTask: url must be http(s) or ws(s), got ${u.protocol}`);
+  }
+  const path = u.pathname.replace(/\/+$/, "").replace(/\/ws$/, "");
+  return {
+    http: `${scheme}//${u.host}${path}`,
+    ws: `${scheme === "https:" ? "wss:" : "ws:"}//${u.host}${path}/ws`,
+  };
+}
+
+function backoff(attempt) {
+  const ceiling = Math.min(settings.maxDelayMs, settings.minDelayMs * 2 ** Math.min(attempt, 20));
+  return ceiling * (0.5 + Math.random() / 2);
+}
+
+// A throwing callback must not break the client: rethrow it on its own turn.
+function call(fn, ...args) {
+  if (typeof fn !== "function") return;
+  try {
+    fn(...args);
+  } catch (e) {
+    setTimeout(() => {
+      throw e;
+    });
+  }
+}
+
+/** One watchTask call: its callbacks and whether it has ended. */
+class Watcher {
+  constructor(taskId, options) {
+    this.taskId = taskId;
+    this.options = options;
+    this.state = null;
+    this.ended = false;
+  }
+  deliver(state) {
+    if (this.ended) return;
+    this.state = state;
+    call(this.options.onState, state);
+  }
+  fail(error) {
+    if (!this.ended) call(this.options.onError, error);
+  }
+  connection(info) {
+    if (!this.ended) call(this.options.onConnection, info);
+  }
+}
+
+/** One task on a connection, shared by every watcher of it. */
+class Subscription {
+  constructor(taskId, watcher) {
+    this.taskId = taskId;
+    this.watchers = new Set();
+    this.token = watcher.options.token ?? null;
+    this.getToken = null;
+    this.state = null; // the last state delivered
+    this.sent = false; // a subscribe went out on the current socket
+    this.refreshing = false;
+    this.refreshes = 0;
+    this.attempt = 0; // for this subscription's own retries
+    this.timer = null;
+    this.source = null; // the EventSource, in SSE mode
+  }
+  clearTimer() {
+    clearTimeout(this.timer);
+    this.timer = null;
+  }
+}
+
+/** A shared transport to one server: a WebSocket, or one EventSource per task. */
+class Connection {
+  constructor(base) {
+    this.base = base;
+    this.subs = new Map();
+    this.socket = null;
+    this.open = false;
+    this.attempt = 0;
+    this.wsFailures = 0;
+    this.timer = null;
+    this.lingerTimer = null;
+    this.mode = typeof WebSocket === "function" ? "websocket" : "sse";
+    this.connected = null;
+    this.onOnline = () => {
+      if (this.timer !== null) {
+        this.clearTimer();
+        this.connect();
+      }
+    };
+    if (typeof addEventListener === "function") addEventListener("online", this.onOnline);
+  }
+
+  add(watcher) {
+    clearTimeout(this.lingerTimer);
+    this.lingerTimer = null;
+    let sub = this.subs.get(watcher.taskId);
+    const fresh = !sub;
+    if (fresh) {
+      sub = new Subscription(watcher.taskId, watcher);
+      this.subs.set(sub.taskId, sub);
+    }
+    sub.watchers.add(watcher);
+    if (!sub.token && watcher.options.token) sub.token = watcher.options.token;
+    if (!sub.getToken && typeof watcher.options.getToken === "function") {
+      sub.getToken = watcher.options.getToken;
+    }
+    if (this.connected !== null) {
+      const info = this.connected;
+      queueMicrotask(() => watcher.connection(info));
+    }
+    if (!fresh) {
+      // A later watcher of the same task starts from what the others already have.
+      if (sub.state) {
+        const state = { ...sub.state, snapshot: true };
+        queueMicrotask(() => watcher.deliver(state));
+      }
+      return;
+    }
+    if (!sub.token && sub.getToken) {
+      this.refreshToken(sub, null);
+    } else if (this.mode === "sse") {
+      this.openStream(sub);
+    } else if (this.open) {
+      this.sendSubscribe(sub);
+    } else if (!this.socket && this.timer === null) {
+      this.connect();
+    }
+  }
+
+  remove(watcher) {
+    const sub = this.subs.get(watcher.taskId);
+    watcher.ended = true;
+    if (!sub || !sub.watchers.delete(watcher) || sub.watchers.size > 0) return;
+    this.drop(sub);
+  }
+
+  // Ends a subscription: no more messages, nothing held for it.
+  drop(sub) {
+    for (const watcher of sub.watchers) watcher.ended = true;
+    sub.watchers.clear();
+    sub.clearTimer();
+    if (sub.source) sub.source.close();
+    sub.source = null;
+    if (this.subs.get(sub.taskId) === sub) this.subs.delete(sub.taskId);
+    if (sub.sent && this.open) this.send({ type: "unsubscribe", task_id: sub.taskId });
+    sub.sent = false;
+    if (this.subs.size === 0 && this.lingerTimer === null) {
+      this.lingerTimer = setTimeout(() => this.dispose(), settings.lingerMs);
+    }
+  }
+
+  dispose() {
+    this.lingerTimer = null;
+    if (this.subs.size > 0) return;
+    this.clearTimer();
+    if (connections.get(this.base.http) === this) connections.delete(this.base.http);
+    if (typeof removeEventListener === "function") removeEventListener("online", this.onOnline);
+    const socket = this.socket;
+    this.socket = null;
+    this.open = false;
+    if (socket) socket.close(1000, "no more tasks");
+  }
+
+  clearTimer() {
+    clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  setConnected(connected) {
+    const info = { connected, transport: this.mode };
+    if (this.connected && this.connected.connected === connected && this.connected.transport === this.mode) {
+      return;
+    }
+    this.connected = info;
+    for (const sub of this.subs.values()) for (const w of sub.watchers) w.connection(info);
+  }
+
+  // ---- WebSocket ----
+
+  connect() {
+    this.timer = null;
+    if (this.subs.size === 0 || this.socket) return;
+    if (this.mode === "sse") {
+      for (const sub of this.subs.values()) if (!sub.source && !sub.timer) this.openStream(sub);
+      return;
+    }
+    let socket;
+    try {
+      socket = new WebSocket(this.base.ws);
+    } catch {
+      this.mode = "sse"; // e.g. a Content-Security-Policy that forbids ws:
+      this.connect();
+      return;
+    }
+    this.socket = socket;
+    let opened = false;
+    socket.onopen = () => {
+      if (this.socket !== socket) return;
+      opened = true;
+      this.open = true;
+      this.wsFailures = 0;
+      this.setConnected(true);
+      for (const sub of this.subs.values()) {
+        if (!sub.refreshing && !sub.timer) this.sendSubscribe(sub);
+      }
+    };
+    socket.onmessage = (event) => {
+      if (this.socket !== socket) return;
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      this.onMessage(message);
+    };
+    socket.onclose = () => {
+      if (this.socket !== socket) return; // closed on purpose
+      this.socket = null;
+      this.open = false;
+      for (const sub of this.subs.values()) sub.sent = false;
+      if (this.subs.size === 0) return;
+      this.setConnected(false);
+      if (opened) {
+        this.reconnectLater();
+      } else {
+        // Never opened: is the server down (wait), or is WebSocket blocked (use SSE)?
+        this.reachable().then((up) => {
+          if (up && ++this.wsFailures >= settings.wsFailuresBeforeSse) this.mode = "sse";
+          this.reconnectLater();
+        });
+      }
+    };
+  }
+
+  reconnectLater() {
+    if (this.subs.size === 0 || this.timer !== null) return;
+    this.timer = setTimeout(() => this.connect(), backoff(this.attempt++));
+  }
+
+  // Any HTTP answer, even an error, means the server is up.
+  async reachable() {
+    if (typeof fetch !== "function") return false;
+    const abort = typeof AbortController === "function" ? new AbortController() : null;
+    const timer = setTimeout(() => abort && abort.abort(), 3000);
+    try {
+      await fetch(`${this.base.http}/healthz`, { mode: "no-cors", cache: "no-store", signal: abort?.signal });
+      return true;
+    } catch {
+      return false;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  send(message) {
+    if (this.socket && this.open) this.socket.send(JSON.stringify(message));
+  }
+
+  sendSubscribe(sub) {
+    const message = { type: "subscribe", task_id: sub.taskId };
+    if (sub.token) message.token = sub.token;
+    sub.sent = true;
+    this.send(message);
+  }
+
+  onMessage(message) {
+    const sub = message.task_id ? this.subs.get(message.task_id) : null;
+    if (message.type === "state") {
+      if (sub) this.onState(sub, message);
+    } else if (message.type === "error") {
+      const error = new TaskcastError(message.code, message.message, {
+        hint: message.hint,
+        taskId: message.task_id ?? null,
+      });
+      if (sub) this.onError(sub, error);
+      else if (!message.task_id) {
+        for (const s of this.subs.values()) for (const w of s.watchers) w.fail(error);
+      }
+    }
+  }
+
+  // ---- shared by both transports ----
+
+  onState(sub, state) {
+    const last = sub.state;
+    if (!state.snapshot && last && state.version <= last.version) return;
+    sub.state = state;
+    sub.refreshes = 0;
+    sub.attempt = 0;
+    this.attempt = 0;
+    for (const watcher of [...sub.watchers]) watcher.deliver(state);
+    if (TERMINAL.has(state.status)) this.drop(sub);
+  }
+
+  onError(sub, error) {
+    if (TOKEN_ERRORS.has(error.code) && sub.getToken && sub.refreshes < settings.maxTokenRefreshes) {
+      sub.sent = false;
+      this.refreshToken(sub, error);
+    } else if (TRANSIENT_ERRORS.has(error.code)) {
+      sub.sent = false;
+      for (const w of sub.watchers) w.fail(error);
+      this.retryLater(sub);
+    } else {
+      error.fatal = true;
+      for (const w of [...sub.watchers]) w.fail(error);
+      this.drop(sub);
+    }
+  }
+
+  retryLater(sub) {
+    sub.clearTimer();
+    sub.timer = setTimeout(() => {
+      sub.timer = null;
+      this.resubscribe(sub);
+    }, backoff(sub.attempt++));
+  }
+
+  resubscribe(sub) {
+    if (this.subs.get(sub.taskId) !== sub) return;
+    if (this.mode === "sse") this.openStream(sub);
+    else if (this.open) this.sendSubscribe(sub);
+    else if (!this.socket && this.timer === null) this.connect();
+  }
+
+  async refreshToken(sub, cause) {
+    if (sub.refreshing) return;
+    sub.refreshing = true;
+    sub.refreshes += 1;
+    let token;
+    try {
+      token = await sub.getToken(sub.taskId, cause);
+    } catch (e) {
+      sub.refreshing = false;
+      if (this.subs.get(sub.taskId) !== sub) return;
+      const error = new TaskcastError("token_refresh_failed", `getToken() failed: ${e?.message ?? e}`, {
+        hint: "getToken is retried with backoff",
+        taskId: sub.taskId,
+      });
+      for (const w of sub.watchers) w.fail(error);
+      sub.refreshes -= 1; // a failing call is retried, not counted as a useless token
+      this.retryLater(sub);
+      return;
+    }
+    sub.refreshing = false;
+    if (this.subs.get(sub.taskId) !== sub) return;
+    sub.token = token ?? null;
+    this.resubscribe(sub);
+  }
+
+  // ---- Server-Sent Events ----
+
+  openStream(sub) {
+    if (sub.source) sub.source.close();
+    sub.source = null;
+    if (sub.refreshing || this.subs.get(sub.taskId) !== sub) return;
+    if (typeof EventSource !== "function") {
+      const error = new TaskcastError("unsupported", "this browser has neither WebSocket nor EventSource", {
+        taskId: sub.taskId,
+        fatal: true,
+      });
+      for (const w of [...sub.watchers]) w.fail(error);
+      this.drop(sub);
+      return;
+    }
+    const query = sub.token ? `?token=${encodeURIComponent(sub.token)}` : "";
+    const url = `${this.base.http}/api/tasks/${encodeURIComponent(sub.taskId)}/events${query}`;
+    const source = new EventSource(url);
+    sub.source = source;
+    let opened = false;
+    let first = true;
+    source.onopen = () => {
+      opened = true;
+      this.setConnected(true);
+    };
+    source.onmessage = (event) => {
+      if (sub.source !== source) return;
+      let state;
+      try {
+        state = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (first) state.snapshot = true; // each (re)opened stream starts with a snapshot
+      first = false;
+      if (state.type === "state") this.onState(sub, state);
+    };
+    source.onerror = () => {
+      if (sub.source !== source) return;
+      // We do our own backoff rather than EventSource's fixed retry.
+      source.close();
+      sub.source = null;
+      this.setConnected(false);
+      if (opened) this.retryLater(sub);
+      else this.diagnose(sub);
+    };
+  }
+
+  // EventSource hides the HTTP status of a refusal; ask the same question over fetch.
+  async diagnose(sub) {
+    let body = null;
+    try {
+      const query = sub.token ? `?token=${encodeURIComponent(sub.token)}` : "";
+      const response = await fetch(`${this.base.http}/api/tasks/${encodeURIComponent(sub.taskId)}${query}`, {
+        cache: "no-store",
+      });
+      if (!response.ok) body = await response.json();
+    } catch {
+      body = null; // unreachable or unreadable: try again later
+    }
+    if (this.subs.get(sub.taskId) !== sub) return;
+    if (body && typeof body.error === "string") {
+      this.onError(sub, new TaskcastError(body.error, body.message, { hint: body.hint, taskId: sub.taskId }));
+    } else {
+      this.retryLater(sub);
+    }
+  }
+}

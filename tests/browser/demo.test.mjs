@@ -1,0 +1,651 @@
+// The demo page and /client.js in a real browser (Debian's Chromium, driven by playwright-core).
+//
+// Run it with scripts/browser-test, which installs what is missing and provides
+// TASKCAST_TEST_DATABASE_URL (an admin URL on which we may CREATE/DROP DATABASE).
+//
+// It builds the real `taskcast` binary, serves it on Postgres (so tasks survive a restart)
+// with the demo on, and checks, in order:
+//   1. the page and /client.js are served;
+//   2. a generation started from the page reaches 100% and "completed", with its picture;
+//   3. a server stopped (SIGTERM) and restarted mid-generation: the page reconnects by
+//      itself and shows the pushes made after the restart, up to the final state;
+//   4. how long a push takes to show on the page (printed);
+//   5. getToken() is called for an expired or invalid token, and the watch goes on;
+//   6. five generations share one WebSocket;
+//   7. without WebSocket, or when no WebSocket can be opened, the client falls back to
+//      Server-Sent Events;
+//   8. no page errors, and versions never went backwards on any card;
+// then saves screenshots under $CARGO_TARGET_DIR/browser (default target/browser), and
+// with TASKCAST_UPDATE_SCREENSHOT=1 copies the showcase one to docs/demo.png.
+// The last line is "N passed, N failed"; the exit code is non-zero on any failure.
+
+import { spawn, execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { createWriteStream, mkdirSync, copyFileSync } from "node:fs";
+import http from "node:http";
+import net from "node:net";
+import path from "node:path";
+import { performance } from "node:perf_hooks";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+
+import { chromium } from "playwright-core";
+
+const run = promisify(execFile);
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const TARGET = path.resolve(REPO, process.env.CARGO_TARGET_DIR || "target");
+const OUT = path.join(TARGET, "browser");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const ADMIN_URL = process.env.TASKCAST_TEST_DATABASE_URL;
+const DB_NAME = process.env.TASKCAST_BROWSER_DB || `browser_${randomBytes(6).toString("hex")}`;
+const PUSH_KEY = "browser-test-push-key-0123456789abcdef";
+const SUBSCRIBE_SECRET = "browser-test-subscribe-secret-0123456789";
+const WAIT = 20_000; // the longest any single condition may take
+const BUDGET = 150_000; // the whole run after the build, so CI never hangs on us
+let deadline = Infinity; // set once the binary is built
+
+const now = () => performance.timeOrigin + performance.now();
+const log = (...args) => console.log(...args);
+
+// ---------------------------------------------------------------- the steps harness
+
+const steps = [];
+function step(name, fn, { required = false } = {}) {
+  steps.push({ name, fn, required });
+}
+
+async function runSteps() {
+  let passed = 0;
+  let failed = 0;
+  let skipped = 0;
+  let blocked = null;
+  for (const { name, fn, required } of steps) {
+    if (interrupted) blocked = "the run was interrupted";
+    if (blocked) {
+      log(`SKIP ${name} (${blocked})`);
+      skipped++;
+      continue;
+    }
+    const started = Date.now();
+    try {
+      if (Date.now() > deadline) throw new Error(`the run took longer than ${BUDGET / 1000} s after the build`);
+      await fn();
+      log(`ok   ${name} (${Date.now() - started} ms)`);
+      passed++;
+    } catch (e) {
+      // Playwright appends the browser's whole log to some errors: keep the start.
+      const lines = String(e?.stack || e).replace(/\x1b\[[0-9;]*m/g, "").split("\n");
+      const shown = lines.length > 25 ? [...lines.slice(0, 25), `(${lines.length - 25} more lines)`] : lines;
+      log(`FAIL ${name} (${Date.now() - started} ms)${interrupted ? " (interrupted)" : `\n     ${shown.join("\n     ")}`}`);
+      failed++;
+      if (required) blocked = `after "${name}" failed`;
+    }
+  }
+  return { passed, failed, skipped };
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+// ---------------------------------------------------------------- Postgres, the binary
+
+function databaseUrl(name) {
+  const url = new URL(ADMIN_URL);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
+async function psql(sql) {
+  await run("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", ADMIN_URL, "-c", sql], { timeout: 30_000 });
+}
+
+async function buildBinary() {
+  const args = ["build", "--locked", "--bin", "taskcast", "--message-format=json-render-diagnostics"];
+  if (process.env.TASKCAST_BROWSER_PROFILE === "release") args.push("--release");
+  const child = spawn("cargo", args, { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] });
+  let out = "";
+  child.stdout.on("data", (chunk) => (out += chunk));
+  const code = await new Promise((resolve) => child.on("close", resolve));
+  check(code === 0, `cargo ${args.join(" ")} failed (exit ${code})`);
+  const artifact = out
+    .split("\n")
+    .filter((line) => line.startsWith("{"))
+    .map((line) => JSON.parse(line))
+    .find((m) => m.reason === "compiler-artifact" && m.target?.name === "taskcast" && m.executable);
+  check(artifact, "cargo build reported no taskcast executable");
+  return artifact.executable;
+}
+
+async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** The real server process; start() and stop() may be called repeatedly (same port). */
+class Server {
+  constructor(binary, port, logFile) {
+    this.binary = binary;
+    this.port = port;
+    this.base = `http://127.0.0.1:${port}`;
+    this.log = createWriteStream(logFile, { flags: "a" });
+    this.child = null;
+    this.agent = new http.Agent({ keepAlive: true });
+  }
+
+  env() {
+    const env = { ...process.env };
+    for (const name of ["NODE_ENV", "APP_ENV", "TASKCAST_PUBLIC_SUBSCRIBE", "NEXT_PUBLIC_APP_URL"]) delete env[name];
+    return {
+      ...env,
+      DATABASE_URL: databaseUrl(DB_NAME),
+      TASKCAST_DEMO: "true",
+      TASKCAST_SUBSCRIBE_SECRET: SUBSCRIBE_SECRET,
+      TASK_PROCESS_SECRET_KEY: PUSH_KEY,
+      RUST_LOG: process.env.RUST_LOG || "info",
+    };
+  }
+
+  async migrate() {
+    const { stdout } = await run(this.binary, ["migrate"], { env: this.env(), timeout: 30_000 });
+    this.log.write(`---- taskcast migrate\n${stdout}`);
+  }
+
+  async start() {
+    this.log.write(`---- taskcast serve on ${this.base}\n`);
+    const child = spawn(this.binary, ["--listen", `127.0.0.1:${this.port}`], {
+      env: this.env(),
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    this.child = child;
+    child.stdout.pipe(this.log, { end: false });
+    child.stderr.pipe(this.log, { end: false });
+    child.exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
+    const until = Date.now() + WAIT;
+    for (;;) {
+      const exited = await Promise.race([child.exited, sleep(100).then(() => null)]);
+      if (exited) throw new Error(`taskcast exited at startup (${JSON.stringify(exited)}); see ${OUT}/server.log`);
+      const ready = await this.request("GET", "/readyz").then((r) => r.status === 200, () => false);
+      if (ready) return;
+      if (Date.now() > until) throw new Error(`taskcast did not get ready on ${this.base}`);
+    }
+  }
+
+  /** SIGTERM, and the exit status of a graceful shutdown. */
+  async stop() {
+    const child = this.child;
+    if (!child) return null;
+    this.child = null;
+    child.kill("SIGTERM");
+    const exited = await Promise.race([child.exited, sleep(15_000).then(() => null)]);
+    this.agent.destroy(); // kept-alive sockets died with the server
+    this.agent = new http.Agent({ keepAlive: true });
+    if (exited) return exited;
+    child.kill("SIGKILL");
+    await child.exited;
+    throw new Error("taskcast did not stop within 15 s of SIGTERM");
+  }
+
+  request(method, pathname, body, headers = {}) {
+    return new Promise((resolve, reject) => {
+      const payload = body === undefined ? null : Buffer.from(JSON.stringify(body));
+      const req = http.request(
+        `${this.base}${pathname}`,
+        {
+          method,
+          agent: this.agent,
+          headers: payload ? { "content-type": "application/json", "content-length": payload.length, ...headers } : headers,
+        },
+        (res) => {
+          let text = "";
+          res.setEncoding("utf8");
+          res.on("data", (chunk) => (text += chunk));
+          res.on("end", () => {
+            let json = null;
+            try {
+              json = JSON.parse(text);
+            } catch {
+              /* not JSON */
+            }
+            resolve({ status: res.statusCode, headers: res.headers, text, json });
+          });
+        },
+      );
+      req.setTimeout(10_000, () => req.destroy(new Error(`${method} ${pathname} timed out`)));
+      req.on("error", reject);
+      req.end(payload);
+    });
+  }
+
+  async createTask() {
+    const res = await this.request("POST", "/api/tasks", {}, { authorization: `Bearer ${PUSH_KEY}` });
+    check(res.status === 201 && res.json?.token, `POST /api/tasks: ${res.status} ${res.text}`);
+    return res.json;
+  }
+
+  async push(taskId, fields) {
+    const res = await this.request("POST", `/api/tasks/${taskId}/progress`, fields, {
+      authorization: `Bearer ${PUSH_KEY}`,
+    });
+    check(res.status === 200, `push ${JSON.stringify(fields)}: ${res.status} ${res.text}`);
+    return res.json;
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// ---------------------------------------------------------------- page helpers
+
+const card = (taskId) => `article.card[data-task-id="${taskId}"]`;
+
+/** Records, in the page, when each card showed each version (for latency and ordering). */
+function installRecorder() {
+  window.__marker = "not reloaded";
+  window.__seenAt = {};
+  window.__backwards = [];
+  const stamp = () => performance.timeOrigin + performance.now();
+  new MutationObserver((records) => {
+    const t = stamp();
+    for (const r of records) {
+      const el = r.target;
+      const id = el.dataset.taskId;
+      const version = Number(el.dataset.version);
+      const seen = (window.__seenAt[id] ||= {});
+      const last = Math.max(-1, ...Object.keys(seen).map(Number));
+      if (version < last) window.__backwards.push({ id, version, last });
+      if (!(version in seen)) seen[version] = t;
+    }
+  }).observe(document.getElementById("cards"), { subtree: true, attributes: true, attributeFilter: ["data-version"] });
+}
+
+/** webSocket: "missing" removes it; "blocked" makes every attempt fail before opening. */
+async function openPage(browser, { webSocket = "real" } = {}) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.errors = [];
+  page.sockets = [];
+  page.on("pageerror", (e) => page.errors.push(`pageerror: ${e.message}`));
+  page.on("console", (m) => {
+    if (m.type() === "error" && !/Failed to load resource|ERR_CONNECTION_REFUSED|WebSocket connection/.test(m.text())) {
+      page.errors.push(`console: ${m.text()}`);
+    }
+  });
+  page.on("websocket", (ws) => {
+    const record = { url: ws.url(), subscribes: 0, closed: false };
+    ws.on("framesent", (f) => {
+      if (String(f.payload).includes('"subscribe"')) record.subscribes++;
+    });
+    ws.on("close", () => (record.closed = true));
+    page.sockets.push(record);
+  });
+  if (webSocket === "missing") await page.addInitScript(() => delete window.WebSocket);
+  if (webSocket === "blocked") {
+    // As behind a proxy that drops Upgrade: the server answers HTTP, no socket ever opens.
+    await page.addInitScript(() => {
+      window.__wsAttempts = 0;
+      window.WebSocket = class {
+        constructor() {
+          window.__wsAttempts++;
+          setTimeout(() => {
+            this.onerror?.(new Event("error"));
+            this.onclose?.({ code: 1006, reason: "", wasClean: false });
+          }, 10);
+        }
+        send() {}
+        close() {}
+      };
+    });
+  }
+  await page.goto(`${server.base}/`);
+  await page.evaluate(installRecorder);
+  return page;
+}
+
+/** Clicks "Start generation" and returns the new card's task id. */
+async function startFromPage(page, { failures = false } = {}) {
+  await page.setChecked("#failures", failures);
+  const before = await page.$$eval("article.card", (cards) => cards.map((c) => c.dataset.taskId));
+  const created = page.waitForResponse((r) => r.url().endsWith("/api/demo/tasks") || r.url().includes("/api/demo/tasks?"));
+  await page.click("#start-one");
+  const response = await created;
+  check(response.status() === 201, `POST /api/demo/tasks answered ${response.status()}`);
+  const { task_id: taskId, token } = await response.json();
+  check(!before.includes(taskId) && token, "the demo answered a new task id and a token");
+  await page.waitForSelector(card(taskId), { timeout: WAIT });
+  return taskId;
+}
+
+function waitForCard(page, taskId, predicate, arg, timeout = WAIT) {
+  return page.waitForFunction(
+    ({ selector, source, arg }) => {
+      const el = document.querySelector(selector);
+      // eslint-disable-next-line no-new-func
+      return el && new Function("el", "arg", `return (${source})(el, arg)`)(el, arg);
+    },
+    { selector: card(taskId), source: predicate.toString(), arg },
+    { timeout },
+  );
+}
+
+const finishedAt100 = (el) =>
+  el.dataset.status === "completed" && el.querySelector(".percent").textContent === "100%";
+
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+const pct = (xs, p) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.ceil((p / 100) * xs.length) - 1)];
+const ms = (x) => `${x.toFixed(1)} ms`;
+
+// ---------------------------------------------------------------- the test
+
+let server = null;
+let browser = null;
+let page = null;
+let dbCreated = false;
+
+step(
+  "build taskcast, create and migrate a fresh database, serve with the demo on",
+  async () => {
+    check(ADMIN_URL, "TASKCAST_TEST_DATABASE_URL is not set (run scripts/browser-test)");
+    mkdirSync(OUT, { recursive: true });
+    const binary = await buildBinary();
+    deadline = Date.now() + BUDGET;
+    setTimeout(() => {
+      log("the browser test ran past its deadline; cleaning up");
+      cleanup().finally(() => process.exit(1));
+    }, BUDGET + 20_000).unref();
+    await psql(`CREATE DATABASE ${DB_NAME}`);
+    dbCreated = true;
+    server = new Server(binary, await freePort(), path.join(OUT, "server.log"));
+    await server.migrate();
+    await server.start();
+    log(`     serving ${server.base} (database ${DB_NAME}, binary ${path.relative(REPO, binary)})`);
+  },
+  { required: true },
+);
+
+step(
+  "the page and /client.js are served; Chromium opens the page",
+  async () => {
+    const js = await server.request("GET", "/client.js");
+    check(js.status === 200 && js.headers["content-type"].startsWith("text/javascript"), `GET /client.js: ${js.status}`);
+    check(js.text.includes("export function watchTask"), "client.js exports watchTask");
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      args: [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+      ],
+    });
+    log(`     ${CHROMIUM}: Chromium ${browser.version()}`);
+    page = await openPage(browser);
+    check((await page.title()) === "taskcast demo", "the page's title");
+    await page.waitForSelector("#start-one:not([disabled])");
+  },
+  { required: true },
+);
+
+let firstTask;
+step("a generation started from the page reaches 100% and completed, with its picture", async () => {
+  firstTask = await startFromPage(page);
+  await waitForCard(page, firstTask, finishedAt100);
+  const img = await page.waitForSelector(`${card(firstTask)} .thumb img`, { timeout: WAIT });
+  await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, img, { timeout: WAIT });
+  const transport = await page.$eval("#connection", (el) => el.dataset.transport);
+  check(transport === "websocket", `the page watched over ${transport}`);
+});
+
+let restartedTask;
+step("after a server restart mid-generation the page reconnects and shows the final state", async () => {
+  restartedTask = await startFromPage(page);
+  await waitForCard(page, restartedTask, (el) => {
+    const p = Number.parseFloat(el.dataset.progress);
+    return el.dataset.status === "processing" && p >= 10 && p <= 80;
+  });
+  const exited = await server.stop();
+  check(exited.code === 0, `taskcast exited with ${JSON.stringify(exited)} after SIGTERM`);
+  await page.waitForSelector('#connection[data-state="down"]', { timeout: WAIT });
+  const shown = await page.$eval(card(restartedTask), (el) => Number(el.dataset.version));
+  await server.start();
+  // Nothing nudges the page: it reconnects on its own.
+  await page.waitForSelector('#connection[data-state="live"]', { timeout: WAIT });
+  const stored = (await server.request("GET", `/api/tasks/${restartedTask}`, undefined, { authorization: `Bearer ${PUSH_KEY}` })).json;
+  check(stored.status === "processing", `the task survived the restart as ${stored.status}`);
+  check(stored.version >= shown, `stored version ${stored.version} is at least the shown ${shown}`);
+  // The generator died with the server; finish the task as a restarted generator would.
+  const resumed = await server.push(restartedTask, { progress: 90, stage: "generating (resumed)", status: "processing" });
+  await waitForCard(page, restartedTask, (el, v) => Number(el.dataset.version) === v && el.dataset.progress === "90", resumed.version);
+  await server.push(restartedTask, {
+    progress: 100,
+    stage: "done",
+    status: "completed",
+    image_url: `${server.base}/demo/result/${restartedTask}.svg`,
+  });
+  await waitForCard(page, restartedTask, finishedAt100);
+  check((await page.evaluate(() => window.__marker)) === "not reloaded", "the page was not reloaded");
+});
+
+let latency = null;
+step("push → page latency (20 pushes, one at a time)", async () => {
+  const { task_id: taskId, token } = await server.createTask();
+  await page.evaluate(({ taskId, token }) => window.taskcastDemo.watch(taskId, token, "latency probe"), { taskId, token });
+  await waitForCard(page, taskId, (el) => el.dataset.version === "0");
+  // Node's and the page's clocks are both wall-clock based; measure what is left over.
+  const offsets = [];
+  for (let i = 0; i < 5; i++) {
+    const before = now();
+    const pageNow = await page.evaluate(() => performance.timeOrigin + performance.now());
+    offsets.push(pageNow - (before + now()) / 2);
+  }
+  const offset = median(offsets);
+  const shown = [];
+  const acked = [];
+  for (let i = 1; i <= 20; i++) {
+    const sent = now();
+    const state = await server.push(taskId, { progress: i * 4, stage: "latency probe", status: "processing", seq: i });
+    acked.push(now() - sent);
+    await page.waitForFunction(({ taskId, v }) => window.__seenAt[taskId]?.[v] !== undefined, { taskId, v: state.version }, { timeout: WAIT });
+    const seen = await page.evaluate(({ taskId, v }) => window.__seenAt[taskId][v], { taskId, v: state.version });
+    shown.push(seen - offset - sent);
+  }
+  await server.push(taskId, { progress: 100, status: "completed", stage: "done", seq: 21 });
+  await waitForCard(page, taskId, finishedAt100);
+  check(shown.every((x) => x > 0 && x < WAIT), `latencies are plausible: ${shown.map((x) => x.toFixed(1))}`);
+  latency = { median: median(shown), p95: pct(shown, 95), max: Math.max(...shown), ack: median(acked), offset };
+  log(
+    `     push → page: median ${ms(latency.median)}, p95 ${ms(latency.p95)}, max ${ms(latency.max)}; ` +
+      `push acknowledged (committed) after median ${ms(latency.ack)} [clock offset ${ms(offset)}]`,
+  );
+});
+
+step("getToken() replaces an expired or invalid token and the watch goes on", async () => {
+  const expiring = await server.createTask();
+  const invalid = await server.createTask();
+  const { stdout } = await run(server.binary, ["token", "--task", expiring.task_id, "--ttl", "1s"], { env: server.env() });
+  const tasks = {
+    expired: { taskId: expiring.task_id, first: stdout.trim(), fresh: expiring.token },
+    invalid: { taskId: invalid.task_id, first: "not-a-token", fresh: invalid.token },
+  };
+  await page.evaluate(async (tasks) => {
+    const { watchTask } = await import("/client.js"); // the page's own module instance
+    window.__tokens = {};
+    for (const [name, { taskId, first, fresh }] of Object.entries(tasks)) {
+      const log = (window.__tokens[name] = { refreshed: [], versions: [], errors: [] });
+      watchTask(taskId, {
+        token: first,
+        getToken: async (_, cause) => {
+          log.refreshed.push(cause?.code ?? null);
+          return fresh;
+        },
+        onState: (state) => log.versions.push(state.version),
+        onError: (error) => log.errors.push(error.code),
+      });
+    }
+  }, tasks);
+  // The short-lived token expires within a second; the server then ends that subscription.
+  await page.waitForFunction(
+    () => window.__tokens.expired.refreshed.includes("token_expired") && window.__tokens.invalid.versions.includes(0),
+    null,
+    { timeout: WAIT },
+  );
+  for (const { taskId } of Object.values(tasks)) {
+    const state = await server.push(taskId, { progress: 50, stage: "after refresh", status: "processing" });
+    check(state.version === 1, `version ${state.version}`);
+  }
+  await page.waitForFunction(() => Object.values(window.__tokens).every((log) => log.versions.includes(1)), null, {
+    timeout: WAIT,
+  });
+  const logs = await page.evaluate(() => window.__tokens);
+  check(logs.invalid.refreshed.includes("token_invalid"), `token_invalid led to getToken: ${JSON.stringify(logs)}`);
+  check(Object.values(logs).every((log) => log.errors.length === 0), `no error reached onError: ${JSON.stringify(logs)}`);
+  for (const { taskId } of Object.values(tasks)) await server.push(taskId, { status: "cancelled" });
+  await page.waitForFunction(() => Object.values(window.__tokens).every((log) => log.versions.includes(2)), null, {
+    timeout: WAIT,
+  });
+});
+
+step("five generations share one WebSocket", async () => {
+  const opened = page.sockets.length;
+  await page.setChecked("#failures", false);
+  const responses = [];
+  const listener = (r) => r.url().includes("/api/demo/tasks") && responses.push(r);
+  page.on("response", listener);
+  await page.click("#start-five");
+  await page.waitForFunction(() => !document.getElementById("start-five").disabled, null, { timeout: WAIT });
+  page.off("response", listener);
+  check(responses.length === 5 && responses.every((r) => r.status() === 201), "five tasks were created");
+  const ids = await Promise.all(responses.map(async (r) => (await r.json()).task_id));
+  for (const id of ids) await waitForCard(page, id, finishedAt100);
+  const fresh = page.sockets.slice(opened);
+  const subscribes = page.sockets.reduce((n, s) => n + s.subscribes, 0);
+  check(fresh.length <= 1, `the five tasks opened ${fresh.length} WebSockets`);
+  check(page.sockets.length <= 3, `the page opened ${page.sockets.length} WebSockets in all`);
+  log(`     ${page.sockets.length} WebSockets in all on this page, ${subscribes} subscribe messages`);
+});
+
+step("the client falls back to Server-Sent Events without WebSocket, or when it cannot open one", async () => {
+  for (const variant of ["missing", "blocked"]) {
+    const ssePage = await openPage(browser, { webSocket: variant });
+    try {
+      const taskId = await startFromPage(ssePage);
+      await waitForCard(ssePage, taskId, finishedAt100);
+      const transport = await ssePage.$eval("#connection", (el) => el.dataset.transport);
+      check(transport === "sse", `${variant}: the page used ${transport}`);
+      check(ssePage.sockets.length === 0, `${variant}: no real WebSocket was opened`);
+      check(ssePage.errors.length === 0, ssePage.errors.join("\n"));
+      if (variant === "blocked") {
+        const attempts = await ssePage.evaluate(() => window.__wsAttempts);
+        check(attempts === 3, `${variant}: ${attempts} WebSocket attempts before falling back`);
+      }
+    } finally {
+      await ssePage.context().close();
+    }
+  }
+});
+
+step("no page errors, and no card ever showed an older version after a newer one", async () => {
+  check(page.errors.length === 0, page.errors.join("\n"));
+  const backwards = await page.evaluate(() => window.__backwards);
+  check(backwards.length === 0, `versions went backwards: ${JSON.stringify(backwards)}`);
+  await page.screenshot({ path: path.join(OUT, "after-restart.png") });
+});
+
+step("screenshot of the page with generations in every state", async () => {
+  const shot = await openPage(browser);
+  try {
+    // The pushes a generator would have made to get a task where it is in the picture.
+    const journey = (to, progress, extra = {}) => {
+      const pushes = [{ status: "pending", stage: "queued", progress: 0 }];
+      if (to === "queued") return pushes;
+      for (let p = 0; p < progress; p += 9) pushes.push({ status: "processing", stage: "generating", progress: p });
+      pushes.push({ status: "processing", stage: "generating", progress });
+      if (to === "failed") pushes.push({ status: "failed", ...extra });
+      if (to === "uploading" || to === "completed") pushes.push({ stage: "uploading" });
+      if (to === "completed") pushes.push({ status: "completed", stage: "done", ...extra });
+      return pushes;
+    };
+    const error = "out of GPU memory at 1024x1024 (simulated failure)";
+    // Oldest first: the page shows the newest card first.
+    const scenes = [
+      ["a lighthouse at dusk, oil painting", "completed", 100],
+      ["an astronaut cat on the moon", "completed", 100],
+      ["a bowl of ramen, studio lighting", "failed", 41, { error }],
+      ["a neon city street in the rain", "completed", 100],
+      ["a red fox in fresh snow", "uploading", 100],
+      ["mountains at sunrise, watercolor", "generating", 67],
+      ["a tiny robot watering plants", "generating", 23],
+      ["a paper boat on a quiet lake", "queued", 0],
+    ];
+    for (const [prompt, to, progress, extra] of scenes) {
+      const { task_id: taskId, token } = await server.createTask();
+      await shot.evaluate(({ taskId, token, prompt }) => window.taskcastDemo.watch(taskId, token, prompt), { taskId, token, prompt });
+      await waitForCard(shot, taskId, (el) => el.dataset.version === "0");
+      const image = { image_url: `${server.base}/demo/result/${taskId}.svg` };
+      let state;
+      let seq = 0;
+      for (const fields of journey(to, progress, to === "completed" ? image : extra)) {
+        state = await server.push(taskId, { ...fields, seq: ++seq });
+      }
+      await waitForCard(shot, taskId, (el, v) => Number(el.dataset.version) === v, state.version);
+    }
+    await shot.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0), null, { timeout: WAIT });
+    await shot.waitForSelector('#connection[data-state="live"]', { timeout: WAIT });
+    const file = path.join(OUT, "demo.png");
+    await shot.screenshot({ path: file });
+    log(`     saved ${path.relative(REPO, file)}`);
+    if (process.env.TASKCAST_UPDATE_SCREENSHOT === "1") {
+      mkdirSync(path.join(REPO, "docs"), { recursive: true });
+      copyFileSync(file, path.join(REPO, "docs", "demo.png"));
+      log("     copied it to docs/demo.png");
+    }
+  } finally {
+    await shot.context().close();
+  }
+});
+
+let interrupted = false;
+let cleaning = null;
+function cleanup() {
+  cleaning ||= (async () => {
+    if (browser) await browser.close().catch(() => {});
+    browser = null;
+    if (server) await server.stop().catch((e) => log(`     stopping taskcast: ${e.message}`));
+    if (dbCreated) {
+      dbCreated = false;
+      await psql(`DROP DATABASE IF EXISTS ${DB_NAME} WITH (FORCE)`).catch((e) => log(`     dropping ${DB_NAME}: ${e.message}`));
+    }
+  })();
+  return cleaning;
+}
+
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) {
+  process.on(signal, () => {
+    interrupted = true;
+    log(`${signal}: cleaning up`);
+    cleanup().finally(() => process.exit(1));
+  });
+}
+
+const started = Date.now();
+let outcome;
+try {
+  outcome = await runSteps();
+} finally {
+  await cleanup();
+}
+const { passed, failed, skipped } = outcome;
+log(`browser test finished in ${((Date.now() - started) / 1000).toFixed(1)} s; server log: ${path.relative(REPO, path.join(OUT, "server.log"))}`);
+if (latency) log(`push → page latency: median ${ms(latency.median)}, p95 ${ms(latency.p95)} over 20 pushes`);
+log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ""}`);
+process.exit(failed || skipped ? 1 : 0);
