@@ -265,3 +265,33 @@ async fn unreachable_database_gives_503_with_retry_after() {
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 }
+
+#[tokio::test]
+async fn the_demo_is_off_with_postgres_unless_asked_for_but_client_js_is_always_served() {
+    let app = crate::helpers::spawn_app(StoreKind::Postgres).await;
+    assert_eq!(
+        app.http.get(app.url("/")).send().await.unwrap().status(),
+        404
+    );
+    let start = app
+        .http
+        .post(app.url("/api/demo/tasks"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(start.status(), 404);
+    let client = app.http.get(app.url("/client.js")).send().await.unwrap();
+    assert_eq!(client.status(), 200);
+    assert!(
+        client
+            .text()
+            .await
+            .unwrap()
+            .contains("export function watchTask")
+    );
+    let demo = crate::helpers::spawn_app_with(StoreKind::Postgres, |c| c.demo = true).await;
+    assert_eq!(
+        demo.http.get(demo.url("/")).send().await.unwrap().status(),
+        200
+    );
+}
