@@ -277,7 +277,8 @@ pub struct Config {
     /// The NOTIFY channel the listener follows (Postgres only).
     pub notify_channel: String,
     pub write_mode: WriteMode,
-    /// Serve the demo page and simulated generations (forced on with the in-memory store).
+    /// Serve the demo page and simulated generations (on by default with the in-memory
+    /// store outside production).
     pub demo: bool,
     pub metrics_token: Option<Secret>,
     pub shutdown_timeout: Duration,
@@ -287,6 +288,7 @@ pub struct Config {
 impl Config {
     /// A config with default limits and a random subscribe secret, for embedding and tests.
     pub fn new(listen: SocketAddr, database_url: Option<String>, push_key: PushKey) -> Self {
+        let in_memory = database_url.is_none();
         Config {
             listen,
             database_url: database_url.map(Secret::new),
@@ -296,7 +298,7 @@ impl Config {
             allowed_origins: Vec::new(),
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
             write_mode: WriteMode::Group,
-            demo: false,
+            demo: in_memory,
             metrics_token: None,
             shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
@@ -362,7 +364,18 @@ impl Config {
             );
         }
         crate::store::schema::validate_channel(&args.notify_channel).map_err(|e| e.to_string())?;
+        if production && args.demo {
+            return Err(
+                "refusing to start in production with --demo (TASKCAST_DEMO): it lets \
+                        anyone create tasks without the push key"
+                    .to_string(),
+            );
+        }
+        if args.shutdown_timeout_secs == 0 {
+            return Err("TASKCAST_SHUTDOWN_TIMEOUT_SECS must be at least 1".to_string());
+        }
         let database_url = args.database_url.filter(|url| !url.trim().is_empty());
+        let in_memory = database_url.is_none();
         Ok(Config {
             listen: args.listen,
             database_url: database_url.map(|url| Secret::new(url.trim())),
@@ -372,7 +385,9 @@ impl Config {
             allowed_origins,
             notify_channel: args.notify_channel,
             write_mode: args.write_mode,
-            demo: args.demo,
+            // The in-memory store is the "try it" mode: it shows the demo, except in
+            // production, where the demo (task creation without a key) is refused.
+            demo: args.demo || (in_memory && !production),
             metrics_token: args
                 .metrics_token
                 .map(|t| t.trim().to_string())

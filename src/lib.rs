@@ -126,7 +126,7 @@ impl App {
             max_body_bytes: limits.max_body_bytes,
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,
-            demo: config.demo || config.database_url.is_none(),
+            demo: config.demo,
             metrics_token: config.metrics_token.clone(),
             ws: WsContext {
                 hub: hub.clone(),
@@ -195,8 +195,12 @@ impl App {
         if let Some(task) = listener_task {
             let _ = task.await;
         }
-        if let Err(e) = writer_task.await {
-            tracing::error!(error = %e, "the writer task failed");
+        match tokio::time::timeout(shutdown_timeout, writer_task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the writer task failed"),
+            Err(_) => {
+                tracing::warn!("the writer did not drain in time; queued pushes were not answered")
+            }
         }
         tracing::info!("stopped");
     }

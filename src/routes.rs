@@ -298,8 +298,9 @@ async fn push_batch(state: AppState, body: bytes::Bytes) -> Response {
                 if i > 0 {
                     out.push(',');
                 }
-                let result =
-                    slot.and_then(|index| outcomes[index].take().expect("each outcome used once"));
+                let result = count(
+                    slot.and_then(|index| outcomes[index].take().expect("each outcome used once")),
+                );
                 match result {
                     Ok(outcome) => {
                         let state_json = outcome.state().to_json(false, Some(outcome.applied()));

@@ -26,7 +26,7 @@ pub async fn events(
     token: Option<String>,
 ) -> Result<Response, Error> {
     let task = TaskId::parse(&raw_id)?;
-    may_watch(&ctx.subscribe, &ctx.store, token.as_deref(), task).await?;
+    let access = may_watch(&ctx.subscribe, &ctx.store, token.as_deref(), task).await?;
     let permit = ctx
         .connections
         .clone()
@@ -47,9 +47,23 @@ pub async fn events(
     subscription.mark_delivered(snapshot.version);
     let first = event(snapshot.version, snapshot.to_json(true, None));
     let updates = subscription.map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
+    // The stream ends at shutdown, or when the token expires: the client reconnects and
+    // is asked for a fresh one (EventSource cannot receive an error status mid-stream).
     let mut shutdown = ctx.shutdown.clone();
+    let expires_in = access
+        .expires_at()
+        .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::subscribe::now_unix())));
     let stopped = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
+        let expiry = async {
+            match expires_in {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = expiry => {}
+        }
     };
     // The permit lives as long as the stream.
     let events = stream::once(async move { first })

@@ -171,6 +171,9 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
                     .map(|c| format!("added column {c}")),
             );
         }
+        if channel != DEFAULT_CHANNEL {
+            changes.push(format!("notify trigger sends on channel {channel}"));
+        }
         if !trigger_before {
             changes.push(format!(
                 "installed triggers taskcast_bump_version and taskcast_notify (channel {channel})"

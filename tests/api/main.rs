@@ -8,6 +8,7 @@ mod batch;
 mod cluster;
 mod concurrency;
 mod delivery;
+mod docs;
 mod doctor;
 mod errors;
 mod fuzz;

@@ -96,6 +96,8 @@ async fn production_refuses_public_subscribe_and_missing_subscriber_auth() {
     let with_secret = [base[0], base[1], ("TASKCAST_SUBSCRIBE_SECRET", SUBSCRIBE)];
     let output = refused_output(&with_secret, &["--public-subscribe"]).await;
     assert!(output.contains("public-subscribe"), "{output}");
+    let output = refused_output(&with_secret, &["--demo"]).await;
+    assert!(output.contains("--demo"), "{output}");
 }
 
 /// A started server: its address, and everything it has printed so far.
