@@ -1,0 +1,194 @@
+//! Domain types that carry their own validity.
+//!
+//! Everything a client sends is parsed here, once, into types whose fields are private and
+//! whose constructors reject bad input with a message that names the field and says what
+//! a valid value looks like. Past the route, nothing checks these values again.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::Error;
+
+mod state;
+mod update;
+
+pub use state::{Decision, Outcome, TaskRow, TaskState};
+pub use update::{NewTask, ProgressUpdate};
+
+/// Longest accepted `stage` text, in characters.
+pub const MAX_STAGE_CHARS: usize = 256;
+/// Longest accepted `image_url`, in characters.
+pub const MAX_IMAGE_URL_CHARS: usize = 2048;
+/// Longest accepted `error` text, in characters.
+pub const MAX_ERROR_CHARS: usize = 1024;
+
+/// The id of a row in `public.image_tasks`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(Uuid);
+
+impl TaskId {
+    /// Parses a task id, accepting only the hyphenated UUID form that Postgres prints.
+    pub fn parse(raw: &str) -> Result<Self, Error> {
+        let raw = raw.trim();
+        if raw.len() != 36 {
+            return Err(bad_task_id(raw));
+        }
+        Uuid::parse_str(raw)
+            .map(TaskId)
+            .map_err(|_| bad_task_id(raw))
+    }
+
+    /// A fresh random (v4) id, for tasks created through `POST /api/tasks`.
+    pub fn random() -> Self {
+        TaskId(Uuid::new_v4())
+    }
+
+    /// The id as a UUID, for binding to SQL parameters.
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl From<Uuid> for TaskId {
+    fn from(id: Uuid) -> Self {
+        TaskId(id)
+    }
+}
+
+fn bad_task_id(raw: &str) -> Error {
+    let shown: String = raw.chars().take(40).collect();
+    Error::invalid(
+        "task_id",
+        format!(
+            "task_id must be a UUID such as 0b6f1c5e-3f0e-4d7a-9a57-3c1f6c2d9e10, got {shown:?}"
+        ),
+    )
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TaskId({})", self.0.hyphenated())
+    }
+}
+
+impl Serialize for TaskId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0.hyphenated())
+    }
+}
+
+/// Percent complete, a finite number from 0 to 100 inclusive.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Progress(f64);
+
+impl Progress {
+    /// Accepts any finite number in `0..=100`; fractions are kept.
+    pub fn new(value: f64) -> Result<Self, Error> {
+        if value.is_finite() && (0.0..=100.0).contains(&value) {
+            Ok(Progress(value))
+        } else {
+            Err(Error::invalid(
+                "progress",
+                format!("progress must be a number from 0 to 100, got {value}"),
+            ))
+        }
+    }
+
+    pub fn value(self) -> f64 {
+        self.0
+    }
+}
+
+/// Human-readable stage text such as "generating", at most [`MAX_STAGE_CHARS`] characters.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Stage(String);
+
+impl Stage {
+    pub fn new(text: String) -> Result<Self, Error> {
+        let chars = text.chars().count();
+        if chars > MAX_STAGE_CHARS {
+            return Err(Error::invalid(
+                "stage",
+                format!("stage must be at most {MAX_STAGE_CHARS} characters, got {chars}"),
+            ));
+        }
+        if text.chars().any(|c| c.is_control()) {
+            return Err(Error::invalid(
+                "stage",
+                "stage must not contain control characters (newlines, tabs, NUL)".to_string(),
+            ));
+        }
+        Ok(Stage(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The lifecycle of a task. The last three are terminal: once reached, nothing changes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    const ALL: [TaskStatus; 5] = [
+        TaskStatus::Pending,
+        TaskStatus::Processing,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Processing => "processing",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Completed, failed and cancelled are final: further pushes get 409.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+}
+
+/// A client's value for an error message, cut short: a huge bad value must not come back
+/// as a huge error.
+pub(crate) fn shown(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() <= 80 {
+        text
+    } else {
+        format!(
+            "{}… ({} characters)",
+            text.chars().take(80).collect::<String>(),
+            text.chars().count()
+        )
+    }
+}

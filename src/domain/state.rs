@@ -1,0 +1,206 @@
+//! What a task is: its public state (and its one wire encoding), the stored row, and the
+//! rules every store uses to decide what a push does.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{TaskId, TaskStatus};
+use crate::domain::ProgressUpdate;
+use crate::error::Error;
+
+/// What browsers see of a task. `version` grows by one with every applied change.
+#[derive(Clone, PartialEq, Debug)]
+pub struct TaskState {
+    pub task_id: TaskId,
+    pub progress: Option<f64>,
+    pub stage: Option<String>,
+    pub status: TaskStatus,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+    pub image_url: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The wire form shared by WebSocket messages and HTTP bodies.
+#[derive(Serialize)]
+struct Wire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    task_id: TaskId,
+    progress: Option<f64>,
+    stage: Option<&'a str>,
+    status: TaskStatus,
+    version: i64,
+    updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    snapshot: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<&'a str>,
+}
+
+impl TaskState {
+    /// Encodes the state message. `applied` is only set in the answer to a push.
+    pub fn to_json(&self, snapshot: bool, applied: Option<bool>) -> String {
+        self.encode(snapshot, applied, None)
+    }
+
+    /// The answer to `POST /api/tasks`: the state plus a subscribe token for the task.
+    pub fn to_created_json(&self, token: Option<&str>) -> String {
+        self.encode(true, None, token)
+    }
+
+    fn encode(&self, snapshot: bool, applied: Option<bool>, token: Option<&str>) -> String {
+        let wire = Wire {
+            kind: "state",
+            task_id: self.task_id,
+            progress: self.progress,
+            stage: self.stage.as_deref(),
+            status: self.status,
+            version: self.version,
+            updated_at: self.updated_at,
+            image_url: self.image_url.as_deref(),
+            error: self.error.as_deref(),
+            snapshot,
+            applied,
+            token,
+        };
+        serde_json::to_string(&wire).expect("a struct of plain fields always serializes")
+    }
+}
+
+/// A task as stored: its public state plus the bookkeeping that decides what a push does.
+#[derive(Clone, PartialEq, Debug)]
+pub struct TaskRow {
+    pub state: TaskState,
+    pub last_seq: Option<i64>,
+    /// `image_tasks.user_id`: the Supabase user who may watch the task with a session token.
+    pub owner: Option<Uuid>,
+}
+
+/// What a push does to a task, decided the same way by every store.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Decision {
+    /// Write it: the task gets a new version.
+    Apply,
+    /// Its `seq` is not newer than the last applied one: a retry or a late duplicate.
+    Stale,
+}
+
+impl TaskRow {
+    /// A retried push is answered before the terminal check, so a generator that retries
+    /// its final "completed" push after a timeout gets 200 `applied: false`, not 409.
+    pub fn decide(&self, update: &ProgressUpdate) -> Result<Decision, Error> {
+        if let (Some(seq), Some(last)) = (update.seq(), self.last_seq)
+            && seq <= last
+        {
+            return Ok(Decision::Stale);
+        }
+        if self.state.status.is_terminal() {
+            return Err(Error::Conflict {
+                task: self.state.task_id,
+                status: self.state.status,
+            });
+        }
+        Ok(Decision::Apply)
+    }
+
+    /// The row after `update` is applied at `now`; used by the in-memory store, and the
+    /// same rules the Postgres UPDATE expresses in SQL.
+    pub fn apply(&mut self, update: &ProgressUpdate, now: DateTime<Utc>) {
+        let state = &mut self.state;
+        if let Some(p) = update.progress() {
+            state.progress = Some(p.value());
+        }
+        if let Some(stage) = update.stage() {
+            state.stage = Some(stage.as_str().to_owned());
+        }
+        if let Some(status) = update.status() {
+            state.status = status;
+        }
+        if let Some(url) = update.image_url() {
+            state.image_url = Some(url.to_owned());
+        }
+        if let Some(error) = update.error() {
+            state.error = Some(error.to_owned());
+        }
+        if update.seq().is_some() {
+            self.last_seq = update.seq();
+        }
+        state.version += 1;
+        state.updated_at = now;
+    }
+}
+
+/// The result of one push.
+#[derive(Clone, PartialEq, Debug)]
+pub enum Outcome {
+    /// The change is committed and this is the new state.
+    Applied(TaskState),
+    /// Nothing changed (a stale `seq`); this is the current state.
+    Stale(TaskState),
+}
+
+impl Outcome {
+    pub fn state(&self) -> &TaskState {
+        match self {
+            Outcome::Applied(s) | Outcome::Stale(s) => s,
+        }
+    }
+
+    pub fn applied(&self) -> bool {
+        matches!(self, Outcome::Applied(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::TaskStatus;
+
+    fn parse(body: &str) -> ProgressUpdate {
+        ProgressUpdate::from_json(body.as_bytes()).expect("a valid push")
+    }
+
+    fn row(status: TaskStatus, last_seq: Option<i64>) -> TaskRow {
+        TaskRow {
+            state: TaskState {
+                task_id: TaskId::random(),
+                progress: None,
+                stage: None,
+                status,
+                version: 3,
+                updated_at: Utc::now(),
+                image_url: None,
+                error: None,
+            },
+            last_seq,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn stale_seq_is_not_applied_even_after_terminal() {
+        let update = parse(r#"{"status":"completed","seq":5}"#);
+        let done = row(TaskStatus::Completed, Some(5));
+        assert_eq!(done.decide(&update).unwrap(), Decision::Stale);
+        let newer = parse(r#"{"progress":1,"seq":6}"#);
+        assert!(matches!(done.decide(&newer), Err(Error::Conflict { .. })));
+    }
+
+    #[test]
+    fn apply_bumps_version_and_keeps_unset_fields() {
+        let mut r = row(TaskStatus::Processing, None);
+        r.state.stage = Some("queued".into());
+        r.apply(&parse(r#"{"progress":10,"seq":1}"#), Utc::now());
+        assert_eq!(r.state.version, 4);
+        assert_eq!(r.state.stage.as_deref(), Some("queued"));
+        assert_eq!(r.state.progress, Some(10.0));
+        assert_eq!(r.last_seq, Some(1));
+    }
+}
