@@ -3,6 +3,8 @@
 //! idle and pong timeouts, shutdown).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -96,11 +98,15 @@ impl Connection {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut shutdown = self.ctx.shutdown.clone();
+        // Created once: a fresh wait per loop turn would register with the shared shutdown
+        // channel on every frame, a lock every connection contends on.
+        let stop = stopped(&mut shutdown);
+        tokio::pin!(stop);
         loop {
             let idle = self.subscriptions.is_empty();
             let expiry = self.next_expiry;
             tokio::select! {
-                _ = stopped(&mut shutdown) => {
+                _ = &mut stop => {
                     return Ok(End::Close(CloseCode::Away, "server restarting"));
                 }
                 Some((_, frame)) = self.subscriptions.next() => {
@@ -139,11 +145,21 @@ impl Connection {
     }
 
     /// Sends one message; a client that does not take it within the pong timeout is gone.
+    /// The timer is armed only when the write cannot complete at once, so the common case
+    /// costs no timer-wheel insert and removal per frame.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        match timeout(self.ctx.limits.pong_timeout, self.socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(End::Gone),
-        }
+        let limit = self.ctx.limits.pong_timeout;
+        let write = self.socket.send(message);
+        tokio::pin!(write);
+        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        let done = match first {
+            Poll::Ready(result) => result,
+            Poll::Pending => match timeout(limit, write).await {
+                Ok(result) => result,
+                Err(_) => return Err(End::Gone),
+            },
+        };
+        done.map_err(|_| End::Gone)
     }
 
     async fn send_error(&mut self, error: &Error, task: Option<TaskId>) -> Result<(), End> {
