@@ -1,0 +1,333 @@
+//! The load: WebSocket subscribers that time every frame they receive, and a paced
+//! pusher. Both live in the bench process, so a push's send time and its frame's arrival
+//! are read from the same clock.
+//!
+//! Every push carries its phase and its send time (nanoseconds since [`epoch`]) in its
+//! stage text, as `@p=<phase> @t=<ns>`. Taskcast copies the stage into the frame it sends
+//! and the floor forwards the body as it is, so a subscriber needs no lookup table.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{WebSocketStream, client_async_with_config};
+
+use super::BoxError;
+use super::report::Progress;
+use super::stats::Histogram;
+
+/// Phases a run may label its pushes with (warm-up, measured rounds, saturation steps).
+pub const MAX_PHASES: usize = 64;
+/// How long a subscriber waits for its first message (snapshot or "subscribed").
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The clock every timestamp in a push is relative to.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// A push body of 130-150 bytes whose stage text carries `phase` and the send time.
+pub fn push_body(phase: usize, step: u64) -> String {
+    format!(
+        r#"{{"progress":{},"stage":"sampling step {}/50, dpm++ 2m karras, cfg 7.0, 1024x1024 @p={phase} @t={}","status":"processing"}}"#,
+        step % 100,
+        step % 50 + 1,
+        now_ns()
+    )
+}
+
+/// The number after `marker` in `text`.
+fn number_after(text: &[u8], marker: &[u8]) -> Option<u64> {
+    let at = text.windows(marker.len()).position(|w| w == marker)? + marker.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit());
+    let mut n: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
+}
+
+/// What the subscribers saw, per phase and in total.
+pub struct LoadStats {
+    /// Timed frames received, whatever their phase (for rates over a time window).
+    pub arrivals: AtomicU64,
+    pub phases: Vec<PhaseStats>,
+    /// Subscribers whose connection ended while the bench still wanted it.
+    pub lost: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct PhaseStats {
+    pub delivered: AtomicU64,
+    /// Push → receive, microseconds.
+    pub latency: Histogram,
+}
+
+impl Default for LoadStats {
+    fn default() -> Self {
+        LoadStats {
+            arrivals: AtomicU64::new(0),
+            phases: (0..MAX_PHASES).map(|_| PhaseStats::default()).collect(),
+            lost: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LoadStats {
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals.load(Ordering::Relaxed)
+    }
+
+    pub fn delivered(&self, phase: usize) -> u64 {
+        self.phases[phase].delivered.load(Ordering::Relaxed)
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn on_frame(&self, text: &[u8]) {
+        let now = now_ns();
+        let (Some(phase), Some(sent)) = (number_after(text, b"@p="), number_after(text, b"@t="))
+        else {
+            return;
+        };
+        self.arrivals.fetch_add(1, Ordering::Relaxed);
+        let phase = &self.phases[(phase as usize).min(MAX_PHASES - 1)];
+        phase.delivered.fetch_add(1, Ordering::Relaxed);
+        phase.latency.record_us(now.saturating_sub(sent) / 1000);
+    }
+}
+
+/// One WebSocket to open: the URL (its path and query subscribe), the server's address,
+/// and the loopback source address to connect from (`None`: the kernel's choice).
+#[derive(Clone)]
+pub struct Subscribe {
+    pub url: String,
+    pub server: SocketAddr,
+    pub source: Option<Ipv4Addr>,
+}
+
+/// Open subscriber connections, each read by its own task until [`close`](Self::close).
+pub struct Subscribers {
+    readers: Vec<JoinHandle<()>>,
+    closing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+impl Subscribers {
+    /// Opens every connection (at most `concurrency` handshakes at once), waits for each
+    /// one's first message, then starts its reader.
+    pub async fn open(
+        specs: Vec<Subscribe>,
+        stats: Arc<LoadStats>,
+        concurrency: usize,
+        progress: &Progress,
+    ) -> Result<Subscribers, BoxError> {
+        let total = specs.len();
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::with_capacity(total);
+        let mut opened = stream::iter(specs)
+            .map(|spec| async move { open_with_retries(&spec).await })
+            .buffer_unordered(concurrency.max(1));
+        while let Some(ws) = opened.next().await {
+            let ws = ws?;
+            readers.push(tokio::spawn(read(ws, stats.clone(), closing.clone())));
+            if readers.len() % 250 == 0 || readers.len() == total {
+                progress.update(&format!("connected {}/{total}", readers.len()));
+            }
+        }
+        Ok(Subscribers { readers, closing })
+    }
+
+    pub fn len(&self) -> usize {
+        self.readers.len()
+    }
+
+    /// Closes every connection (by dropping it).
+    pub async fn close(self) {
+        self.closing.store(true, Ordering::Relaxed);
+        for reader in &self.readers {
+            reader.abort();
+        }
+        for reader in self.readers {
+            let _ = reader.await;
+        }
+    }
+}
+
+async fn open_with_retries(spec: &Subscribe) -> Result<Ws, BoxError> {
+    let mut attempt = 0;
+    loop {
+        match open(spec).await {
+            Ok(ws) => return Ok(ws),
+            Err(_) if attempt < 3 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => return Err(format!("{}: {e}", spec.url).into()),
+        }
+    }
+}
+
+async fn open(spec: &Subscribe) -> Result<Ws, BoxError> {
+    let stream = match spec.source {
+        Some(ip) => {
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip.into(), 0))?;
+            socket.connect(spec.server).await?
+        }
+        None => TcpStream::connect(spec.server).await?,
+    };
+    stream.set_nodelay(true)?;
+    // A small read buffer keeps 10,000+ clients cheap for the load process.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = client_async_with_config(spec.url.as_str(), stream, Some(config)).await?;
+    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, ws.next())
+        .await
+        .map_err(|_| "no first message")?
+        .ok_or("closed before the first message")??;
+    let text = first.to_text()?;
+    if text.contains(r#""type":"error""#) {
+        return Err(format!("refused: {text}").into());
+    }
+    Ok(ws)
+}
+
+async fn read(mut ws: Ws, stats: Arc<LoadStats>, closing: Arc<std::sync::atomic::AtomicBool>) {
+    while let Some(message) = ws.next().await {
+        match message {
+            Ok(Message::Text(text)) => stats.on_frame(text.as_bytes()),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {} // pings are answered by tungstenite
+        }
+    }
+    if !closing.load(Ordering::Relaxed) {
+        stats.lost.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where pushes go: one URL per task, pushed round-robin.
+pub struct PushTarget {
+    pub urls: Vec<String>,
+    /// `Authorization` header value, if the server wants one.
+    pub authorization: Option<String>,
+}
+
+/// The result of one paced run.
+#[derive(Default)]
+pub struct Pushed {
+    /// Pushes the schedule called for.
+    pub scheduled: u64,
+    /// Pushes answered 200.
+    pub ok: u64,
+    /// Pushes answered otherwise, or not answered.
+    pub failed: u64,
+    /// Request → answer, microseconds.
+    pub ack: Arc<Histogram>,
+}
+
+/// Sends pushes at a steady rate, round-robin over the target's tasks, with at most
+/// `max_inflight` requests outstanding. A push the schedule could not send in time
+/// (every slot busy until well past the end) is counted as scheduled but not sent.
+pub struct Pusher {
+    client: reqwest::Client,
+    target: Arc<PushTarget>,
+    next: AtomicUsize,
+    max_inflight: usize,
+}
+
+impl Pusher {
+    pub fn new(target: PushTarget, max_inflight: usize) -> Result<Pusher, BoxError> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(max_inflight)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Pusher {
+            client,
+            target: Arc::new(target),
+            next: AtomicUsize::new(0),
+            max_inflight,
+        })
+    }
+
+    /// Pushes `rate` per second for `duration`, labelled `phase`.
+    pub async fn run(&self, rate: f64, duration: Duration, phase: usize) -> Pushed {
+        let scheduled = (rate * duration.as_secs_f64()).round() as u64;
+        let slots = Arc::new(Semaphore::new(self.max_inflight));
+        let ack = Arc::new(Histogram::default());
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let started = Instant::now();
+        let give_up = duration + Duration::from_secs(1);
+        let mut issued = 0u64;
+        'schedule: while issued < scheduled {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if elapsed > give_up {
+                break;
+            }
+            let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).min(scheduled);
+            while issued < due {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break 'schedule;
+                };
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let url = &self.target.urls[n % self.target.urls.len()];
+                let mut request = self.client.post(url.as_str());
+                if let Some(auth) = &self.target.authorization {
+                    request = request.header("authorization", auth.as_str());
+                }
+                let (ack, ok, failed) = (ack.clone(), ok.clone(), failed.clone());
+                let step = (n / self.target.urls.len()) as u64;
+                tokio::spawn(async move {
+                    let request = request
+                        .header("content-type", "application/json")
+                        .body(push_body(phase, step));
+                    let sent = Instant::now();
+                    let answered = match request.send().await {
+                        Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                        _ => false,
+                    };
+                    if answered {
+                        ack.record(sent.elapsed());
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                });
+                issued += 1;
+            }
+        }
+        let all = u32::try_from(self.max_inflight).unwrap_or(u32::MAX);
+        let _ = slots.acquire_many(all).await;
+        Pushed {
+            scheduled,
+            ok: ok.load(Ordering::Relaxed),
+            failed: failed.load(Ordering::Relaxed) + (scheduled - issued),
+            ack,
+        }
+    }
+}
