@@ -31,16 +31,25 @@ async fn client(url: &str) -> tokio_postgres::Client {
     client
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_to_one_node_reaches_subscribers_on_every_node() {
-    let (nodes, _) = spawn_nodes(3).await;
-    let task = nodes[0].create_task().await;
+/// One subscriber per node, past its snapshot.
+async fn subscribe_on_every_node(
+    nodes: &[TestApp],
+    task: taskcast::domain::TaskId,
+) -> Vec<crate::helpers::Subscriber> {
     let mut subs = Vec::new();
-    for node in &nodes {
+    for node in nodes {
         let mut sub = node.subscribe(task).await;
         sub.next_state().await;
         subs.push(sub);
     }
+    subs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_one_node_reaches_subscribers_on_every_node() {
+    let (nodes, _) = spawn_nodes(3).await;
+    let task = nodes[0].create_task().await;
+    let mut subs = subscribe_on_every_node(&nodes, task).await;
     let answer = nodes[1]
         .push_ok(task, json!({"progress": 33, "stage": "from node 1"}))
         .await;
@@ -57,12 +66,7 @@ async fn writers_on_random_nodes_are_seen_in_order_everywhere_and_end_on_the_row
     const EACH: usize = 40;
     let (nodes, url) = spawn_nodes(3).await;
     let task = nodes[0].create_task().await;
-    let mut subs = Vec::new();
-    for node in &nodes {
-        let mut sub = node.subscribe(task).await;
-        sub.next_state().await;
-        subs.push(sub);
-    }
+    let mut subs = subscribe_on_every_node(&nodes, task).await;
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let http = nodes[0].http.clone();
@@ -109,12 +113,7 @@ async fn writers_on_random_nodes_are_seen_in_order_everywhere_and_end_on_the_row
 async fn a_plain_sql_update_reaches_subscribers_on_all_nodes_with_its_result() {
     let (nodes, url) = spawn_nodes(3).await;
     let task = nodes[0].create_task().await;
-    let mut subs = Vec::new();
-    for node in &nodes {
-        let mut sub = node.subscribe(task).await;
-        sub.next_state().await;
-        subs.push(sub);
-    }
+    let mut subs = subscribe_on_every_node(&nodes, task).await;
     client(&url)
         .await
         .execute(
