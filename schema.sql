@@ -118,10 +118,10 @@ DECLARE
   entry text;
   r record;
 BEGIN
-  FOR r IN
-    SELECT n.id, n.taskcast_version
-    FROM new_rows n JOIN old_rows o ON o.id = n.id
-    WHERE n.taskcast_version IS DISTINCT FROM o.taskcast_version
+  -- Every updated row, without joining old_rows (a nested loop over the transition tables
+  -- cost more than the UPDATE itself); a row whose version did not change is ignored by
+  -- the listeners, which only read versions newer than they hold.
+  FOR r IN SELECT n.id, n.taskcast_version FROM new_rows n
   LOOP
     entry := r.id::text || ' ' || r.taskcast_version::text;
     IF payload <> '' AND octet_length(payload) + 1 + octet_length(entry) > 7999 THEN
@@ -143,7 +143,9 @@ REVOKE EXECUTE ON FUNCTION public.taskcast_notify() FROM PUBLIC;
 DROP TRIGGER IF EXISTS taskcast_bump_version ON public.image_tasks;
 CREATE TRIGGER taskcast_bump_version
   BEFORE UPDATE ON public.image_tasks
-  FOR EACH ROW EXECUTE FUNCTION public.taskcast_bump_version();
+  FOR EACH ROW
+  WHEN (NEW.taskcast_version IS NOT DISTINCT FROM OLD.taskcast_version)
+  EXECUTE FUNCTION public.taskcast_bump_version();
 
 -- `taskcast migrate --notify-channel NAME` recreates this trigger with NAME.
 DROP TRIGGER IF EXISTS taskcast_notify ON public.image_tasks;

@@ -42,7 +42,7 @@ const APPLY: &str = "UPDATE public.image_tasks AS t SET \
      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], \
                  $6::text[], $7::text[]) \
        AS u(id, progress, stage, status, seq, image_url, error) \
-     WHERE t.id = u.id \
+     WHERE t.id = u.id AND t.id = ANY($1) \
      RETURNING t.id, t.progress::float8, t.stage, t.status, t.taskcast_version, t.updated_at, \
        t.image_url, t.error, t.taskcast_seq, t.user_id";
 

@@ -131,7 +131,7 @@ pub fn upgrade(
 fn socket_config(limits: &Limits) -> WebSocketConfig {
     let max = limits.max_ws_message_bytes;
     WebSocketConfig::default()
-        .read_buffer_size(max.min(4096))
+        .read_buffer_size(max.min(512))
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
