@@ -183,6 +183,10 @@ fn label(v: f64) -> String {
         format!("{}M", trim(v / 1e6))
     } else if a >= 1e4 {
         format!("{}k", trim(v / 1e3))
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
     } else {
         trim(v)
     }
