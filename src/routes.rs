@@ -1,6 +1,8 @@
 //! The HTTP routes: thin handlers that parse into domain types and call the writer, the
 //! store or the WebSocket upgrade. Every error leaves through [`Error::into_response`].
 
+use std::sync::Arc;
+
 use bytes::{Buf, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -41,9 +43,10 @@ pub struct AppState {
 
 /// The whole API as one filter, with rejections mapped by [`error::recover`].
 pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    // One Arc per request, not a deep copy of keys, origins and limits per request.
     let with_state = {
-        let state = state.clone();
-        warp::any().map(move || state.clone())
+        let shared = Arc::new(state.clone());
+        warp::any().map(move || shared.clone())
     };
     let limit = state.max_body_bytes;
 
@@ -73,8 +76,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(with_state.clone())
         .and(warp::query::<TokenQuery>())
         .then(
-            |raw_id: String, state: AppState, query: TokenQuery| async move {
-                respond(crate::sse::events(state.ws, raw_id, query.token).await)
+            |raw_id: String, state: Arc<AppState>, query: TokenQuery| async move {
+                respond(crate::sse::events(state.ws.clone(), raw_id, query.token).await)
             },
         );
 
@@ -89,7 +92,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state.clone())
         .and(warp::header::optional::<String>("authorization"))
-        .map(|state: AppState, authorization: Option<String>| {
+        .map(|state: Arc<AppState>, authorization: Option<String>| {
             respond(render_metrics(&state, authorization.as_deref()))
         });
 
@@ -109,9 +112,15 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .map(
-            |state: AppState, query: WsQuery, headers: HeaderMap, on_upgrade| {
-                ws::upgrade(state.ws, query.task_id, query.token, &headers, on_upgrade)
-                    .unwrap_or_else(Error::into_response)
+            |state: Arc<AppState>, query: WsQuery, headers: HeaderMap, on_upgrade| {
+                ws::upgrade(
+                    state.ws.clone(),
+                    query.task_id,
+                    query.token,
+                    &headers,
+                    on_upgrade,
+                )
+                .unwrap_or_else(Error::into_response)
             },
         );
 
@@ -245,7 +254,7 @@ fn respond(result: Result<Response, Error>) -> Response {
     result.unwrap_or_else(Error::into_response)
 }
 
-async fn push(raw_id: String, state: AppState, body: bytes::Bytes) -> Response {
+async fn push(raw_id: String, state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
             let pushed = async {
@@ -274,7 +283,7 @@ fn count(result: Result<Outcome, Error>) -> Result<Outcome, Error> {
 /// `POST /api/progress`: many pushes, for many tasks, in one request. The request
 /// succeeds as a whole (200) and each item has its own status, in the order sent:
 /// `{"results":[{"status":200,"state":{...}}, {"status":404,"error":...}, ...]}`.
-async fn push_batch(state: AppState, body: bytes::Bytes) -> Response {
+async fn push_batch(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
             let items = parse_batch(&body, state.max_batch_items)?;
@@ -353,7 +362,7 @@ fn parse_batch(body: &[u8], max: usize) -> Result<Vec<serde_json::Value>, Error>
     Ok(items)
 }
 
-async fn create(state: AppState, body: bytes::Bytes) -> Response {
+async fn create(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
             let task = NewTask::from_json(&body)?;
@@ -370,7 +379,7 @@ async fn create(state: AppState, body: bytes::Bytes) -> Response {
 /// `Authorization: Bearer` or `?token=`.
 async fn get_task(
     raw_id: String,
-    state: AppState,
+    state: Arc<AppState>,
     authorization: Option<String>,
     query: TokenQuery,
 ) -> Response {
@@ -416,7 +425,7 @@ fn render_metrics(state: &AppState, authorization: Option<&str>) -> Result<Respo
     Ok(response)
 }
 
-async fn readyz(state: AppState) -> Response {
+async fn readyz(state: Arc<AppState>) -> Response {
     respond(state.store.check_ready().await.map(|()| {
         let body = format!(r#"{{"status":"ready","store":"{}"}}"#, state.store.kind());
         json_response(StatusCode::OK, body)
