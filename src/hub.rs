@@ -18,22 +18,41 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::domain::{TaskId, TaskState};
 use crate::telemetry;
 
-/// A committed state and its wire encoding, built once per change.
+/// A committed state's wire encoding, built once per change. Only the bytes and the
+/// version are kept: a hub entry lives as long as its task has subscribers, so its size is
+/// part of what every idle connection costs.
 #[derive(Debug)]
 pub struct Frame {
-    pub state: TaskState,
+    version: i64,
     /// The `{"type":"state",...,"snapshot":false}` message every subscriber is sent.
     pub text: Utf8Bytes,
 }
 
+/// How every frame's text ends: `snapshot` is the last field written when neither
+/// `applied` nor `token` is set.
+const LIVE_END: &str = r#""snapshot":false}"#;
+
 impl Frame {
-    fn new(state: TaskState) -> Self {
-        let text = Utf8Bytes::from(state.to_json(false, None));
-        Frame { state, text }
+    fn new(state: &TaskState) -> Self {
+        let text = state.to_json(false, None);
+        debug_assert!(text.ends_with(LIVE_END));
+        Frame {
+            version: state.version,
+            text: Utf8Bytes::from(text),
+        }
     }
 
     pub fn version(&self) -> i64 {
-        self.state.version
+        self.version
+    }
+
+    /// The same state as a subscription's first message, `"snapshot":true`.
+    pub fn snapshot_json(&self) -> String {
+        let text = self.text.as_str();
+        let body = text
+            .strip_suffix(LIVE_END)
+            .expect("Frame::new encodes the snapshot flag last");
+        format!(r#"{body}"snapshot":true}}"#)
     }
 }
 
@@ -86,7 +105,7 @@ impl Hub {
         {
             return;
         }
-        let frame = Arc::new(Frame::new(state.clone()));
+        let frame = Arc::new(Frame::new(state));
         slot.send_if_modified(|current| {
             if current
                 .as_ref()
@@ -242,6 +261,19 @@ mod tests {
         assert_eq!(hub.len(), 1);
         drop(b);
         assert!(hub.is_empty());
+    }
+
+    #[test]
+    fn a_frame_snapshot_is_the_state_encoded_as_a_snapshot() {
+        let mut full = state(TaskId::random(), 7);
+        full.stage = Some("upscaling \"4x\" }".to_string());
+        full.image_url = Some("https://example.com/a.png".to_string());
+        full.error = Some("snapshot\":false}".to_string());
+        for state in [state(TaskId::random(), 1), full] {
+            let frame = Frame::new(&state);
+            assert_eq!(frame.text.as_str(), state.to_json(false, None));
+            assert_eq!(frame.snapshot_json(), state.to_json(true, None));
+        }
     }
 
     #[test]

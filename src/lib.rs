@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -128,14 +128,15 @@ impl App {
             max_batch_items: limits.max_batch_items,
             demo: config.demo,
             metrics_token: config.metrics_token.clone(),
-            ws: WsContext {
+            ws: Arc::new(WsContext {
                 hub: hub.clone(),
                 store,
                 subscribe: config.subscribe.clone(),
                 connections: Arc::new(Semaphore::new(limits.max_connections)),
                 limits: limits.clone(),
                 shutdown,
-            },
+                closing: Notify::new(),
+            }),
         };
         Ok(App {
             listener,
@@ -176,11 +177,13 @@ impl App {
         let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
         tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
         let connections = state.ws.connections.clone();
+        let ws = state.ws.clone();
         let routes = routes::routes(state);
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down");
-            let _ = stop.send(true);
+            stop.send_replace(true);
+            ws.close_all();
         };
         server::serve(listener, routes, signal, shutdown_timeout).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so

@@ -38,7 +38,7 @@ pub struct AppState {
     pub metrics_token: Option<crate::auth::Secret>,
     /// Serve the demo page at `/` and `POST /api/demo/tasks`.
     pub demo: bool,
-    pub ws: WsContext,
+    pub ws: Arc<WsContext>,
 }
 
 /// The whole API as one filter, with rejections mapped by [`error::recover`].

@@ -5,6 +5,7 @@
 //! are plain HTTP errors before the stream starts. Each event's `id` is the version.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
@@ -21,7 +22,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Authorizes, subscribes, then reads the snapshot, and answers with the event stream.
 pub async fn events(
-    ctx: WsContext,
+    ctx: Arc<WsContext>,
     raw_id: String,
     token: Option<String>,
 ) -> Result<Response, Error> {
@@ -36,16 +37,16 @@ pub async fn events(
             source: None,
         })?;
     let (mut subscription, current) = ctx.hub.subscribe(task);
-    let snapshot = match current {
-        Some(frame) => frame.state.clone(),
+    let (version, snapshot) = match current {
+        Some(frame) => (frame.version(), frame.snapshot_json()),
         None => {
             let state = ctx.store.get(task).await?.ok_or(Error::NotFound(task))?;
             ctx.hub.publish(&state);
-            state
+            (state.version, state.to_json(true, None))
         }
     };
-    subscription.mark_delivered(snapshot.version);
-    let first = event(snapshot.version, snapshot.to_json(true, None));
+    subscription.mark_delivered(version);
+    let first = event(version, snapshot);
     let updates = subscription.map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
     // The stream ends at shutdown, or when the token expires: the client reconnects and
     // is asked for a fresh one (EventSource cannot receive an error status mid-stream).

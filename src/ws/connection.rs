@@ -2,15 +2,16 @@
 //! enforces the per-connection rules (subscription count, subscribe rate, token expiry,
 //! idle and pong timeouts, shutdown).
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{OwnedSemaphorePermit, watch};
-use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, sleep_until, timeout};
 use tokio_stream::StreamMap;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -29,16 +30,20 @@ use crate::hub::Subscription;
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 pub struct Connection {
-    ctx: WsContext,
+    ctx: Arc<WsContext>,
     socket: Socket,
     subscriptions: StreamMap<TaskId, Subscription>,
     /// The `?token=` of the URL, used when a subscribe message carries none.
-    default_token: Option<String>,
-    /// When each subscription's token expires, and the earliest of them.
-    expiries: HashMap<TaskId, Instant>,
+    default_token: Option<Box<str>>,
+    /// When each subscription's token expires (at most `max_subscriptions` entries, so a
+    /// scan is cheap), and the earliest of them.
+    expiries: Vec<(TaskId, Instant)>,
     next_expiry: Option<Instant>,
     /// When a connection with no subscription is closed.
     idle_deadline: Instant,
+    /// When the next ping is due, and when the client was last heard from.
+    next_ping: Instant,
+    last_heard: Instant,
     /// Subscribe attempts in the current one-second window.
     rate_window: (Instant, u32),
     _permit: OwnedSemaphorePermit,
@@ -54,26 +59,29 @@ enum End {
 
 impl Connection {
     pub fn new(
-        ctx: WsContext,
+        ctx: Arc<WsContext>,
         socket: Socket,
         permit: OwnedSemaphorePermit,
         default_token: Option<String>,
     ) -> Self {
-        let idle_deadline = Instant::now() + ctx.limits.idle_timeout;
+        let now = Instant::now();
         Connection {
+            idle_deadline: now + ctx.limits.idle_timeout,
+            next_ping: now + ctx.limits.ping_interval,
             ctx,
             socket,
-            subscriptions: StreamMap::new(),
-            default_token,
-            expiries: HashMap::new(),
+            // Most connections watch one task; the default would reserve room for four.
+            subscriptions: StreamMap::with_capacity(1),
+            default_token: default_token.map(String::into_boxed_str),
+            expiries: Vec::new(),
             next_expiry: None,
-            idle_deadline,
-            rate_window: (Instant::now(), 0),
+            last_heard: now,
+            rate_window: (now, 0),
             _permit: permit,
         }
     }
 
-    pub async fn run(mut self, initial: Option<TaskId>) {
+    pub async fn run(&mut self, initial: Option<TaskId>) {
         tracing::info!("websocket opened");
         let end = match self.serve(initial).await {
             Ok(end) | Err(end) => end,
@@ -84,27 +92,28 @@ impl Connection {
                 reason: reason.into(),
             };
             let close = self.socket.send(Message::Close(Some(frame)));
-            let _ = timeout(Duration::from_secs(1), close).await;
+            let _ = Box::pin(timeout(Duration::from_secs(1), close)).await;
         }
         tracing::info!(tasks = self.subscriptions.len(), "websocket closed");
     }
 
+    /// The loop. Its state is what an idle connection costs, so everything that is not
+    /// needed on every turn (subscribing, which may query the store; handling a client
+    /// message; expiring tokens) is boxed and exists only while it runs. One timer covers
+    /// pings, the idle close and token expiry, and is re-armed only when its deadline
+    /// moves, so forwarding a frame touches no timer.
     async fn serve(&mut self, initial: Option<TaskId>) -> Result<End, End> {
         if let Some(task) = initial {
-            self.subscribe(task, None).await?;
+            Box::pin(self.subscribe(task, None)).await?;
         }
-        let limits = self.ctx.limits.clone();
-        let mut ping = interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
-        let mut shutdown = self.ctx.shutdown.clone();
         // Created once: a fresh wait per loop turn would register with the shared shutdown
-        // channel on every frame, a lock every connection contends on.
-        let stop = stopped(&mut shutdown);
+        // signal on every frame, a lock every connection contends on.
+        let ctx = self.ctx.clone();
+        let stop = ctx.stopped();
         tokio::pin!(stop);
+        let timer = sleep_until(self.next_deadline());
+        tokio::pin!(timer);
         loop {
-            let idle = self.subscriptions.is_empty();
-            let expiry = self.next_expiry;
             tokio::select! {
                 _ = &mut stop => {
                     return Ok(End::Close(CloseCode::Away, "server restarting"));
@@ -113,13 +122,15 @@ impl Connection {
                     self.send(Message::Text(frame.text.clone())).await?;
                 }
                 incoming = self.socket.next() => {
-                    last_heard = Instant::now();
+                    self.last_heard = Instant::now();
                     match incoming {
                         None | Some(Ok(Message::Close(_))) => return Ok(End::Gone),
-                        Some(Ok(Message::Text(text))) => self.on_client_message(text.as_str()).await?,
+                        Some(Ok(Message::Text(text))) => {
+                            Box::pin(self.on_client_message(text.as_str())).await?;
+                        }
                         Some(Ok(Message::Binary(_))) => {
                             let e = Error::invalid("message", "send JSON text messages, not binary".to_string());
-                            self.send_error(&e, None).await?;
+                            Box::pin(self.send_error(&e, None)).await?;
                         }
                         Some(Ok(_)) => {} // ping (tungstenite answers it), pong
                         Some(Err(tungstenite::Error::Capacity(_))) => {
@@ -128,20 +139,53 @@ impl Connection {
                         Some(Err(_)) => return Ok(End::Gone),
                     }
                 }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() >= limits.pong_timeout {
-                        return Ok(End::Close(CloseCode::Policy, "no pong received"));
+                () = &mut timer => {
+                    if let Some(end) = Box::pin(self.on_timer()).await? {
+                        return Ok(end);
                     }
-                    self.send(Message::Ping(Default::default())).await?;
-                }
-                _ = sleep_until(self.idle_deadline), if idle => {
-                    return Ok(End::Close(CloseCode::Normal, "idle: no subscription (TASKCAST_IDLE_TIMEOUT_SECS)"));
-                }
-                _ = sleep_until(expiry.unwrap_or(self.idle_deadline)), if expiry.is_some() => {
-                    self.expire_tokens().await?;
                 }
             }
+            let next = self.next_deadline();
+            if next != timer.deadline() {
+                timer.as_mut().reset(next);
+            }
         }
+    }
+
+    /// The earliest of: the next ping, the idle close (without subscriptions), the first
+    /// token expiry.
+    fn next_deadline(&self) -> Instant {
+        let mut next = self.next_ping;
+        if self.subscriptions.is_empty() {
+            next = next.min(self.idle_deadline);
+        }
+        if let Some(expiry) = self.next_expiry {
+            next = next.min(expiry);
+        }
+        next
+    }
+
+    /// Does whatever is due. Every branch moves its deadline past now, so the timer never
+    /// fires twice for the same reason.
+    async fn on_timer(&mut self) -> Result<Option<End>, End> {
+        let now = Instant::now();
+        if self.subscriptions.is_empty() && self.idle_deadline <= now {
+            return Ok(Some(End::Close(
+                CloseCode::Normal,
+                "idle: no subscription (TASKCAST_IDLE_TIMEOUT_SECS)",
+            )));
+        }
+        if self.next_expiry.is_some_and(|at| at <= now) {
+            Box::pin(self.expire_tokens(now)).await?;
+        }
+        if self.next_ping <= now {
+            if now.duration_since(self.last_heard) >= self.ctx.limits.pong_timeout {
+                return Ok(Some(End::Close(CloseCode::Policy, "no pong received")));
+            }
+            self.next_ping = now + self.ctx.limits.ping_interval;
+            self.send(Message::Ping(Default::default())).await?;
+        }
+        Ok(None)
     }
 
     /// Sends one message; a client that does not take it within the pong timeout is gone.
@@ -149,17 +193,16 @@ impl Connection {
     /// costs no timer-wheel insert and removal per frame.
     async fn send(&mut self, message: Message) -> Result<(), End> {
         let limit = self.ctx.limits.pong_timeout;
-        let write = self.socket.send(message);
-        tokio::pin!(write);
-        let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-        let done = match first {
-            Poll::Ready(result) => result,
-            Poll::Pending => match timeout(limit, write).await {
-                Ok(result) => result,
-                Err(_) => return Err(End::Gone),
+        let mut write = self.socket.send(message);
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut write).poll(cx))).await;
+        match first {
+            Poll::Ready(result) => result.map_err(|_| End::Gone),
+            // Boxed: the timer's state is only allocated while a write waits.
+            Poll::Pending => match Box::pin(timeout(limit, write)).await {
+                Ok(result) => result.map_err(|_| End::Gone),
+                Err(_) => Err(End::Gone),
             },
-        };
-        done.map_err(|_| End::Gone)
+        }
     }
 
     async fn send_error(&mut self, error: &Error, task: Option<TaskId>) -> Result<(), End> {
@@ -201,7 +244,7 @@ impl Connection {
     /// current state (hub, else store), send it, and from then on forward only newer
     /// versions. A refusal is an error message; the connection stays usable.
     async fn subscribe(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
-        let token = token.or_else(|| self.default_token.clone());
+        let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
         let access =
             match may_watch(&self.ctx.subscribe, &self.ctx.store, token.as_deref(), task).await {
                 Ok(access) => access,
@@ -218,31 +261,32 @@ impl Connection {
             return self.send_error(&e, Some(task)).await;
         }
         let (mut subscription, current) = self.ctx.hub.subscribe(task);
-        let snapshot = match current {
-            Some(frame) => frame.state.clone(),
+        let (version, snapshot) = match current {
+            Some(frame) => (frame.version(), frame.snapshot_json()),
             None => match self.ctx.store.get(task).await {
                 Ok(Some(state)) => {
                     self.ctx.hub.publish(&state);
-                    state
+                    (state.version, state.to_json(true, None))
                 }
                 Ok(None) => return self.send_error(&Error::NotFound(task), Some(task)).await,
                 Err(e) => return self.send_error(&e, Some(task)).await,
             },
         };
-        subscription.mark_delivered(snapshot.version);
+        subscription.mark_delivered(version);
         self.subscriptions.insert(task, subscription);
         if let Some(expires_at) = access.expires_at() {
             let left = Duration::from_secs(expires_at.saturating_sub(now_unix()));
-            self.expiries.insert(task, Instant::now() + left);
-            self.next_expiry = self.expiries.values().min().copied();
+            self.expiries.push((task, Instant::now() + left));
+            self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
         }
-        self.send(Message::text(snapshot.to_json(true, None))).await
+        self.send(Message::text(snapshot)).await
     }
 
     fn remove(&mut self, task: TaskId) {
         self.subscriptions.remove(&task);
-        if self.expiries.remove(&task).is_some() {
-            self.next_expiry = self.expiries.values().min().copied();
+        if let Some(at) = self.expiries.iter().position(|(t, _)| *t == task) {
+            self.expiries.swap_remove(at);
+            self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
         }
         if self.subscriptions.is_empty() {
             self.idle_deadline = Instant::now() + self.ctx.limits.idle_timeout;
@@ -250,12 +294,11 @@ impl Connection {
     }
 
     /// Ends every subscription whose token has expired, telling the client how to go on.
-    async fn expire_tokens(&mut self) -> Result<(), End> {
-        let now = Instant::now();
+    async fn expire_tokens(&mut self, now: Instant) -> Result<(), End> {
         let expired: Vec<TaskId> = self
             .expiries
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, at)| *at <= now)
             .map(|(task, _)| *task)
             .collect();
         for task in expired {
@@ -264,9 +307,4 @@ impl Connection {
         }
         Ok(())
     }
-}
-
-/// Completes once the server shuts down (or the signal's sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }

@@ -15,7 +15,7 @@ pub mod protocol;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -31,8 +31,7 @@ use crate::hub::Hub;
 use crate::store::Store;
 use connection::Connection;
 
-/// What every connection needs. Cloning is shallow.
-#[derive(Clone)]
+/// What every connection needs, shared by all of them behind one `Arc`.
 pub struct WsContext {
     pub hub: Hub,
     pub store: Store,
@@ -42,12 +41,32 @@ pub struct WsContext {
     pub connections: Arc<Semaphore>,
     /// Becomes `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Wakes every connection's loop at shutdown (see [`WsContext::close_all`]).
+    pub closing: Notify,
+}
+
+impl WsContext {
+    /// Completes once the server shuts down. Every connection's loop holds this future,
+    /// so it is one `Notified`, half the size of a wait on the watch receiver.
+    pub async fn stopped(&self) {
+        let notified = self.closing.notified();
+        // Checked after `notified` exists: a shutdown after this check still wakes it.
+        if *self.shutdown.borrow() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Wakes every [`WsContext::stopped`]; call it after `shutdown` has become `true`.
+    pub fn close_all(&self) {
+        self.closing.notify_waiters();
+    }
 }
 
 /// Answers the upgrade request with 101 and starts the connection task, or refuses with
 /// an HTTP error before upgrading.
 pub fn upgrade(
-    ctx: WsContext,
+    ctx: Arc<WsContext>,
     task_id: Option<String>,
     token: Option<String>,
     headers: &HeaderMap,
@@ -90,21 +109,14 @@ pub fn upgrade(
         })?;
 
     let accept = derive_accept_key(key.as_bytes());
+    // The task's future is allocated at its largest for as long as the connection lives,
+    // and async blocks keep a slot for every value moved across an await: so the upgrade
+    // is awaited in a box that is freed once the socket exists, and the connection lives
+    // in a box of its own that only its pointer moves.
+    let opening = Box::pin(open(ctx, on_upgrade, permit, token));
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let config = socket_config(&ctx.limits);
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                Connection::new(ctx, socket, permit, token)
-                    .run(initial)
-                    .await;
-            }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        if let Some(mut connection) = opening.await {
+            connection.run(initial).await;
         }
     });
 
@@ -126,12 +138,35 @@ pub fn upgrade(
     Ok(response)
 }
 
+/// Waits for hyper to hand over the upgraded connection and wraps it in a WebSocket.
+async fn open(
+    ctx: Arc<WsContext>,
+    on_upgrade: OnUpgrade,
+    permit: OwnedSemaphorePermit,
+    token: Option<String>,
+) -> Option<Box<Connection>> {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return None;
+        }
+    };
+    let config = socket_config(&ctx.limits);
+    let socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    Some(Box::new(Connection::new(ctx, socket, permit, token)))
+}
+
 /// A small read buffer and bounded messages: a client cannot make a connection hold more
-/// than a few KiB, and the write buffer is flushed per message.
+/// than a few KiB, and the write buffer is flushed per message. 256 bytes hold a pong or a
+/// subscribe message without a token in one read; a longer message grows the buffer to
+/// fit (tungstenite reserves a frame's whole length), so 512 would end at 1 KiB for the
+/// same message while costing every idle connection 256 bytes more.
 fn socket_config(limits: &Limits) -> WebSocketConfig {
     let max = limits.max_ws_message_bytes;
     WebSocketConfig::default()
-        .read_buffer_size(max.min(512))
+        .read_buffer_size(max.min(256))
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
