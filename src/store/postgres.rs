@@ -1,14 +1,18 @@
 //! The Postgres store: `public.image_tasks` through a deadpool pool.
 //!
-//! A batch is one transaction: lock the batch's rows in id order (`FOR UPDATE`, so two
-//! nodes never deadlock), decide each push in Rust with the rules every store shares, then
-//! write all applied pushes with one `UPDATE ... FROM unnest(...)` and commit.
+//! A batch is first one autocommit statement, `UPDATE ... FROM unnest(...)` whose WHERE
+//! clause is the push rules (the task is open, the `seq` is new): one round trip commits
+//! every push those rules allow. The pushes it left alone (a retried `seq`, a finished or
+//! missing task, a row changed meanwhile) go through the locked path: lock their rows in
+//! id order (`FOR UPDATE`, so two nodes never deadlock), decide each in Rust with the
+//! rules every store shares, write the applied ones, commit.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
@@ -29,22 +33,40 @@ const LOCK_ROWS: &str = "SELECT id, progress::float8, stage, status, taskcast_ve
      image_url, error, taskcast_seq, user_id \
      FROM public.image_tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 
-/// NULL in an input array means "leave that column as it is".
-const APPLY: &str = "UPDATE public.image_tasks AS t SET \
-       progress = COALESCE(u.progress::numeric, t.progress), \
-       stage = COALESCE(u.stage, t.stage), \
-       status = COALESCE(u.status, t.status), \
-       image_url = COALESCE(u.image_url, t.image_url), \
-       error = COALESCE(u.error, t.error), \
-       taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
-       taskcast_version = t.taskcast_version + 1, \
-       updated_at = now() \
-     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], \
-                 $6::text[], $7::text[]) \
-       AS u(id, progress, stage, status, seq, image_url, error) \
-     WHERE t.id = u.id AND t.id = ANY($1) \
-     RETURNING t.id, t.progress::float8, t.stage, t.status, t.taskcast_version, t.updated_at, \
-       t.image_url, t.error, t.taskcast_seq, t.user_id";
+/// `UPDATE ... FROM unnest(...)`: NULL in an input array means "leave that column as it
+/// is"; `$extra` narrows the rows.
+macro_rules! apply_sql {
+    ($extra:literal) => {
+        concat!(
+            "UPDATE public.image_tasks AS t SET \
+               progress = COALESCE(u.progress::numeric, t.progress), \
+               stage = COALESCE(u.stage, t.stage), \
+               status = COALESCE(u.status, t.status), \
+               image_url = COALESCE(u.image_url, t.image_url), \
+               error = COALESCE(u.error, t.error), \
+               taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
+               taskcast_version = t.taskcast_version + 1, \
+               updated_at = now() \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+                         $6::text[], $7::text[]) \
+               AS u(id, progress, stage, status, seq, image_url, error) \
+             WHERE t.id = u.id AND t.id = ANY($1)",
+            $extra,
+            " RETURNING t.id, t.progress::float8, t.stage, t.status, t.taskcast_version, \
+               t.updated_at, t.image_url, t.error, t.taskcast_seq, t.user_id"
+        )
+    };
+}
+
+/// Pushes already decided under the row locks.
+const APPLY: &str = apply_sql!("");
+
+/// The push rules of [`TaskRow::decide`] as a WHERE clause: the task's status is one a push
+/// may change (`$8`, the open statuses), and the push has no `seq` or a newer one.
+const APPLY_OPEN: &str = apply_sql!(
+    " AND t.status = ANY($8::text[]) \
+      AND (u.seq IS NULL OR t.taskcast_seq IS NULL OR u.seq > t.taskcast_seq)"
+);
 
 /// Cloning is shallow: the pool is reference-counted.
 #[derive(Clone)]
@@ -106,90 +128,50 @@ impl PgStore {
         batch: &[(TaskId, ProgressUpdate)],
     ) -> Result<BatchResult, DbError> {
         let mut client = self.client().await?;
-        let lock = client.prepare_cached(LOCK_ROWS).await?;
-        let apply = client.prepare_cached(APPLY).await?;
-        let tx = client.transaction().await?;
-        let ids: Vec<Uuid> = batch.iter().map(|(id, _)| id.as_uuid()).collect();
-        // A row taskcast cannot read (say, a status it does not know) fails its own pushes
-        // only, not the whole batch.
-        let mut current = HashMap::with_capacity(batch.len());
-        for row in tx.query(&lock, &[&ids]).await? {
-            let id: Uuid = row.try_get(0)?;
-            current.insert(TaskId::from(id), row_to_task(&row));
+        let mut results: Vec<Option<Result<Outcome, Error>>> =
+            std::iter::repeat_with(|| None).take(batch.len()).collect();
+        // In id order, so concurrent statements from two nodes lock rows in one order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].0);
+
+        let apply_open = client.prepare_cached(APPLY_OPEN).await?;
+        let columns = Columns::new(batch, &order);
+        let open: Vec<&str> = TaskStatus::OPEN.iter().map(|s| s.as_str()).collect();
+        let mut params = columns.params();
+        params.push(&open);
+        match client.query(&apply_open, &params).await {
+            Ok(rows) => {
+                let position: HashMap<TaskId, usize> =
+                    order.iter().map(|&i| (batch[i].0, i)).collect();
+                for row in rows {
+                    let id = TaskId::from(row.try_get::<_, Uuid>(0)?);
+                    if let Some(&index) = position.get(&id) {
+                        results[index] = Some(row_to_task(&row).map(|t| Outcome::Applied(t.state)));
+                    }
+                }
+            }
+            // Another node's statement holds rows this one needs: the locked path orders it.
+            Err(e) if is_contention(&e) => {}
+            Err(e) => return Err(e.into()),
         }
 
-        let mut results: BatchResult = Vec::with_capacity(batch.len());
-        let mut to_apply = Vec::new();
-        for (index, (id, update)) in batch.iter().enumerate() {
-            // Each task appears once per batch, so its row can be taken.
-            let row = match current.remove(id) {
-                None => {
-                    results.push(Err(Error::NotFound(*id)));
-                    continue;
-                }
-                Some(Err(e)) => {
-                    results.push(Err(e));
-                    continue;
-                }
-                Some(Ok(row)) => row,
-            };
-            match row.decide(update) {
-                Ok(Decision::Stale) => results.push(Ok(Outcome::Stale(row.state))),
-                Ok(Decision::Apply) => {
-                    // Placeholder until the UPDATE returns the committed row.
-                    results.push(Ok(Outcome::Stale(row.state)));
-                    to_apply.push(index);
-                }
-                Err(e) => results.push(Err(e)),
+        let rest: Vec<usize> = order
+            .into_iter()
+            .filter(|&i| results[i].is_none())
+            .collect();
+        if !rest.is_empty() {
+            for (index, result) in apply_locked(&mut client, batch, &rest).await? {
+                results[index] = Some(result);
             }
         }
-
-        if !to_apply.is_empty() {
-            let pick = |f: &dyn Fn(&ProgressUpdate) -> Option<String>| -> Vec<Option<String>> {
-                to_apply.iter().map(|&i| f(&batch[i].1)).collect()
-            };
-            let ids: Vec<Uuid> = to_apply.iter().map(|&i| batch[i].0.as_uuid()).collect();
-            // As text: Rust prints the shortest string that reads back as the same f64, so
-            // NUMERIC keeps every digit (a float8 parameter would round to 15 digits).
-            let progress = pick(&|u| u.progress().map(|p| p.value().to_string()));
-            let stages = pick(&|u| u.stage().map(|s| s.as_str().to_owned()));
-            let statuses = pick(&|u| u.status().map(|s| s.as_str().to_owned()));
-            let seqs: Vec<Option<i64>> = to_apply.iter().map(|&i| batch[i].1.seq()).collect();
-            let image_urls = pick(&|u| u.image_url().map(str::to_owned));
-            let errors = pick(&|u| u.error().map(str::to_owned));
-            let rows = tx
-                .query(
-                    &apply,
-                    &[
-                        &ids,
-                        &progress,
-                        &stages,
-                        &statuses,
-                        &seqs,
-                        &image_urls,
-                        &errors,
-                    ],
-                )
-                .await?;
-            let mut applied = HashMap::with_capacity(rows.len());
-            for row in rows {
-                let task = row_to_task(&row)?;
-                applied.insert(task.state.task_id, task.state);
-            }
-            for &index in &to_apply {
-                let id = batch[index].0;
-                results[index] = match applied.remove(&id) {
-                    Some(state) => Ok(Outcome::Applied(state)),
-                    // The row was locked, so it cannot have vanished; say so if it did.
-                    None => Err(Error::internal(
-                        "applying a push",
-                        format!("row {id} was not updated"),
-                    )),
-                };
-            }
-        }
-        tx.commit().await?;
-        Ok(results)
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::internal("applying a push", "no result was recorded"))
+                })
+            })
+            .collect())
     }
 
     pub async fn get(&self, task: TaskId) -> Result<Option<TaskState>, Error> {
@@ -311,6 +293,129 @@ impl PgStore {
             Error::internal("querying image_tasks", pg)
         }
     }
+}
+
+/// The locked path for the pushes at `indices` (in id order): lock their rows, decide each
+/// with [`TaskRow::decide`], write the applied ones with one statement, commit.
+async fn apply_locked(
+    client: &mut deadpool_postgres::Object,
+    batch: &[(TaskId, ProgressUpdate)],
+    indices: &[usize],
+) -> Result<Vec<(usize, Result<Outcome, Error>)>, DbError> {
+    let lock = client.prepare_cached(LOCK_ROWS).await?;
+    let apply = client.prepare_cached(APPLY).await?;
+    let tx = client.transaction().await?;
+    let ids: Vec<Uuid> = indices.iter().map(|&i| batch[i].0.as_uuid()).collect();
+    // A row taskcast cannot read (say, a status it does not know) fails its own pushes
+    // only, not the whole batch.
+    let mut current = HashMap::with_capacity(indices.len());
+    for row in tx.query(&lock, &[&ids]).await? {
+        let id: Uuid = row.try_get(0)?;
+        current.insert(TaskId::from(id), row_to_task(&row));
+    }
+
+    let mut results = Vec::with_capacity(indices.len());
+    let mut to_apply = Vec::new();
+    for &index in indices {
+        let (id, update) = &batch[index];
+        // Each task appears once per batch, so its row can be taken.
+        let row = match current.remove(id) {
+            None => {
+                results.push((index, Err(Error::NotFound(*id))));
+                continue;
+            }
+            Some(Err(e)) => {
+                results.push((index, Err(e)));
+                continue;
+            }
+            Some(Ok(row)) => row,
+        };
+        match row.decide(update) {
+            Ok(Decision::Stale) => results.push((index, Ok(Outcome::Stale(row.state)))),
+            Ok(Decision::Apply) => to_apply.push(index),
+            Err(e) => results.push((index, Err(e))),
+        }
+    }
+
+    if !to_apply.is_empty() {
+        let columns = Columns::new(batch, &to_apply);
+        let mut applied = HashMap::with_capacity(to_apply.len());
+        for row in tx.query(&apply, &columns.params()).await? {
+            let task = row_to_task(&row)?;
+            applied.insert(task.state.task_id, task.state);
+        }
+        for index in to_apply {
+            let id = batch[index].0;
+            let result = match applied.remove(&id) {
+                Some(state) => Ok(Outcome::Applied(state)),
+                // The row was locked, so it cannot have vanished; say so if it did.
+                None => Err(Error::internal(
+                    "applying a push",
+                    format!("row {id} was not updated"),
+                )),
+            };
+            results.push((index, result));
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// The UPDATE's input arrays for the pushes at some indices of a batch.
+struct Columns {
+    ids: Vec<Uuid>,
+    progress: Vec<Option<String>>,
+    stages: Vec<Option<String>>,
+    statuses: Vec<Option<&'static str>>,
+    seqs: Vec<Option<i64>>,
+    image_urls: Vec<Option<String>>,
+    errors: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn new(batch: &[(TaskId, ProgressUpdate)], indices: &[usize]) -> Self {
+        let updates = || indices.iter().map(|&i| &batch[i].1);
+        Columns {
+            ids: indices.iter().map(|&i| batch[i].0.as_uuid()).collect(),
+            // As text: Rust prints the shortest string that reads back as the same f64, so
+            // NUMERIC keeps every digit (a float8 parameter would round to 15 digits).
+            progress: updates()
+                .map(|u| u.progress().map(|p| p.value().to_string()))
+                .collect(),
+            stages: updates()
+                .map(|u| u.stage().map(|s| s.as_str().to_owned()))
+                .collect(),
+            statuses: updates()
+                .map(|u| u.status().map(TaskStatus::as_str))
+                .collect(),
+            seqs: updates().map(ProgressUpdate::seq).collect(),
+            image_urls: updates()
+                .map(|u| u.image_url().map(str::to_owned))
+                .collect(),
+            errors: updates().map(|u| u.error().map(str::to_owned)).collect(),
+        }
+    }
+
+    /// `$1` to `$7` of [`APPLY`] and [`APPLY_OPEN`].
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.ids,
+            &self.progress,
+            &self.stages,
+            &self.statuses,
+            &self.seqs,
+            &self.image_urls,
+            &self.errors,
+        ]
+    }
+}
+
+/// A statement that lost a lock race (deadlock or serialization failure) and changed
+/// nothing; the locked path takes its pushes.
+fn is_contention(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
 }
 
 /// The two ways a store operation fails before classification.
