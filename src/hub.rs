@@ -7,7 +7,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::Stream;
@@ -61,7 +63,27 @@ type Slot = watch::Sender<Option<Arc<Frame>>>;
 /// Cloning a `Hub` is shallow: it is an `Arc` and costs one atomic increment.
 #[derive(Clone, Default)]
 pub struct Hub {
-    tasks: Arc<DashMap<TaskId, Slot>>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    tasks: DashMap<TaskId, Slot>,
+    /// Local commits started, and finished (with their states published).
+    commits_started: AtomicU64,
+    commits_finished: watch::Sender<u64>,
+}
+
+/// Marks a local commit as in flight until dropped; drop it after publishing what the
+/// commit applied. See [`Hub::local_commits_settled`].
+pub struct CommitInFlight {
+    hub: Hub,
+}
+
+impl Drop for CommitInFlight {
+    fn drop(&mut self) {
+        self.hub.inner.commits_finished.send_modify(|n| *n += 1);
+    }
 }
 
 impl Hub {
@@ -74,6 +96,7 @@ impl Hub {
     /// call can be missed.
     pub fn subscribe(&self, task: TaskId) -> (Subscription, Option<Arc<Frame>>) {
         let rx = self
+            .inner
             .tasks
             .entry(task)
             .or_insert_with(|| watch::channel(None).0)
@@ -95,7 +118,12 @@ impl Hub {
     /// paths collapse into one and nothing ever goes backwards.
     pub fn publish(&self, state: &TaskState) {
         // Clone the sender out so no shard lock is held while encoding.
-        let Some(slot) = self.tasks.get(&state.task_id).map(|e| e.value().clone()) else {
+        let Some(slot) = self
+            .inner
+            .tasks
+            .get(&state.task_id)
+            .map(|e| e.value().clone())
+        else {
             return;
         };
         if slot
@@ -120,32 +148,48 @@ impl Hub {
 
     /// The tasks that have subscribers now (a snapshot; it may change right after).
     pub fn tasks(&self) -> Vec<TaskId> {
-        self.tasks.iter().map(|entry| *entry.key()).collect()
+        self.inner.tasks.iter().map(|entry| *entry.key()).collect()
     }
 
     /// Whether `version` of `task` would be news to its subscribers: the task has
     /// subscribers and the hub holds no state that new or newer.
     pub fn wants(&self, task: TaskId, version: i64) -> bool {
-        self.tasks.get(&task).is_some_and(|slot| {
+        self.inner.tasks.get(&task).is_some_and(|slot| {
             slot.borrow()
                 .as_ref()
                 .is_none_or(|frame| frame.version() < version)
         })
     }
 
+    /// Call before a local commit starts; keep the guard until its states are published.
+    pub fn commit_started(&self) -> CommitInFlight {
+        self.inner.commits_started.fetch_add(1, Ordering::SeqCst);
+        CommitInFlight { hub: self.clone() }
+    }
+
+    /// Waits, at most `limit`, until every local commit started before this call has
+    /// published. A notification of this node's own commit can overtake the writer's
+    /// publish; waiting for it first spares the listener a query per push.
+    pub async fn local_commits_settled(&self, limit: Duration) {
+        let target = self.inner.commits_started.load(Ordering::SeqCst);
+        let mut finished = self.inner.commits_finished.subscribe();
+        let _ = tokio::time::timeout(limit, finished.wait_for(|&done| done >= target)).await;
+    }
+
     /// Tasks that currently have at least one subscriber.
     pub fn len(&self) -> usize {
-        self.tasks.len()
+        self.inner.tasks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.inner.tasks.is_empty()
     }
 
     fn release(&self, task: &TaskId) {
         // Checked and removed under the same shard lock: a subscriber arriving meanwhile
         // either keeps the entry alive or creates a fresh one.
-        self.tasks
+        self.inner
+            .tasks
             .remove_if(task, |_, slot| slot.receiver_count() == 0);
     }
 }

@@ -155,13 +155,24 @@ impl Listener {
 
     /// Reads the rows a notification names that local subscribers have not seen yet.
     async fn apply(&self, payload: &str) -> Result<(), Error> {
-        let wanted: Vec<TaskId> = parse_payload(payload)
+        let wanted: Vec<(TaskId, i64)> = parse_payload(payload)
+            .filter(|&(task, version)| self.hub.wants(task, version))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // This node's own commits are published by its writer; when the notification got
+        // here first, wait for that rather than read the rows back.
+        self.hub.local_commits_settled(self.connect_timeout).await;
+        let wanted: Vec<TaskId> = wanted
+            .into_iter()
             .filter(|&(task, version)| self.hub.wants(task, version))
             .map(|(task, _)| task)
             .collect();
         if wanted.is_empty() {
             return Ok(());
         }
+        metrics::counter!(crate::telemetry::LISTENER_ROWS_READ).increment(wanted.len() as u64);
         for state in self.store.get_many(&wanted).await? {
             self.hub.publish(&state);
         }

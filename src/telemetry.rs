@@ -36,6 +36,7 @@ pub const FANOUT_SECONDS: &str = "taskcast_push_fanout_seconds";
 pub const CONFLATED: &str = "taskcast_conflated_states_total";
 pub const SUBSCRIPTIONS: &str = "taskcast_subscriptions_active";
 pub const LISTENER_RECONNECTS: &str = "taskcast_listener_reconnects_total";
+pub const LISTENER_ROWS_READ: &str = "taskcast_listener_rows_read_total";
 pub const CONNECTIONS: &str = "taskcast_connections_open";
 pub const HUB_TASKS: &str = "taskcast_hub_tasks";
 
@@ -86,6 +87,10 @@ fn describe() {
     describe_counter!(
         LISTENER_RECONNECTS,
         "Times the NOTIFY listener reconnected."
+    );
+    describe_counter!(
+        LISTENER_ROWS_READ,
+        "Rows the NOTIFY listener read back: changes made by other nodes or by plain SQL."
     );
     describe_gauge!(CONNECTIONS, "Open WebSocket and SSE connections.");
     describe_gauge!(HUB_TASKS, "Tasks with at least one local subscriber.");

@@ -73,6 +73,7 @@ impl Writer {
         match self.mode {
             WriteMode::Group => self.enqueue(task, update)?.await,
             WriteMode::Naive => {
+                let _commit = self.hub.commit_started();
                 let mut results = self.store.apply_batch(&[(task, update)]).await?;
                 let result = results.pop().expect("one result per push");
                 if let Ok(Outcome::Applied(state)) = &result {
@@ -206,6 +207,8 @@ async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
         waiting.push((job.reply, job.queued));
     }
     metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
+    // Until every applied state below is published.
+    let _commit = hub.commit_started();
     let started = Instant::now();
     let committed = store.apply_batch(&items).await;
     metrics::histogram!(telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());

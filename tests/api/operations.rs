@@ -427,3 +427,85 @@ async fn a_10_second_database_outage_gives_fast_503s_and_recovers_without_restar
     drop(app);
     drop(db);
 }
+
+/// The value of a counter on `/metrics`, 0 while it has never been incremented.
+async fn counter(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Reads state messages until one has `progress == want`.
+async fn progress_reaches<S>(socket: &mut S, want: f64)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let reached = async {
+        while let Some(message) = socket.next().await {
+            if let Message::Text(text) = message.unwrap() {
+                let state: Value = serde_json::from_str(&text).unwrap();
+                if state["progress"].as_f64() == Some(want) {
+                    return;
+                }
+            }
+        }
+        panic!("the socket closed before progress {want}");
+    };
+    tokio::time::timeout(WAIT, reached)
+        .await
+        .unwrap_or_else(|_| panic!("progress never reached {want}"));
+}
+
+// A separate process, so its /metrics counts only what this test does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_reads_back_plain_sql_changes_but_not_the_nodes_own_pushes() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    let env = server_env(&db);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = start_on(&env, "127.0.0.1:0").await;
+    let base = format!("http://{}", server.addr);
+    let tasks = create_tasks(&base, 1).await;
+    let url = format!(
+        "ws://{}/ws?task_id={}&token={}",
+        server.addr,
+        tasks[0],
+        token(&tasks)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    socket.next().await.unwrap().unwrap(); // the snapshot
+
+    let http = reqwest::Client::new();
+    for i in 1..=20 {
+        let answer = http
+            .post(format!("{base}/api/tasks/{}/progress", tasks[0]))
+            .bearer_auth(KEY)
+            .json(&json!({"progress": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    progress_reaches(&mut socket, 20.0).await;
+    let rows_read = "taskcast_listener_rows_read_total";
+    assert_eq!(
+        counter(&base, rows_read).await,
+        0.0,
+        "own pushes were read back"
+    );
+
+    let id = uuid::Uuid::parse_str(&tasks[0]).unwrap();
+    db.client()
+        .await
+        .execute("UPDATE image_tasks SET progress = 99 WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    progress_reaches(&mut socket, 99.0).await;
+    assert_eq!(counter(&base, rows_read).await, 1.0);
+}
