@@ -6,9 +6,9 @@
 //! achieved vs offered, push→receive latency (p50/p99/p999, commit included), server CPU
 //! per delivered frame and server RSS, from /proc. Then the same load against the floor, a
 //! minimal tokio-tungstenite broadcaster built into this bench (see `common/floor.rs`),
-//! run as its own process. Then a saturation ladder for both: the highest paced rate at
-//! which ≥ 99% of the frames arrive with p99 < 100 ms, received at ≥ 95% of the offered
-//! pace.
+//! run as its own process. Then a saturation ladder for both, refined by two bisection
+//! steps: the highest paced rate at which ≥ 99% of the frames arrive with p99 < 100 ms,
+//! received at ≥ 95% of the offered pace.
 //!
 //! ```text
 //! cargo bench --bench fanout
@@ -53,6 +53,8 @@ fn ladder() -> impl Iterator<Item = f64> {
         .into_iter()
         .chain((1..).map(move |k| last * 1.25f64.powi(k)))
 }
+/// Bisection steps after the ladder, between its best pass and its first failure.
+const REFINE_STEPS: usize = 2;
 /// A step passes when this share of its frames arrived...
 const MIN_ARRIVED: f64 = 0.99;
 /// ...with a p99 below this...
@@ -146,7 +148,9 @@ impl Window {
 struct Run {
     name: String,
     rounds: Vec<Window>,
+    /// The ladder's steps, then the bisection steps after it.
     steps: Vec<Window>,
+    ladder_len: usize,
     rss_kib: u64,
     lost: u64,
 }
@@ -156,9 +160,26 @@ impl Run {
         median(self.rounds.iter().map(f))
     }
 
-    /// The highest rate that passed before two failures in a row (the default rate
-    /// counts as the first step).
+    /// The highest rate that passed: on the ladder before two failures in a row (the
+    /// default rate counts as the first step), or in the bisection after it.
     fn sustainable(&self) -> f64 {
+        let refined = self.steps[self.ladder_len..]
+            .iter()
+            .filter(|w| w.passes())
+            .map(|w| w.offered);
+        refined.fold(self.ladder_best(), f64::max)
+    }
+
+    /// The lowest rate above `rate` that failed.
+    fn first_failure_above(&self, rate: f64) -> Option<f64> {
+        self.steps
+            .iter()
+            .filter(|w| !w.passes() && w.offered > rate)
+            .map(|w| w.offered)
+            .reduce(f64::min)
+    }
+
+    fn ladder_best(&self) -> f64 {
         let mut best = if self.rounds.iter().filter(|w| w.passes()).count() * 2 > self.rounds.len()
         {
             self.median(|w| w.offered)
@@ -166,7 +187,7 @@ impl Run {
             0.0
         };
         let mut fails = 0;
-        for step in &self.steps {
+        for step in &self.steps[..self.ladder_len] {
             if step.passes() {
                 best = best.max(step.offered);
                 fails = 0;
@@ -298,6 +319,7 @@ async fn measure(settings: &Settings, mut server: Server, taskcast: bool) -> Res
         name: name.to_string(),
         rounds: Vec::new(),
         steps: Vec::new(),
+        ladder_len: 0,
         rss_kib: 0,
         lost: 0,
     };
@@ -330,6 +352,26 @@ async fn measure(settings: &Settings, mut server: Server, taskcast: bool) -> Res
             if fails == 2 {
                 break;
             }
+        }
+        // The ladder's steps are 25-33% apart: bisect between the best rate that passed
+        // and the first that failed, so the figure is within ~8% of the real limit.
+        run.ladder_len = run.steps.len();
+        for round in 0..REFINE_STEPS {
+            let low = run.sustainable();
+            let Some(high) = run.first_failure_above(low) else {
+                break;
+            };
+            let phase = settings.rounds + 1 + run.steps.len();
+            if low <= 0.0 || phase >= MAX_PHASES {
+                break;
+            }
+            let offered = (low + high) / 2.0;
+            let label = format!("bisection {}/{REFINE_STEPS}", round + 1);
+            let (w, scheduled) = load
+                .window(&label, offered / settings.subs as f64, settings.step, phase)
+                .await?;
+            drain(&stats).await;
+            run.steps.push(load.finish(w, phase, scheduled));
         }
     }
     run.lost = stats.lost();
@@ -704,9 +746,11 @@ fn plot(settings: &Settings, taskcast: &Run, floor: &Run) -> String {
     };
     let points = |run: &Run, f: &dyn Fn(&Window) -> f64| -> Vec<(f64, f64)> {
         let first = (run.median(|w| w.offered), run.median(f));
-        std::iter::once(first)
+        let mut points: Vec<(f64, f64)> = std::iter::once(first)
             .chain(run.steps.iter().map(|w| (w.offered, f(w))))
-            .collect()
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
     };
     let series = |f: &dyn Fn(&Window) -> f64| {
         vec![
