@@ -84,6 +84,18 @@ struct Body<'a> {
 }
 
 impl Error {
+    /// The same failure for one of several pushes it stopped: its kind and message; the
+    /// cause is logged once by whoever logs the original.
+    pub fn for_each_push(&self) -> Error {
+        match self {
+            Error::SchemaMissing { missing } => Error::SchemaMissing {
+                missing: missing.clone(),
+            },
+            Error::Unavailable { what, .. } => Error::Unavailable { what, source: None },
+            other => Error::internal("committing a batch", other.to_string()),
+        }
+    }
+
     pub fn invalid(field: &'static str, message: String) -> Self {
         Error::Invalid { field, message }
     }

@@ -228,20 +228,8 @@ async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
         Err(error) => {
             tracing::warn!(error = %error.chain(), pushes = waiting.len(), "batch not committed");
             for (reply, _) in waiting {
-                let _ = reply.send(Err(same_error(&error)));
+                let _ = reply.send(Err(error.for_each_push()));
             }
         }
-    }
-}
-
-/// Every pusher of a failed batch gets the batch's error; only its kind and message are
-/// needed, the cause has been logged once above.
-fn same_error(error: &Error) -> Error {
-    match error {
-        Error::SchemaMissing { missing } => Error::SchemaMissing {
-            missing: missing.clone(),
-        },
-        Error::Unavailable { what, .. } => Error::Unavailable { what, source: None },
-        other => Error::internal("committing a batch", other.to_string()),
     }
 }

@@ -26,8 +26,9 @@ pub enum Store {
 }
 
 impl Store {
-    /// Applies a batch of pushes in one transaction. Each task appears at most once (the
-    /// writer guarantees it). An `Err` means nothing was committed.
+    /// Applies a batch of pushes. Each task appears at most once (the writer guarantees
+    /// it). An `Err` means nothing was committed; when part of a batch committed and the
+    /// rest could not be, each push has its own result.
     pub async fn apply_batch(
         &self,
         batch: &[(TaskId, ProgressUpdate)],

@@ -160,8 +160,23 @@ impl PgStore {
             .filter(|&i| results[i].is_none())
             .collect();
         if !rest.is_empty() {
-            for (index, result) in apply_locked(&mut client, batch, &rest).await? {
-                results[index] = Some(result);
+            match apply_locked(&mut client, batch, &rest).await {
+                Ok(locked) => {
+                    for (index, result) in locked {
+                        results[index] = Some(result);
+                    }
+                }
+                // Nothing committed yet: the whole batch failed.
+                Err(e) if rest.len() == batch.len() => return Err(e),
+                // The first statement's pushes are committed and must be answered as such;
+                // only the rest failed.
+                Err(e) => {
+                    let error = self.classify(e).await;
+                    tracing::warn!(error = %error.chain(), pushes = rest.len(), "pushes not committed");
+                    for index in rest {
+                        results[index] = Some(Err(error.for_each_push()));
+                    }
+                }
             }
         }
         Ok(results
