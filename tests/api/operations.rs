@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::helpers::{
     KEY, SUBSCRIBE_SECRET, StoreKind, TestDb, WAIT, spawn_app, spawn_app_on, spawn_app_with,
 };
-use crate::process::start_on;
+use crate::process::{Server, start_on};
 
 #[tokio::test]
 async fn metrics_report_pushes_batches_connections_and_subscriptions() {
@@ -144,6 +144,21 @@ fn server_env(db: &TestDb) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A taskcast process serving `db` on `listen`.
+async fn node_on(db: &TestDb, listen: &str) -> Server {
+    let env = server_env(db);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    start_on(&env, listen).await
+}
+
+/// A fresh migrated database and a taskcast process serving it on a free port.
+async fn migrated_node() -> (TestDb, Server) {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    let server = node_on(&db, "127.0.0.1:0").await;
+    (db, server)
+}
+
 async fn create_tasks(base: &str, n: usize) -> Vec<String> {
     let http = reqwest::Client::new();
     let mut tasks = Vec::new();
@@ -177,11 +192,7 @@ fn token(tasks: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_commits_every_acknowledged_push_and_closes_sockets_with_1001() {
-    let db = TestDb::create().await;
-    taskcast::store::schema::migrate(&db.url).await.unwrap();
-    let env = server_env(&db);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let server = start_on(&env, "127.0.0.1:0").await;
+    let (db, server) = migrated_node().await;
     let base = format!("http://{}", server.addr);
     let tasks = create_tasks(&base, 8).await;
     let mut sockets = Vec::new();
@@ -236,11 +247,7 @@ async fn sigterm_under_load_commits_every_acknowledged_push_and_closes_sockets_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_push_and_clients_resume_from_the_rows() {
-    let db = TestDb::create().await;
-    taskcast::store::schema::migrate(&db.url).await.unwrap();
-    let env = server_env(&db);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let server = start_on(&env, "127.0.0.1:0").await;
+    let (db, server) = migrated_node().await;
     let addr = server.addr.clone();
     let base = format!("http://{addr}");
     let tasks = create_tasks(&base, 8).await;
@@ -267,7 +274,7 @@ async fn kill_9_loses_no_acknowledged_push_and_clients_resume_from_the_rows() {
         );
     }
     // The restarted process serves the committed rows to reconnecting clients.
-    let restarted = start_on(&env, &addr).await;
+    let restarted = node_on(&db, &addr).await;
     for task in &tasks {
         let url = format!(
             "ws://{addr}/ws?task_id={task}&token={}",
@@ -465,11 +472,7 @@ where
 // A separate process, so its /metrics counts only what this test does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_reads_back_plain_sql_changes_but_not_the_nodes_own_pushes() {
-    let db = TestDb::create().await;
-    taskcast::store::schema::migrate(&db.url).await.unwrap();
-    let env = server_env(&db);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let server = start_on(&env, "127.0.0.1:0").await;
+    let (db, server) = migrated_node().await;
     let base = format!("http://{}", server.addr);
     let tasks = create_tasks(&base, 1).await;
     let url = format!(
