@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::helpers::{
-    KEY, SUBSCRIBE_SECRET, StoreKind, TestDb, WAIT, spawn_app, spawn_app_on, spawn_app_with,
+    KEY, SUBSCRIBE_SECRET, StoreKind, Subscriber, TestDb, WAIT, spawn_app, spawn_app_on,
+    spawn_app_with,
 };
 use crate::process::{Server, start_on};
 
@@ -448,25 +449,9 @@ async fn counter(base: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Reads state messages until one has `progress == want`.
-async fn progress_reaches<S>(socket: &mut S, want: f64)
-where
-    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    let reached = async {
-        while let Some(message) = socket.next().await {
-            if let Message::Text(text) = message.unwrap() {
-                let state: Value = serde_json::from_str(&text).unwrap();
-                if state["progress"].as_f64() == Some(want) {
-                    return;
-                }
-            }
-        }
-        panic!("the socket closed before progress {want}");
-    };
-    tokio::time::timeout(WAIT, reached)
-        .await
-        .unwrap_or_else(|_| panic!("progress never reached {want}"));
+/// Reads states until one has `progress == want`.
+async fn progress_reaches(sub: &mut Subscriber, want: f64) {
+    while sub.next_state().await["progress"].as_f64() != Some(want) {}
 }
 
 // A separate process, so its /metrics counts only what this test does.
@@ -481,8 +466,9 @@ async fn the_listener_reads_back_plain_sql_changes_but_not_the_nodes_own_pushes(
         tasks[0],
         token(&tasks)
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    socket.next().await.unwrap().unwrap(); // the snapshot
+    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut sub = Subscriber { socket };
+    sub.next_state().await; // the snapshot
 
     let http = reqwest::Client::new();
     for i in 1..=20 {
@@ -495,7 +481,7 @@ async fn the_listener_reads_back_plain_sql_changes_but_not_the_nodes_own_pushes(
             .unwrap();
         assert_eq!(answer.status(), 200);
     }
-    progress_reaches(&mut socket, 20.0).await;
+    progress_reaches(&mut sub, 20.0).await;
     let rows_read = "taskcast_listener_rows_read_total";
     assert_eq!(
         counter(&base, rows_read).await,
@@ -509,6 +495,6 @@ async fn the_listener_reads_back_plain_sql_changes_but_not_the_nodes_own_pushes(
         .execute("UPDATE image_tasks SET progress = 99 WHERE id = $1", &[&id])
         .await
         .unwrap();
-    progress_reaches(&mut socket, 99.0).await;
+    progress_reaches(&mut sub, 99.0).await;
     assert_eq!(counter(&base, rows_read).await, 1.0);
 }
