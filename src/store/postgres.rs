@@ -21,7 +21,7 @@ use super::schema::missing_columns;
 use crate::auth::Secret;
 use crate::config::Limits;
 use crate::domain::{
-    Decision, NewTask, Outcome, ProgressUpdate, TaskId, TaskRow, TaskState, TaskStatus,
+    Decision, NewTask, Outcome, ProgressUpdate, Stage, TaskId, TaskRow, TaskState, TaskStatus,
 };
 use crate::error::Error;
 
@@ -377,18 +377,19 @@ async fn apply_locked(
 }
 
 /// The UPDATE's input arrays for the pushes at some indices of a batch.
-struct Columns {
+/// Text columns borrow from the batch; only `progress` is formatted.
+struct Columns<'a> {
     ids: Vec<Uuid>,
     progress: Vec<Option<String>>,
-    stages: Vec<Option<String>>,
+    stages: Vec<Option<&'a str>>,
     statuses: Vec<Option<&'static str>>,
     seqs: Vec<Option<i64>>,
-    image_urls: Vec<Option<String>>,
-    errors: Vec<Option<String>>,
+    image_urls: Vec<Option<&'a str>>,
+    errors: Vec<Option<&'a str>>,
 }
 
-impl Columns {
-    fn new(batch: &[(TaskId, ProgressUpdate)], indices: &[usize]) -> Self {
+impl<'a> Columns<'a> {
+    fn new(batch: &'a [(TaskId, ProgressUpdate)], indices: &[usize]) -> Self {
         let updates = || indices.iter().map(|&i| &batch[i].1);
         Columns {
             ids: indices.iter().map(|&i| batch[i].0.as_uuid()).collect(),
@@ -397,17 +398,13 @@ impl Columns {
             progress: updates()
                 .map(|u| u.progress().map(|p| p.value().to_string()))
                 .collect(),
-            stages: updates()
-                .map(|u| u.stage().map(|s| s.as_str().to_owned()))
-                .collect(),
+            stages: updates().map(|u| u.stage().map(Stage::as_str)).collect(),
             statuses: updates()
                 .map(|u| u.status().map(TaskStatus::as_str))
                 .collect(),
             seqs: updates().map(ProgressUpdate::seq).collect(),
-            image_urls: updates()
-                .map(|u| u.image_url().map(str::to_owned))
-                .collect(),
-            errors: updates().map(|u| u.error().map(str::to_owned)).collect(),
+            image_urls: updates().map(ProgressUpdate::image_url).collect(),
+            errors: updates().map(ProgressUpdate::error).collect(),
         }
     }
 
