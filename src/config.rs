@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
+use crate::domain::StatusMap;
 use crate::writer::WriteMode;
 
 #[derive(Parser, Debug)]
@@ -88,6 +89,9 @@ pub struct MigrateArgs {
     /// The channel the notify trigger sends on; must match the servers' setting.
     #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
     pub notify_channel: String,
+    /// The app's status words (as for `serve`), for the report on the table.
+    #[arg(long, env = "TASKCAST_STATUS_MAP", default_value = "")]
+    pub status_map: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +209,11 @@ pub struct ServeArgs {
     /// The Postgres NOTIFY channel nodes listen on (one per deployment, not per task).
     #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
     pub notify_channel: String,
+    /// The app's status words, as word:status pairs (e.g.
+    /// `queued:pending,running:processing,done:completed`). Read case-insensitively beside
+    /// built-in aliases; pushes write the first word given for a status.
+    #[arg(long, env = "TASKCAST_STATUS_MAP", default_value = "")]
+    pub status_map: String,
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(long, env = "TASKCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -277,6 +286,8 @@ pub struct Config {
     /// The NOTIFY channel the listener follows (Postgres only).
     pub notify_channel: String,
     pub write_mode: WriteMode,
+    /// The app's status words (TASKCAST_STATUS_MAP).
+    pub status_map: StatusMap,
     /// Serve the demo page and simulated generations (on by default with the in-memory
     /// store outside production).
     pub demo: bool,
@@ -298,6 +309,7 @@ impl Config {
             allowed_origins: Vec::new(),
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
             write_mode: WriteMode::Group,
+            status_map: StatusMap::default(),
             demo: in_memory,
             metrics_token: None,
             shutdown_timeout: Duration::from_secs(10),
@@ -374,6 +386,7 @@ impl Config {
         if args.shutdown_timeout_secs == 0 {
             return Err("TASKCAST_SHUTDOWN_TIMEOUT_SECS must be at least 1".to_string());
         }
+        let status_map = StatusMap::parse(&args.status_map)?;
         let database_url = args.database_url.filter(|url| !url.trim().is_empty());
         let in_memory = database_url.is_none();
         Ok(Config {
@@ -385,6 +398,7 @@ impl Config {
             allowed_origins,
             notify_channel: args.notify_channel,
             write_mode: args.write_mode,
+            status_map,
             // The in-memory store is the "try it" mode: it shows the demo, except in
             // production, where the demo (task creation without a key) is refused.
             demo: args.demo || (in_memory && !production),

@@ -19,7 +19,7 @@ use warp::http::header::{self, HeaderValue};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
-use crate::domain::{NewTask, ProgressUpdate, TaskId};
+use crate::domain::{IdKind, NewTask, ProgressUpdate, TaskId};
 use crate::error::{Error, json_response};
 use crate::routes::AppState;
 use crate::writer::Writer;
@@ -268,11 +268,23 @@ impl Rng {
     }
 }
 
+/// 16 bytes from any id (FNV-1a, then xorshift): a stable picture per task.
+fn spread(id: TaskId) -> [u8; 16] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_str().bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut rng = Rng(h | 1);
+    std::array::from_fn(|_| rng.below(256) as u8)
+}
+
 /// `GET /demo/result/{task_id}.svg`: the "generated image", a small landscape whose
 /// colours and shapes are derived from the task id. Only numbers are interpolated.
 fn result_picture(file: &str) -> Result<Response, Error> {
     let raw = file.strip_suffix(".svg").ok_or(Error::RouteNotFound)?;
-    let bytes = TaskId::parse(raw)?.as_uuid().into_bytes();
+    // Any id a table may have (a UUID, an integer, text): a UUID's own bytes, else a hash.
+    let id = IdKind::Text.parse(raw)?;
+    let bytes = uuid::Uuid::parse_str(id.as_str()).map_or_else(|_| spread(id), |u| u.into_bytes());
     let n = |i: usize| u32::from(bytes[i]);
     // Skies from cyan through violet to pink, a warm sun, muted green-to-teal land.
     // (Bytes 6 and 8 hold the UUID's version and variant bits, so they are not used.)
@@ -344,7 +356,12 @@ mod tests {
         let ok = result_picture(&format!("{task}.svg")).unwrap();
         assert_eq!(ok.headers()["content-type"], "image/svg+xml");
         assert!(result_picture(&task.to_string()).is_err());
-        assert!(result_picture("x.svg").is_err());
+        assert!(result_picture("a,b.svg").is_err());
+        assert!(result_picture(".svg").is_err());
+        assert!(
+            result_picture("42.svg").is_ok(),
+            "integer ids have pictures too"
+        );
     }
 
     /// The in-memory store turns the demo on; the whole path runs through `App`.

@@ -53,6 +53,22 @@ pub enum Error {
     UnsupportedMediaType,
     #[error("this endpoint speaks WebSocket; send an Upgrade: websocket request")]
     UpgradeRequired,
+    /// The task's `taskcast_version` is at the bigint maximum: no newer version exists.
+    #[error("task {0} has reached the largest taskcast_version; it cannot change any more")]
+    VersionExhausted(TaskId),
+    /// The status column cannot hold this status (an enum without a label for it).
+    #[error("image_tasks.status is {column}, which has no value for {status}", status = status.as_str())]
+    StatusNotStorable { status: TaskStatus, column: String },
+    /// The table's shape is one taskcast cannot serve (say, an id of type `numeric`).
+    #[error("{0}")]
+    TableUnsupported(String),
+    /// The task's row has no usable id or version (see `domain::StoredRow`).
+    #[error("task {task}'s row cannot be read: image_tasks.{column} is {held}")]
+    UnreadableRow {
+        task: TaskId,
+        column: &'static str,
+        held: &'static str,
+    },
     /// `public.image_tasks` (or some of its columns) does not exist.
     #[error("public.image_tasks is missing {}", missing.join(", "))]
     SchemaMissing { missing: Vec<String> },
@@ -92,6 +108,7 @@ impl Error {
                 missing: missing.clone(),
             },
             Error::Unavailable { what, .. } => Error::Unavailable { what, source: None },
+            Error::TableUnsupported(message) => Error::TableUnsupported(message.clone()),
             other => Error::internal("committing a batch", other.to_string()),
         }
     }
@@ -132,6 +149,10 @@ impl Error {
             Error::UnsupportedMediaType => "unsupported_media_type",
             Error::UpgradeRequired => "upgrade_required",
             Error::SchemaMissing { .. } => "schema_missing",
+            Error::VersionExhausted(_) => "version_exhausted",
+            Error::StatusNotStorable { .. } => "status_not_storable",
+            Error::TableUnsupported(_) => "schema_unsupported",
+            Error::UnreadableRow { .. } => "unreadable_row",
             Error::Unavailable { .. } => "unavailable",
             Error::Internal { .. } => "internal",
         }
@@ -152,7 +173,11 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
-            Error::SchemaMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::SchemaMissing { .. }
+            | Error::StatusNotStorable { .. }
+            | Error::TableUnsupported(_)
+            | Error::UnreadableRow { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::VersionExhausted(_) => StatusCode::CONFLICT,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -195,6 +220,20 @@ impl Error {
             Error::SchemaMissing { .. } => {
                 "run `taskcast migrate` (or apply schema.sql in the Supabase SQL editor); \
                  taskcast picks the change up without a restart"
+            }
+            Error::VersionExhausted(_) => {
+                "create a new task; resetting taskcast_version in SQL would hide later changes \
+                 from subscribers that are connected"
+            }
+            Error::StatusNotStorable { .. } => {
+                "add the value to the enum (ALTER TYPE ... ADD VALUE '...'), or map one of its \
+                 labels to this status with TASKCAST_STATUS_MAP; `taskcast doctor` shows the map"
+            }
+            Error::TableUnsupported(_) => {
+                "run `taskcast doctor`: it shows the table's columns and the SQL that fixes them"
+            }
+            Error::UnreadableRow { .. } => {
+                "fix the named column of this row in SQL; every other task is unaffected"
             }
             Error::Unavailable { .. } => "retry after the Retry-After delay",
             Error::Internal { .. } => "retry later; if it persists, report it with the server log",

@@ -26,8 +26,12 @@ use crate::telemetry;
 #[derive(Debug)]
 pub struct Frame {
     version: i64,
-    /// The `{"type":"state",...,"snapshot":false}` message every subscriber is sent.
+    /// The `{"type":"state",...,"snapshot":false}` message every subscriber is sent, or,
+    /// for a notice, the `{"type":"error",...}` message.
     pub text: Utf8Bytes,
+    /// An error about the task (its row cannot be read), not a state: delivered to the
+    /// subscribers present once, never as a snapshot, and replaced by the next state.
+    notice: bool,
 }
 
 /// How every frame's text ends: `snapshot` is the last field written when neither
@@ -41,7 +45,12 @@ impl Frame {
         Frame {
             version: state.version,
             text: Utf8Bytes::from(text),
+            notice: false,
         }
+    }
+
+    pub fn is_notice(&self) -> bool {
+        self.notice
     }
 
     pub fn version(&self) -> i64 {
@@ -101,7 +110,8 @@ impl Hub {
             .entry(task)
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
-        let current = rx.borrow().clone();
+        // A notice is no state: the caller reads the store instead.
+        let current = rx.borrow().clone().filter(|f| !f.notice);
         let delivered = current.as_ref().map_or(i64::MIN, |f| f.version());
         let subscription = Subscription {
             task,
@@ -144,6 +154,21 @@ impl Hub {
             *current = Some(frame);
             true
         });
+    }
+
+    /// Tells the task's current subscribers about a problem with the task (`text` is an
+    /// error message), without a state: it carries the version the hub holds, so any newer
+    /// state replaces it and nothing older gets in.
+    pub fn publish_notice(&self, task: TaskId, text: String) {
+        let Some(slot) = self.inner.tasks.get(&task).map(|e| e.value().clone()) else {
+            return;
+        };
+        let version = slot.borrow().as_ref().map_or(i64::MIN, |f| f.version());
+        slot.send_replace(Some(Arc::new(Frame {
+            version,
+            text: Utf8Bytes::from(text),
+            notice: true,
+        })));
     }
 
     /// The tasks that have subscribers now (a snapshot; it may change right after).
@@ -224,6 +249,9 @@ impl Stream for Subscription {
         };
         loop {
             match Pin::new(&mut *stream).poll_next(cx) {
+                Poll::Ready(Some(Some(frame))) if frame.notice => {
+                    return Poll::Ready(Some(frame));
+                }
                 Poll::Ready(Some(Some(frame))) if frame.version() > this.delivered => {
                     // Versions between the last delivered one and this one were skipped.
                     if this.delivered != i64::MIN {
@@ -264,10 +292,12 @@ mod tests {
             progress: Some(version as f64),
             stage: None,
             status: TaskStatus::Processing,
+            status_raw: None,
             version,
-            updated_at: chrono::Utc::now(),
+            updated_at: Some(chrono::Utc::now()),
             image_url: None,
             error: None,
+            truncated: Vec::new(),
         }
     }
 
@@ -318,6 +348,24 @@ mod tests {
             assert_eq!(frame.text.as_str(), state.to_json(false, None));
             assert_eq!(frame.snapshot_json(), state.to_json(true, None));
         }
+    }
+
+    #[tokio::test]
+    async fn a_notice_reaches_present_subscribers_once_and_a_newer_state_follows() {
+        let hub = Hub::new();
+        let task = TaskId::random();
+        let (mut sub, _) = hub.subscribe(task);
+        hub.publish(&state(task, 4));
+        assert_eq!(sub.next().await.unwrap().version(), 4);
+        hub.publish_notice(task, r#"{"type":"error"}"#.to_string());
+        let notice = sub.next().await.unwrap();
+        assert!(notice.is_notice());
+        // Not a snapshot for a later subscriber, and no older state gets in after it.
+        let (_, current) = hub.subscribe(task);
+        assert!(current.is_none());
+        hub.publish(&state(task, 3));
+        hub.publish(&state(task, 5));
+        assert_eq!(sub.next().await.unwrap().version(), 5);
     }
 
     #[test]

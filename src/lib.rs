@@ -73,9 +73,10 @@ impl App {
         let limits = config.limits.clone();
         let store = match &config.database_url {
             Some(url) => {
-                let pg = Store::Postgres(PgStore::connect(url, &limits)?);
+                let pg =
+                    Store::Postgres(PgStore::connect(url, &limits, config.status_map.clone())?);
                 match pg.check_ready().await {
-                    Ok(()) => tracing::info!("store: postgres, schema complete"),
+                    Ok(()) => tracing::info!("store: postgres, table can be served"),
                     Err(e) => tracing::warn!(
                         error = %e.chain(),
                         "store: postgres, not ready yet; pushes will fail until this is fixed"
@@ -98,6 +99,7 @@ impl App {
                 store: pg.clone(),
                 hub: hub.clone(),
                 connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
+                reported: Default::default(),
             }),
             _ => None,
         };

@@ -7,7 +7,9 @@
 //! while the connection is down are lost, so after every (re)connect it re-reads every
 //! subscribed task; the hub's version rule makes the overlap harmless.
 
+use std::collections::HashSet;
 use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -16,7 +18,7 @@ use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::auth::Secret;
-use crate::domain::TaskId;
+use crate::domain::{TaskId, TaskState, Unreadable};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::store::PgStore;
@@ -38,6 +40,26 @@ pub struct Listener {
     pub store: PgStore,
     pub hub: Hub,
     pub connect_timeout: Duration,
+    /// Unreadable rows already logged, so a row is warned about once, not per change.
+    pub reported: Reported,
+}
+
+/// Which (task, column) problems were logged; bounded, forgotten wholesale when full.
+#[derive(Clone, Default)]
+pub struct Reported(Arc<Mutex<HashSet<(TaskId, &'static str)>>>);
+
+/// Most problems remembered before the set starts over (and logs each once more).
+const MAX_REPORTED: usize = 1024;
+
+impl Reported {
+    /// std Mutex, not tokio: nothing awaits while it is held.
+    fn first_time(&self, task: TaskId, column: &'static str) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= MAX_REPORTED {
+            seen.clear();
+        }
+        seen.insert((task, column))
+    }
 }
 
 /// How one connection ended.
@@ -173,19 +195,49 @@ impl Listener {
             return Ok(());
         }
         metrics::counter!(crate::telemetry::LISTENER_ROWS_READ).increment(wanted.len() as u64);
-        for state in self.store.get_many(&wanted).await? {
-            self.hub.publish(&state);
-        }
+        let rows = self.store.get_many(&wanted).await?;
+        self.publish(rows);
         Ok(())
+    }
+
+    /// Publishes what was read; a row that cannot be read is reported for its own task
+    /// (a warn line once, a counter, an error to its subscribers) and stops nothing else.
+    fn publish(&self, rows: Vec<Result<TaskState, Unreadable>>) {
+        for row in rows {
+            match row {
+                Ok(state) => self.hub.publish(&state),
+                Err(unreadable) => self.report(unreadable),
+            }
+        }
+    }
+
+    fn report(&self, unreadable: Unreadable) {
+        metrics::counter!(crate::telemetry::UNREADABLE_ROWS).increment(1);
+        let Some(task) = unreadable.task else {
+            return;
+        };
+        if self.reported.first_time(task, unreadable.column) {
+            tracing::warn!(
+                task = %task,
+                column = unreadable.column,
+                held = unreadable.held,
+                "a row of image_tasks cannot be read; its subscribers get an error, other tasks are unaffected"
+            );
+        }
+        let error = Error::UnreadableRow {
+            task,
+            column: unreadable.column,
+            held: unreadable.held,
+        };
+        self.hub.publish_notice(task, error.to_ws_json(Some(task)));
     }
 
     /// Re-reads every task that has local subscribers.
     async fn resync(&self) -> Result<(), Error> {
         let tasks = self.hub.tasks();
         for chunk in tasks.chunks(RESYNC_CHUNK) {
-            for state in self.store.get_many(chunk).await? {
-                self.hub.publish(&state);
-            }
+            let rows = self.store.get_many(chunk).await?;
+            self.publish(rows);
         }
         if !tasks.is_empty() {
             tracing::info!(
@@ -202,7 +254,7 @@ impl Listener {
 pub fn parse_payload(payload: &str) -> impl Iterator<Item = (TaskId, i64)> + '_ {
     payload.split(',').filter_map(|entry| {
         let (id, version) = entry.trim().split_once(' ')?;
-        Some((TaskId::parse(id).ok()?, version.parse().ok()?))
+        Some((TaskId::from_stored(id)?, version.parse().ok()?))
     })
 }
 
@@ -234,9 +286,10 @@ mod tests {
     fn payload_entries_parse_and_garbage_is_skipped() {
         let a = TaskId::random();
         let b = TaskId::random();
-        let payload = format!("{a} 3,garbage,{b} 7,{a} x");
+        let payload = format!("{a} 3,garbage,{b} 7,{a} x,42 9,{} 1", "x".repeat(64));
         let parsed: Vec<_> = parse_payload(&payload).collect();
-        assert_eq!(parsed, vec![(a, 3), (b, 7)]);
+        let int = TaskId::from_stored("42").unwrap();
+        assert_eq!(parsed, vec![(a, 3), (b, 7), (int, 9)]);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use taskcast::App;
 use taskcast::auth::Secret;
 use taskcast::auth::subscribe;
 use taskcast::config::{Cli, Command, Config, LogFormat};
-use taskcast::domain::TaskId;
+use taskcast::domain::{IdKind, StatusMap};
+use taskcast::store::report::Severity;
 use taskcast::store::schema;
 
 #[tokio::main]
@@ -16,6 +17,13 @@ async fn main() -> ExitCode {
     match cli.command {
         Some(Command::Migrate(args)) => {
             taskcast::telemetry::init(LogFormat::Text);
+            let map = match StatusMap::parse(&args.status_map) {
+                Ok(map) => map,
+                Err(message) => {
+                    eprintln!("taskcast migrate: {message}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match schema::migrate_with_channel(&args.database_url, &args.notify_channel).await {
                 Ok(changes) if changes.is_empty() => out("up to date\n"),
                 Ok(changes) => changes.iter().for_each(|c| out(&format!("{c}\n"))),
@@ -24,7 +32,36 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            ExitCode::SUCCESS
+            // What taskcast will do with the table as it is, before any push.
+            match schema::table_report(&args.database_url, &map).await {
+                Ok(findings) => {
+                    let mut servable = true;
+                    for f in &findings {
+                        let level = match f.severity {
+                            Severity::Ok => "ok",
+                            Severity::Warn => "warn",
+                            Severity::Fail => "FAIL",
+                        };
+                        servable &= f.severity != Severity::Fail;
+                        out(&format!("{level}: {}\n", f.message));
+                        if let Some(fix) = &f.fix {
+                            out(&format!("      fix: {fix}\n"));
+                        }
+                    }
+                    if servable {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!(
+                            "taskcast migrate: taskcast cannot serve this table yet (see FAIL above)"
+                        );
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("taskcast migrate: reading the table failed: {}", e.chain());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Some(Command::Doctor(args)) => {
             let env = |name: &str| std::env::var(name).ok();
@@ -41,7 +78,8 @@ async fn main() -> ExitCode {
             }
         }
         Some(Command::Token(args)) => {
-            let tasks: Result<Vec<_>, _> = args.tasks.iter().map(|t| TaskId::parse(t)).collect();
+            let tasks: Result<Vec<_>, _> =
+                args.tasks.iter().map(|t| IdKind::Text.parse(t)).collect();
             match tasks {
                 Ok(tasks) => {
                     let secret = Secret::new(args.subscribe_secret.trim());

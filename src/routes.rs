@@ -14,7 +14,7 @@ use warp::reply::Response;
 
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{PushKey, may_watch};
-use crate::domain::{NewTask, Outcome, ProgressUpdate, TaskId};
+use crate::domain::{NewTask, Outcome, ProgressUpdate};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
 use crate::store::Store;
@@ -111,8 +111,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::query::<WsQuery>())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
-        .map(
-            |state: Arc<AppState>, query: WsQuery, headers: HeaderMap, on_upgrade| {
+        .then(
+            |state: Arc<AppState>, query: WsQuery, headers: HeaderMap, on_upgrade| async move {
                 ws::upgrade(
                     state.ws.clone(),
                     query.task_id,
@@ -120,6 +120,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
                     &headers,
                     on_upgrade,
                 )
+                .await
                 .unwrap_or_else(Error::into_response)
             },
         );
@@ -258,7 +259,7 @@ async fn push(raw_id: String, state: Arc<AppState>, body: bytes::Bytes) -> Respo
     respond(
         async {
             let pushed = async {
-                let task = TaskId::parse(&raw_id)?;
+                let task = state.store.parse_id(&raw_id).await?;
                 let update = ProgressUpdate::from_json(&body)?;
                 state.writer.push(task, update).await
             };
@@ -287,10 +288,11 @@ async fn push_batch(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
             let items = parse_batch(&body, state.max_batch_items)?;
+            let kind = state.store.id_kind().await?;
             let mut slots: Vec<Result<usize, Error>> = Vec::with_capacity(items.len());
             let mut valid = Vec::with_capacity(items.len());
             for item in items {
-                slots.push(ProgressUpdate::from_batch_item(item).map(|push| {
+                slots.push(ProgressUpdate::from_batch_item(item, kind).map(|push| {
                     valid.push(push);
                     valid.len() - 1
                 }));
@@ -385,7 +387,7 @@ async fn get_task(
 ) -> Response {
     respond(
         async {
-            let task = TaskId::parse(&raw_id)?;
+            let task = state.store.parse_id(&raw_id).await?;
             if state.push_key.verify(authorization.as_deref()).is_err() {
                 let bearer = authorization.as_deref().and_then(crate::auth::bearer);
                 let token = query.token.as_deref().or(bearer);

@@ -13,7 +13,6 @@ use warp::Reply;
 use warp::reply::Response;
 
 use crate::auth::may_watch;
-use crate::domain::TaskId;
 use crate::error::Error;
 use crate::ws::WsContext;
 
@@ -26,7 +25,7 @@ pub async fn events(
     raw_id: String,
     token: Option<String>,
 ) -> Result<Response, Error> {
-    let task = TaskId::parse(&raw_id)?;
+    let task = ctx.store.parse_id(&raw_id).await?;
     let access = may_watch(&ctx.subscribe, &ctx.store, token.as_deref(), task).await?;
     let permit = ctx
         .connections

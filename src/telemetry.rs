@@ -37,6 +37,7 @@ pub const CONFLATED: &str = "taskcast_conflated_states_total";
 pub const SUBSCRIPTIONS: &str = "taskcast_subscriptions_active";
 pub const LISTENER_RECONNECTS: &str = "taskcast_listener_reconnects_total";
 pub const LISTENER_ROWS_READ: &str = "taskcast_listener_rows_read_total";
+pub const UNREADABLE_ROWS: &str = "taskcast_unreadable_rows_total";
 pub const CONNECTIONS: &str = "taskcast_connections_open";
 pub const HUB_TASKS: &str = "taskcast_hub_tasks";
 
@@ -91,6 +92,10 @@ fn describe() {
     describe_counter!(
         LISTENER_ROWS_READ,
         "Rows the NOTIFY listener read back: changes made by other nodes or by plain SQL."
+    );
+    describe_counter!(
+        UNREADABLE_ROWS,
+        "Rows of image_tasks the listener could not read (no usable id or version)."
     );
     describe_gauge!(CONNECTIONS, "Open WebSocket and SSE connections.");
     describe_gauge!(HUB_TASKS, "Tasks with at least one local subscriber.");

@@ -61,7 +61,11 @@ pub async fn may_watch(
 ) -> Result<Access, Error> {
     let access = auth.authorize(token, task)?;
     if let Access::Owner { user_id, .. } = access
-        && store.owner(task).await? != Some(Some(user_id))
+        && !store
+            .owner(task)
+            .await?
+            .flatten()
+            .is_some_and(|owner| owner.eq_ignore_ascii_case(&user_id.to_string()))
     {
         return Err(Error::Forbidden(format!(
             "this Supabase user may not watch task {task}"

@@ -124,9 +124,8 @@ impl SubscribeAuth {
             match jsonwebtoken::decode::<TaskClaims>(token, &key, &validation()) {
                 Ok(data) => {
                     let claims = data.claims;
-                    let wanted = task.to_string();
                     let named = claims.task_id.iter().chain(&claims.task_ids);
-                    return if named.into_iter().any(|t| t.eq_ignore_ascii_case(&wanted)) {
+                    return if named.into_iter().any(|t| names(t, task)) {
                         Ok(Access::Granted {
                             expires_at: claims.exp,
                         })
@@ -166,6 +165,13 @@ impl SubscribeAuth {
             Error::TokenInvalid
         })
     }
+}
+
+/// Whether a token's `task_id` claim names `task`: the same text, or the same UUID in
+/// another case (ids of integer and text tables are compared exactly).
+fn names(claim: &str, task: TaskId) -> bool {
+    claim == task.as_str()
+        || (claim.len() == 36 && Uuid::parse_str(claim).is_ok_and(|u| TaskId::from(u) == task))
 }
 
 /// Signs a subscribe token; used by `POST /api/tasks`, `taskcast token` and tests.

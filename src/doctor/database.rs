@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage, config::Host};
 
 use super::{Checks, Env, Level, value};
+use crate::domain::StatusMap;
+use crate::store::report::{self, Finding, Severity};
 use crate::store::schema::{REQUIRED_COLUMNS, missing_columns};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,6 +35,18 @@ const FUNCTIONS_QUERY: &str = "SELECT p.proname::text, pg_catalog.oidvectortypes
 
 /// The database checks, or one warning when DATABASE_URL is not set.
 pub(super) async fn database_checks(env: Env<'_>, out: &mut Checks) {
+    let map = match StatusMap::parse(&value(env, "TASKCAST_STATUS_MAP").unwrap_or_default()) {
+        Ok(map) => map,
+        Err(message) => {
+            out.fix(
+                "status map",
+                Level::Fail,
+                message,
+                "fix TASKCAST_STATUS_MAP",
+            );
+            StatusMap::default()
+        }
+    };
     let Some(url) = value(env, "DATABASE_URL") else {
         let message = "DATABASE_URL is not set: in-memory store, nothing survives a restart";
         return out.add("database", Level::Warn, message);
@@ -59,7 +73,7 @@ pub(super) async fn database_checks(env: Env<'_>, out: &mut Checks) {
     let message = match connecting.await {
         Ok(Ok((client, connection))) => {
             let driver = tokio::spawn(connection);
-            let read = inspect(&client, out).await;
+            let read = inspect(&client, &map, out).await;
             driver.abort();
             match read {
                 Ok(()) => return,
@@ -87,7 +101,11 @@ const REACHABLE: &str = "SELECT 'reachable: PostgreSQL ' || current_setting('ser
 
 /// Reads the server, the guide's columns, taskcast's columns and public's functions, then
 /// judges them. Nothing is added unless every read succeeds.
-async fn inspect(client: &Client, out: &mut Checks) -> Result<(), tokio_postgres::Error> {
+async fn inspect(
+    client: &Client,
+    map: &StatusMap,
+    out: &mut Checks,
+) -> Result<(), tokio_postgres::Error> {
     let server: String = client.query_one(REACHABLE, &[]).await?.get(0);
     // The simple protocol returns text, whatever information_schema's domain types are.
     let rows = client.simple_query(GUIDE_QUERY).await?;
@@ -114,8 +132,10 @@ async fn inspect(client: &Client, out: &mut Checks) -> Result<(), tokio_postgres
             }
         })
         .collect();
+    let table = report::read(client, map).await?;
     out.add("database", Level::Ok, server);
     schema_checks(&guide, &missing, out);
+    table_checks(&table, out);
     function_checks(&functions, out);
     Ok(())
 }
@@ -147,6 +167,22 @@ pub(super) fn schema_checks(guide: &[(&str, &str)], missing: &[String], out: &mu
     match others.is_empty() {
         true => out.add("schema", Level::Ok, message),
         false => out.fix("schema", Level::Fail, message, MIGRATE),
+    }
+}
+
+/// What taskcast will do with the table's id and status types and the statuses in use
+/// (the same findings `taskcast migrate` prints).
+pub(super) fn table_checks(findings: &[Finding], out: &mut Checks) {
+    for f in findings {
+        let level = match f.severity {
+            Severity::Ok => Level::Ok,
+            Severity::Warn => Level::Warn,
+            Severity::Fail => Level::Fail,
+        };
+        match &f.fix {
+            Some(fix) => out.fix(f.name, level, f.message.clone(), fix),
+            None => out.add(f.name, level, f.message.clone()),
+        }
     }
 }
 

@@ -4,18 +4,21 @@
 //! whose constructors reject bad input with a message that names the field and says what
 //! a valid value looks like. Past the route, nothing checks these values again.
 
-use std::fmt;
-
 use serde::Serialize;
 use serde_json::Value;
-use uuid::Uuid;
 
 use crate::error::Error;
 
+mod id;
 mod state;
+mod status_map;
+mod stored;
 mod update;
 
+pub use id::{IdKind, MAX_ID_BYTES, TaskId};
 pub use state::{Decision, Outcome, TaskRow, TaskState};
+pub use status_map::{StatusMap, StatusWords};
+pub use stored::{StoredRow, Unreadable};
 pub use update::{NewTask, ProgressUpdate};
 
 /// Longest accepted `stage` text, in characters.
@@ -24,67 +27,6 @@ pub const MAX_STAGE_CHARS: usize = 256;
 pub const MAX_IMAGE_URL_CHARS: usize = 2048;
 /// Longest accepted `error` text, in characters.
 pub const MAX_ERROR_CHARS: usize = 1024;
-
-/// The id of a row in `public.image_tasks`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TaskId(Uuid);
-
-impl TaskId {
-    /// Parses a task id, accepting only the hyphenated UUID form that Postgres prints.
-    pub fn parse(raw: &str) -> Result<Self, Error> {
-        let raw = raw.trim();
-        if raw.len() != 36 {
-            return Err(bad_task_id(raw));
-        }
-        Uuid::parse_str(raw)
-            .map(TaskId)
-            .map_err(|_| bad_task_id(raw))
-    }
-
-    /// A fresh random (v4) id, for tasks created through `POST /api/tasks`.
-    pub fn random() -> Self {
-        TaskId(Uuid::new_v4())
-    }
-
-    /// The id as a UUID, for binding to SQL parameters.
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
-}
-
-impl From<Uuid> for TaskId {
-    fn from(id: Uuid) -> Self {
-        TaskId(id)
-    }
-}
-
-fn bad_task_id(raw: &str) -> Error {
-    let shown: String = raw.chars().take(40).collect();
-    Error::invalid(
-        "task_id",
-        format!(
-            "task_id must be a UUID such as 0b6f1c5e-3f0e-4d7a-9a57-3c1f6c2d9e10, got {shown:?}"
-        ),
-    )
-}
-
-impl fmt::Display for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
-
-impl fmt::Debug for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TaskId({})", self.0.hyphenated())
-    }
-}
-
-impl Serialize for TaskId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0.hyphenated())
-    }
-}
 
 /// Percent complete, a finite number from 0 to 100 inclusive.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -147,7 +89,7 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
-    const ALL: [TaskStatus; 5] = [
+    pub const ALL: [TaskStatus; 5] = [
         TaskStatus::Pending,
         TaskStatus::Processing,
         TaskStatus::Completed,

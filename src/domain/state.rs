@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use uuid::Uuid;
 
 use super::{TaskId, TaskStatus};
 use crate::domain::ProgressUpdate;
@@ -16,10 +15,17 @@ pub struct TaskState {
     pub progress: Option<f64>,
     pub stage: Option<String>,
     pub status: TaskStatus,
+    /// The word the table holds, when it is not `status`'s own name (an alias, the app's
+    /// word from TASKCAST_STATUS_MAP, or a word that maps to nothing).
+    pub status_raw: Option<String>,
     pub version: i64,
-    pub updated_at: DateTime<Utc>,
+    /// `None` when the stored time cannot be shown (`infinity`, or beyond year 262143).
+    pub updated_at: Option<DateTime<Utc>>,
     pub image_url: Option<String>,
     pub error: Option<String>,
+    /// Fields whose stored text was longer than a push may send and was cut (see
+    /// [`crate::domain::StoredRow`]).
+    pub truncated: Vec<&'static str>,
 }
 
 /// The wire form shared by WebSocket messages and HTTP bodies.
@@ -31,12 +37,16 @@ struct Wire<'a> {
     progress: Option<f64>,
     stage: Option<&'a str>,
     status: TaskStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_raw: Option<&'a str>,
     version: i64,
-    updated_at: DateTime<Utc>,
+    updated_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     image_url: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    truncated: &'a [&'static str],
     snapshot: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     applied: Option<bool>,
@@ -62,10 +72,12 @@ impl TaskState {
             progress: self.progress,
             stage: self.stage.as_deref(),
             status: self.status,
+            status_raw: self.status_raw.as_deref(),
             version: self.version,
             updated_at: self.updated_at,
             image_url: self.image_url.as_deref(),
             error: self.error.as_deref(),
+            truncated: &self.truncated,
             snapshot,
             applied,
             token,
@@ -79,8 +91,9 @@ impl TaskState {
 pub struct TaskRow {
     pub state: TaskState,
     pub last_seq: Option<i64>,
-    /// `image_tasks.user_id`: the Supabase user who may watch the task with a session token.
-    pub owner: Option<Uuid>,
+    /// `image_tasks.user_id` as text: the Supabase user who may watch the task with a
+    /// session token.
+    pub owner: Option<String>,
 }
 
 /// What a push does to a task, decided the same way by every store.
@@ -107,6 +120,9 @@ impl TaskRow {
                 status: self.state.status,
             });
         }
+        if self.state.version == i64::MAX {
+            return Err(Error::VersionExhausted(self.state.task_id));
+        }
         Ok(Decision::Apply)
     }
 
@@ -122,6 +138,7 @@ impl TaskRow {
         }
         if let Some(status) = update.status() {
             state.status = status;
+            state.status_raw = None;
         }
         if let Some(url) = update.image_url() {
             state.image_url = Some(url.to_owned());
@@ -133,7 +150,7 @@ impl TaskRow {
             self.last_seq = update.seq();
         }
         state.version += 1;
-        state.updated_at = now;
+        state.updated_at = Some(now);
     }
 }
 
@@ -174,10 +191,12 @@ mod tests {
                 progress: None,
                 stage: None,
                 status,
+                status_raw: None,
                 version: 3,
-                updated_at: Utc::now(),
+                updated_at: Some(Utc::now()),
                 image_url: None,
                 error: None,
+                truncated: Vec::new(),
             },
             last_seq,
             owner: None,

@@ -4,7 +4,9 @@
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, Progress, Stage, TaskId, TaskStatus, shown};
+use super::{
+    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, Progress, Stage, TaskId, TaskStatus, shown,
+};
 use crate::error::Error;
 
 /// One push from the generator: at least one of progress, stage or status, and an optional
@@ -163,8 +165,9 @@ impl ProgressUpdate {
         Ok(update)
     }
 
-    /// One item of the batch endpoint: the push fields plus its `task_id`.
-    pub fn from_batch_item(item: Value) -> Result<(TaskId, Self), Error> {
+    /// One item of the batch endpoint: the push fields plus its `task_id`, which must be
+    /// an id of `kind`.
+    pub fn from_batch_item(item: Value, kind: IdKind) -> Result<(TaskId, Self), Error> {
         let Value::Object(mut fields) = item else {
             return Err(Error::invalid(
                 "updates",
@@ -174,11 +177,11 @@ impl ProgressUpdate {
             ));
         };
         let task = match fields.remove("task_id") {
-            Some(Value::String(raw)) => TaskId::parse(&raw)?,
+            Some(Value::String(raw)) => kind.parse(&raw)?,
             _ => {
                 return Err(Error::invalid(
                     "task_id",
-                    "each update needs a task_id string (a UUID)".to_string(),
+                    format!("each update needs a task_id string: {}", kind.describe()),
                 ));
             }
         };
@@ -251,19 +254,18 @@ impl NewTask {
                     ));
                 }
                 ("user_id", Value::String(u)) => {
-                    task.user_id = Some(
-                        TaskId::parse(&u)
-                            .map_err(|_| {
-                                Error::invalid(
-                                    "user_id",
-                                    format!(
-                                        "user_id must be a UUID, got {}",
-                                        shown(&Value::String(u.clone()))
-                                    ),
-                                )
-                            })?
-                            .as_uuid(),
-                    );
+                    let parsed = Uuid::parse_str(u.trim())
+                        .ok()
+                        .filter(|_| u.trim().len() == 36);
+                    task.user_id = Some(parsed.ok_or_else(|| {
+                        Error::invalid(
+                            "user_id",
+                            format!(
+                                "user_id must be a UUID (a Supabase user id), got {}",
+                                shown(&Value::String(u.clone()))
+                            ),
+                        )
+                    })?);
                 }
                 ("user_id", other) => {
                     return Err(Error::invalid(

@@ -59,8 +59,8 @@ impl MemoryStore {
     }
 
     /// `None` if the task does not exist, else its owner (`user_id`).
-    pub fn owner(&self, id: TaskId) -> Option<Option<uuid::Uuid>> {
-        self.lock().get(&id).map(|row| row.owner)
+    pub fn owner(&self, id: TaskId) -> Option<Option<String>> {
+        self.lock().get(&id).map(|row| row.owner.clone())
     }
 
     pub fn create(&self, task: NewTask) -> Result<TaskState, Error> {
@@ -79,17 +79,19 @@ impl MemoryStore {
             progress: None,
             stage: None,
             status: TaskStatus::Pending,
+            status_raw: None,
             version: 0,
-            updated_at: Utc::now(),
+            updated_at: Some(Utc::now()),
             image_url: None,
             error: None,
+            truncated: Vec::new(),
         };
         tasks.insert(
             state.task_id,
             TaskRow {
                 state: state.clone(),
                 last_seq: None,
-                owner: task.user_id,
+                owner: task.user_id.map(|u| u.to_string()),
             },
         );
         Ok(state)

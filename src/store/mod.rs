@@ -7,12 +7,14 @@
 
 mod memory;
 mod postgres;
+pub mod report;
 pub mod schema;
+pub mod shape;
 
 pub use memory::MemoryStore;
 pub use postgres::PgStore;
 
-use crate::domain::{NewTask, Outcome, ProgressUpdate, TaskId, TaskState};
+use crate::domain::{IdKind, NewTask, Outcome, ProgressUpdate, TaskId, TaskState};
 use crate::error::Error;
 
 /// The result of each push in a batch, in the batch's order.
@@ -47,8 +49,23 @@ impl Store {
         }
     }
 
-    /// `None` if the task does not exist, else its owner (`image_tasks.user_id`).
-    pub async fn owner(&self, task: TaskId) -> Result<Option<Option<uuid::Uuid>>, Error> {
+    /// What a valid task id looks like: the in-memory store's ids are UUIDs; Postgres
+    /// follows the type of `image_tasks.id`.
+    pub async fn id_kind(&self) -> Result<IdKind, Error> {
+        match self {
+            Store::Postgres(pg) => pg.id_kind().await,
+            Store::Memory(_) => Ok(IdKind::Uuid),
+        }
+    }
+
+    /// Parses a client's task id for this store's table (a 400 that says what an id looks
+    /// like when it does not fit).
+    pub async fn parse_id(&self, raw: &str) -> Result<TaskId, Error> {
+        self.id_kind().await?.parse(raw)
+    }
+
+    /// `None` if the task does not exist, else its owner (`image_tasks.user_id` as text).
+    pub async fn owner(&self, task: TaskId) -> Result<Option<Option<String>>, Error> {
         match self {
             Store::Postgres(pg) => pg.owner(task).await,
             Store::Memory(mem) => Ok(mem.owner(task)),

@@ -6,78 +6,45 @@
 //! missing task, a row changed meanwhile) go through the locked path: lock their rows in
 //! id order (`FOR UPDATE`, so two nodes never deadlock), decide each in Rust with the
 //! rules every store shares, write the applied ones, commit.
+//!
+//! The statements come from the table's [`Shape`], read from the catalog on first use and
+//! again on every readiness check, so a table changed by `migrate` or by the app is picked
+//! up without a restart.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
-use uuid::Uuid;
 
 use super::BatchResult;
 use super::schema::missing_columns;
+use super::shape::{self, Shape};
 use crate::auth::Secret;
 use crate::config::Limits;
 use crate::domain::{
-    Decision, NewTask, Outcome, ProgressUpdate, Stage, TaskId, TaskRow, TaskState, TaskStatus,
+    Decision, IdKind, NewTask, Outcome, ProgressUpdate, StatusMap, StoredRow, TaskId, TaskRow,
+    TaskState, Unreadable,
 };
 use crate::error::Error;
 
-/// Columns read into a [`TaskRow`], in the order [`row_to_task`] expects.
-const COLUMNS: &str = "id, progress::float8, stage, status, taskcast_version, updated_at, \
-                       image_url, error, taskcast_seq, user_id";
-
-const LOCK_ROWS: &str = "SELECT id, progress::float8, stage, status, taskcast_version, updated_at, \
-     image_url, error, taskcast_seq, user_id \
-     FROM public.image_tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE";
-
-/// `UPDATE ... FROM unnest(...)`: NULL in an input array means "leave that column as it
-/// is"; `$extra` narrows the rows.
-macro_rules! apply_sql {
-    ($extra:literal) => {
-        concat!(
-            "UPDATE public.image_tasks AS t SET \
-               progress = COALESCE(u.progress::numeric, t.progress), \
-               stage = COALESCE(u.stage, t.stage), \
-               status = COALESCE(u.status, t.status), \
-               image_url = COALESCE(u.image_url, t.image_url), \
-               error = COALESCE(u.error, t.error), \
-               taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
-               taskcast_version = t.taskcast_version + 1, \
-               updated_at = now() \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], \
-                         $6::text[], $7::text[]) \
-               AS u(id, progress, stage, status, seq, image_url, error) \
-             WHERE t.id = u.id AND t.id = ANY($1)",
-            $extra,
-            " RETURNING t.id, t.progress::float8, t.stage, t.status, t.taskcast_version, \
-               t.updated_at, t.image_url, t.error, t.taskcast_seq, t.user_id"
-        )
-    };
-}
-
-/// Pushes already decided under the row locks.
-const APPLY: &str = apply_sql!("");
-
-/// The push rules of [`TaskRow::decide`] as a WHERE clause: the task's status is one a push
-/// may change (`$8`, the open statuses), and the push has no `seq` or a newer one.
-const APPLY_OPEN: &str = apply_sql!(
-    " AND t.status = ANY($8::text[]) \
-      AND (u.seq IS NULL OR t.taskcast_seq IS NULL OR u.seq > t.taskcast_seq)"
-);
-
-/// Cloning is shallow: the pool is reference-counted.
+/// Cloning is shallow: the pool and the cached shape are reference-counted.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// The app's status words (TASKCAST_STATUS_MAP).
+    statuses: StatusMap,
+    /// The table's shape, once read. std RwLock: nothing awaits while it is held.
+    shape: Arc<RwLock<Option<Arc<Shape>>>>,
 }
 
 impl PgStore {
     /// Builds the pool; connects lazily, so a database that is down at startup only makes
     /// requests answer 503 until it is back.
-    pub fn connect(url: &Secret, limits: &Limits) -> Result<Self, Error> {
+    pub fn connect(url: &Secret, limits: &Limits, statuses: StatusMap) -> Result<Self, Error> {
         let mut pg: tokio_postgres::Config = url.expose().parse().map_err(|e| {
             Error::invalid(
                 "DATABASE_URL",
@@ -106,11 +73,70 @@ impl PgStore {
             .recycle_timeout(Some(limits.db_timeout))
             .build()
             .map_err(|e| Error::internal("building the database pool", e))?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            statuses,
+            shape: Arc::default(),
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// The table's shape: cached, or read from the catalog now.
+    async fn shape(&self, client: &deadpool_postgres::Object) -> Result<Arc<Shape>, DbError> {
+        let cached = self
+            .shape
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match cached {
+            Some(shape) => Ok(shape),
+            None => self.reload_shape(client).await,
+        }
+    }
+
+    async fn reload_shape(
+        &self,
+        client: &deadpool_postgres::Object,
+    ) -> Result<Arc<Shape>, DbError> {
+        let columns = shape::columns(&***client).await?;
+        let fresh = Arc::new(Shape::new(&columns, &self.statuses)?);
+        *self
+            .shape
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    fn forget_shape(&self) {
+        *self
+            .shape
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
+    /// What a valid task id looks like for this table.
+    pub async fn id_kind(&self) -> Result<IdKind, Error> {
+        self.run(async |client| Ok(self.shape(client).await?.id))
+            .await
+    }
+
+    /// Runs `op` on a pooled connection, turning its failure into what the caller should
+    /// do (see [`PgStore::classify`]).
+    async fn run<T>(
+        &self,
+        op: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, DbError>,
+    ) -> Result<T, Error> {
+        let result = match self.client().await {
+            Ok(client) => op(&client).await,
+            Err(e) => Err(DbError::Domain(e)),
+        };
+        match result {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.classify(e).await),
+        }
     }
 
     pub async fn apply_batch(
@@ -128,31 +154,46 @@ impl PgStore {
         batch: &[(TaskId, ProgressUpdate)],
     ) -> Result<BatchResult, DbError> {
         let mut client = self.client().await?;
+        let shape = self.shape(&client).await?;
         let mut results: Vec<Option<Result<Outcome, Error>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
+        // A status the column cannot hold is refused before any SQL.
+        for (index, (_, update)) in batch.iter().enumerate() {
+            if let Some(status) = update.status()
+                && let Err(e) = shape.word(status)
+            {
+                results[index] = Some(Err(e));
+            }
+        }
         // In id order, so concurrent statements from two nodes lock rows in one order.
-        let mut order: Vec<usize> = (0..batch.len()).collect();
+        let mut order: Vec<usize> = (0..batch.len()).filter(|&i| results[i].is_none()).collect();
         order.sort_by_key(|&i| batch[i].0);
 
-        let apply_open = client.prepare_cached(APPLY_OPEN).await?;
-        let columns = Columns::new(batch, &order);
-        let open: Vec<&str> = TaskStatus::OPEN.iter().map(|s| s.as_str()).collect();
-        let mut params = columns.params();
-        params.push(&open);
-        match client.query(&apply_open, &params).await {
-            Ok(rows) => {
-                let position: HashMap<TaskId, usize> =
-                    order.iter().map(|&i| (batch[i].0, i)).collect();
-                for row in rows {
-                    let id = TaskId::from(row.try_get::<_, Uuid>(0)?);
-                    if let Some(&index) = position.get(&id) {
-                        results[index] = Some(row_to_task(&row).map(|t| Outcome::Applied(t.state)));
+        if !order.is_empty() {
+            let apply_open = client.prepare_cached(&shape.sql.apply_open).await?;
+            let columns = Columns::new(batch, &order, &shape);
+            let terminal = shape.words.terminal();
+            let mut params = columns.params();
+            params.push(&terminal);
+            match client.query(&apply_open, &params).await {
+                Ok(rows) => {
+                    let position: HashMap<TaskId, usize> =
+                        order.iter().map(|&i| (batch[i].0, i)).collect();
+                    for row in rows {
+                        let task = decode(&row, &shape.statuses);
+                        if let Some(&index) = task
+                            .as_ref()
+                            .ok()
+                            .and_then(|t| position.get(&t.state.task_id))
+                        {
+                            results[index] = Some(task.map(|t| Outcome::Applied(t.state)));
+                        }
                     }
                 }
+                // Another node's statement holds rows this one needs: the locked path orders it.
+                Err(e) if is_contention(&e) => {}
+                Err(e) => return Err(e.into()),
             }
-            // Another node's statement holds rows this one needs: the locked path orders it.
-            Err(e) if is_contention(&e) => {}
-            Err(e) => return Err(e.into()),
         }
 
         let rest: Vec<usize> = order
@@ -160,7 +201,7 @@ impl PgStore {
             .filter(|&i| results[i].is_none())
             .collect();
         if !rest.is_empty() {
-            match apply_locked(&mut client, batch, &rest).await {
+            match apply_locked(&mut client, &shape, batch, &rest).await {
                 Ok(locked) => {
                     for (index, result) in locked {
                         results[index] = Some(result);
@@ -189,85 +230,78 @@ impl PgStore {
             .collect())
     }
 
+    /// The committed state of a task, `None` if it does not exist; a row without a usable
+    /// version is [`Error::UnreadableRow`] (422), for this task only.
     pub async fn get(&self, task: TaskId) -> Result<Option<TaskState>, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = $1");
-            let stmt = client.prepare_cached(&sql).await?;
-            let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
-            Ok(row.map(|r| row_to_task(&r)).transpose()?.map(|t| t.state))
-        }
-        .await;
-        match result {
-            Ok(state) => Ok(state),
-            Err(e) => Err(self.classify(e).await),
-        }
+        self.run(async |client| {
+            let shape = self.shape(client).await?;
+            let stmt = client.prepare_cached(&shape.sql.get).await?;
+            let row = client.query_opt(&stmt, &[&task.as_str()]).await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            Ok(Some(decode(&row, &shape.statuses)?.state))
+        })
+        .await
     }
 
-    /// The committed states of `tasks` that exist, in no particular order.
-    pub async fn get_many(&self, tasks: &[TaskId]) -> Result<Vec<TaskState>, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = ANY($1)");
-            let stmt = client.prepare_cached(&sql).await?;
-            let ids: Vec<Uuid> = tasks.iter().map(TaskId::as_uuid).collect();
+    /// The committed states of `tasks` that exist, in no particular order; a row that
+    /// cannot be read is reported on its own and never fails the others.
+    pub async fn get_many(
+        &self,
+        tasks: &[TaskId],
+    ) -> Result<Vec<Result<TaskState, Unreadable>>, Error> {
+        self.run(async |client| {
+            let shape = self.shape(client).await?;
+            let stmt = client.prepare_cached(&shape.sql.get_many).await?;
+            let ids: Vec<&str> = tasks.iter().map(TaskId::as_str).collect();
             let rows = client.query(&stmt, &[&ids]).await?;
-            rows.iter()
-                .map(|r| row_to_task(r).map(|t| t.state).map_err(DbError::from))
-                .collect::<Result<Vec<_>, DbError>>()
-        }
-        .await;
-        match result {
-            Ok(states) => Ok(states),
-            Err(e) => Err(self.classify(e).await),
-        }
+            Ok(rows
+                .iter()
+                .map(|row| stored_row(row).decode(&shape.statuses).map(|t| t.state))
+                .collect())
+        })
+        .await
     }
 
-    /// `None` if the task does not exist, else its owner (`user_id`).
-    pub async fn owner(&self, task: TaskId) -> Result<Option<Option<Uuid>>, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached("SELECT user_id FROM public.image_tasks WHERE id = $1")
-                .await?;
-            let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
-            Ok(row.map(|r| r.try_get::<_, Option<Uuid>>(0)).transpose()?)
-        }
-        .await;
-        match result {
-            Ok(owner) => Ok(owner),
-            Err(e) => Err(self.classify(e).await),
-        }
+    /// `None` if the task does not exist, else its owner (`user_id` as text).
+    pub async fn owner(&self, task: TaskId) -> Result<Option<Option<String>>, Error> {
+        self.run(async |client| {
+            let shape = self.shape(client).await?;
+            let stmt = client.prepare_cached(&shape.sql.owner).await?;
+            let row = client.query_opt(&stmt, &[&task.as_str()]).await?;
+            Ok(row.map(|r| r.try_get::<_, Option<String>>(0)).transpose()?)
+        })
+        .await
     }
 
     pub async fn create(&self, task: NewTask) -> Result<TaskState, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let sql = format!(
-                "INSERT INTO public.image_tasks (prompt, user_id, status) VALUES ($1, $2, 'pending') \
-                 RETURNING {COLUMNS}"
-            );
-            let stmt = client.prepare_cached(&sql).await?;
-            let row = client.query_one(&stmt, &[&task.prompt, &task.user_id]).await?;
-            Ok(row_to_task(&row)?.state)
-        }
-        .await;
-        match result {
-            Ok(state) => Ok(state),
-            Err(e) => Err(self.classify(e).await),
-        }
+        self.run(async |client| {
+            let shape = self.shape(client).await?;
+            let stmt = client.prepare_cached(&shape.sql.create).await?;
+            let user_id = task.user_id.map(|u| u.to_string());
+            let pending = shape.words.word(crate::domain::TaskStatus::Pending);
+            let row = match pending {
+                Some(word) => {
+                    client
+                        .query_one(&stmt, &[&task.prompt, &user_id, &word])
+                        .await?
+                }
+                None => client.query_one(&stmt, &[&task.prompt, &user_id]).await?,
+            };
+            Ok(decode(&row, &shape.statuses)?.state)
+        })
+        .await
     }
 
+    /// Ok when the database answers and the table is one taskcast can serve. Reads the
+    /// table's shape anew, so a changed table is picked up.
     pub async fn check_ready(&self) -> Result<(), Error> {
-        let client = self.client().await?;
-        let missing = missing_columns(&**client)
-            .await
-            .map_err(|e| Error::unavailable("the database", e))?;
-        if missing.is_empty() {
+        self.run(async |client| {
+            self.reload_shape(client).await?;
             Ok(())
-        } else {
-            Err(Error::SchemaMissing { missing })
-        }
+        })
+        .await
     }
 
     /// Turns a failure into what the caller should do: migrate (422), retry (503), or
@@ -275,11 +309,23 @@ impl PgStore {
     /// message can name exactly what to add.
     async fn classify(&self, error: DbError) -> Error {
         let pg = match error {
-            DbError::Domain(e) => return e,
+            DbError::Domain(e) => {
+                if matches!(e, Error::SchemaMissing { .. } | Error::TableUnsupported(_)) {
+                    self.forget_shape();
+                }
+                return e;
+            }
             DbError::Pg(pg) => pg,
         };
         let code = pg.code();
-        if code == Some(&SqlState::UNDEFINED_TABLE) || code == Some(&SqlState::UNDEFINED_COLUMN) {
+        if code == Some(&SqlState::UNDEFINED_TABLE)
+            || code == Some(&SqlState::UNDEFINED_COLUMN)
+            || code == Some(&SqlState::UNDEFINED_OBJECT)
+            || code == Some(&SqlState::DATATYPE_MISMATCH)
+            || code == Some(&SqlState::UNDEFINED_FUNCTION)
+        {
+            // The table changed under a cached shape: read it again next time.
+            self.forget_shape();
             if let Ok(client) = self.client().await
                 && let Ok(missing) = missing_columns(&**client).await
                 && !missing.is_empty()
@@ -314,19 +360,23 @@ impl PgStore {
 /// with [`TaskRow::decide`], write the applied ones with one statement, commit.
 async fn apply_locked(
     client: &mut deadpool_postgres::Object,
+    shape: &Shape,
     batch: &[(TaskId, ProgressUpdate)],
     indices: &[usize],
 ) -> Result<Vec<(usize, Result<Outcome, Error>)>, DbError> {
-    let lock = client.prepare_cached(LOCK_ROWS).await?;
-    let apply = client.prepare_cached(APPLY).await?;
+    let lock = client.prepare_cached(&shape.sql.lock).await?;
+    let apply = client.prepare_cached(&shape.sql.apply).await?;
     let tx = client.transaction().await?;
-    let ids: Vec<Uuid> = indices.iter().map(|&i| batch[i].0.as_uuid()).collect();
-    // A row taskcast cannot read (say, a status it does not know) fails its own pushes
-    // only, not the whole batch.
+    let ids: Vec<&str> = indices.iter().map(|&i| batch[i].0.as_str()).collect();
+    // A row taskcast cannot read fails its own pushes only, not the whole batch.
     let mut current = HashMap::with_capacity(indices.len());
     for row in tx.query(&lock, &[&ids]).await? {
-        let id: Uuid = row.try_get(0)?;
-        current.insert(TaskId::from(id), row_to_task(&row));
+        if let Some(id) = row
+            .try_get::<_, Option<String>>(0)?
+            .and_then(|id| TaskId::from_stored(&id))
+        {
+            current.insert(id, decode(&row, &shape.statuses));
+        }
     }
 
     let mut results = Vec::with_capacity(indices.len());
@@ -353,10 +403,10 @@ async fn apply_locked(
     }
 
     if !to_apply.is_empty() {
-        let columns = Columns::new(batch, &to_apply);
+        let columns = Columns::new(batch, &to_apply, shape);
         let mut applied = HashMap::with_capacity(to_apply.len());
         for row in tx.query(&apply, &columns.params()).await? {
-            let task = row_to_task(&row)?;
+            let task = decode(&row, &shape.statuses)?;
             applied.insert(task.state.task_id, task.state);
         }
         for index in to_apply {
@@ -376,31 +426,33 @@ async fn apply_locked(
     Ok(results)
 }
 
-/// The UPDATE's input arrays for the pushes at some indices of a batch.
-/// Text columns borrow from the batch; only `progress` is formatted.
+/// The UPDATE's input arrays for the pushes at some indices of a batch, all as text (ids
+/// and statuses are cast to the column's type in SQL). Text columns borrow from the batch;
+/// only `progress` is formatted.
 struct Columns<'a> {
-    ids: Vec<Uuid>,
+    ids: Vec<&'a str>,
     progress: Vec<Option<String>>,
     stages: Vec<Option<&'a str>>,
-    statuses: Vec<Option<&'static str>>,
+    statuses: Vec<Option<&'a str>>,
     seqs: Vec<Option<i64>>,
     image_urls: Vec<Option<&'a str>>,
     errors: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
-    fn new(batch: &'a [(TaskId, ProgressUpdate)], indices: &[usize]) -> Self {
+    /// `indices` hold only pushes whose status the shape can store.
+    fn new(batch: &'a [(TaskId, ProgressUpdate)], indices: &[usize], shape: &'a Shape) -> Self {
         let updates = || indices.iter().map(|&i| &batch[i].1);
         Columns {
-            ids: indices.iter().map(|&i| batch[i].0.as_uuid()).collect(),
+            ids: indices.iter().map(|&i| batch[i].0.as_str()).collect(),
             // As text: Rust prints the shortest string that reads back as the same f64, so
             // NUMERIC keeps every digit (a float8 parameter would round to 15 digits).
             progress: updates()
                 .map(|u| u.progress().map(|p| p.value().to_string()))
                 .collect(),
-            stages: updates().map(|u| u.stage().map(Stage::as_str)).collect(),
+            stages: updates().map(|u| u.stage().map(|s| s.as_str())).collect(),
             statuses: updates()
-                .map(|u| u.status().map(TaskStatus::as_str))
+                .map(|u| u.status().and_then(|s| shape.words.word(s)))
                 .collect(),
             seqs: updates().map(ProgressUpdate::seq).collect(),
             image_urls: updates().map(ProgressUpdate::image_url).collect(),
@@ -408,7 +460,7 @@ impl<'a> Columns<'a> {
         }
     }
 
-    /// `$1` to `$7` of [`APPLY`] and [`APPLY_OPEN`].
+    /// `$1` to `$7` of the apply statements.
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
             &self.ids,
@@ -455,28 +507,38 @@ fn pool_error(e: PoolError) -> Error {
     }
 }
 
-fn row_to_task(row: &Row) -> Result<TaskRow, Error> {
-    let read = |e: tokio_postgres::Error| Error::internal("reading image_tasks", e);
-    let status: String = row.try_get(3).map_err(read)?;
-    let status = TaskStatus::parse(&status).ok_or_else(|| {
-        Error::internal(
-            "reading image_tasks",
-            format!("image_tasks.status holds {status:?}, which taskcast does not know"),
-        )
-    })?;
-    let id: Uuid = row.try_get(0).map_err(read)?;
-    Ok(TaskRow {
-        state: TaskState {
-            task_id: TaskId::from(id),
-            progress: row.try_get(1).map_err(read)?,
-            stage: row.try_get(2).map_err(read)?,
-            status,
-            version: row.try_get(4).map_err(read)?,
-            updated_at: row.try_get(5).map_err(read)?,
-            image_url: row.try_get(6).map_err(read)?,
-            error: row.try_get(7).map_err(read)?,
+/// A row in the order of the shape's read columns. Each column is read as the type its
+/// cast gives, so only a driver fault (not a value) can make a `try_get` fail.
+fn stored_row(row: &Row) -> StoredRow {
+    StoredRow {
+        id: row.try_get(0).ok().flatten(),
+        progress: row.try_get(1).ok().flatten(),
+        stage: row.try_get(2).ok().flatten(),
+        status: row.try_get(3).ok().flatten(),
+        version: row.try_get(4).ok().flatten(),
+        updated_epoch: row.try_get(5).ok().flatten(),
+        image_url: row.try_get(6).ok().flatten(),
+        error: row.try_get(7).ok().flatten(),
+        seq: row.try_get(8).ok().flatten(),
+        owner: row.try_get(9).ok().flatten(),
+    }
+}
+
+/// A row rendered as a task, or [`Error::UnreadableRow`] for its task alone.
+fn decode(row: &Row, statuses: &StatusMap) -> Result<TaskRow, Error> {
+    stored_row(row).decode(statuses).map_err(unreadable)
+}
+
+fn unreadable(e: Unreadable) -> Error {
+    match e.task {
+        Some(task) => Error::UnreadableRow {
+            task,
+            column: e.column,
+            held: e.held,
         },
-        last_seq: row.try_get(8).map_err(read)?,
-        owner: row.try_get(9).map_err(read)?,
-    })
+        None => Error::internal(
+            "reading image_tasks",
+            format!("a row's {} is {}", e.column, e.held),
+        ),
+    }
 }

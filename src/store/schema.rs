@@ -2,6 +2,8 @@
 
 use tokio_postgres::{GenericClient, NoTls};
 
+use super::report::{self, Finding};
+use crate::domain::StatusMap;
 use crate::error::Error;
 
 /// The schema, idempotent; also shipped as `schema.sql` for the Supabase SQL editor.
@@ -108,13 +110,10 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
     migrate_with_channel(database_url, DEFAULT_CHANNEL).await
 }
 
-/// The NOTIFY channel schema.sql installs.
-pub const DEFAULT_CHANNEL: &str = "taskcast";
-
-/// [`migrate`], with the notify trigger sending on `channel`.
-pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<Vec<String>, Error> {
-    validate_channel(channel)?;
-    let fail = |what: &'static str| move |e: tokio_postgres::Error| Error::unavailable(what, e);
+/// One connection for a command (`migrate`), and the task that drives it.
+async fn connect(
+    database_url: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), Error> {
     let mut config: tokio_postgres::Config = database_url.parse().map_err(|e| {
         Error::invalid(
             "DATABASE_URL",
@@ -124,11 +123,35 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
-    let (mut client, connection) = config
+    let (client, connection) = config
         .connect(NoTls)
         .await
-        .map_err(fail("the database (connecting)"))?;
-    let driver = tokio::spawn(connection);
+        .map_err(|e| Error::unavailable("the database (connecting)", e))?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, driver))
+}
+
+/// What taskcast will do with the table as it is now (see [`super::report`]).
+pub async fn table_report(database_url: &str, map: &StatusMap) -> Result<Vec<Finding>, Error> {
+    let (client, driver) = connect(database_url).await?;
+    let findings = report::read(&client, map)
+        .await
+        .map_err(|e| Error::unavailable("the database (reading the table)", e));
+    drop(client);
+    let _ = driver.await;
+    findings
+}
+
+/// The NOTIFY channel schema.sql installs.
+pub const DEFAULT_CHANNEL: &str = "taskcast";
+
+/// [`migrate`], with the notify trigger sending on `channel`.
+pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<Vec<String>, Error> {
+    validate_channel(channel)?;
+    let fail = |what: &'static str| move |e: tokio_postgres::Error| Error::unavailable(what, e);
+    let (mut client, driver) = connect(database_url).await?;
     let result = async {
         let tx = client.transaction().await.map_err(fail("the database"))?;
         // IF NOT EXISTS reports every skipped step as a NOTICE; keep the output to the diff.

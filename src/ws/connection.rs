@@ -212,6 +212,10 @@ impl Connection {
     async fn on_client_message(&mut self, text: &str) -> Result<(), End> {
         match protocol::parse(text) {
             Ok(ClientMessage::Subscribe { task, token }) => {
+                let task = match self.ctx.store.parse_id(&task).await {
+                    Ok(task) => task,
+                    Err(e) => return self.send_error(&e, None).await,
+                };
                 if self.over_rate() {
                     let e = Error::RateLimited(format!(
                         "more than {} subscribe messages in one second \
@@ -223,7 +227,10 @@ impl Connection {
                 self.subscribe(task, token).await
             }
             Ok(ClientMessage::Unsubscribe { task }) => {
-                self.remove(task);
+                match self.ctx.store.parse_id(&task).await {
+                    Ok(task) => self.remove(task),
+                    Err(e) => return self.send_error(&e, None).await,
+                }
                 Ok(())
             }
             Err(e) => self.send_error(&e, None).await,

@@ -25,7 +25,6 @@ use warp::reply::Response;
 
 use crate::auth::subscribe::SubscribeAuth;
 use crate::config::Limits;
-use crate::domain::TaskId;
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::store::Store;
@@ -65,7 +64,7 @@ impl WsContext {
 
 /// Answers the upgrade request with 101 and starts the connection task, or refuses with
 /// an HTTP error before upgrading.
-pub fn upgrade(
+pub async fn upgrade(
     ctx: Arc<WsContext>,
     task_id: Option<String>,
     token: Option<String>,
@@ -98,7 +97,10 @@ pub fn upgrade(
         )
     })?;
     let on_upgrade = on_upgrade.ok_or(Error::UpgradeRequired)?;
-    let initial = task_id.as_deref().map(TaskId::parse).transpose()?;
+    let initial = match task_id {
+        Some(raw) => Some(ctx.store.parse_id(&raw).await?),
+        None => None,
+    };
     let permit = ctx
         .connections
         .clone()

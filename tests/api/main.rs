@@ -17,4 +17,5 @@ mod process;
 mod reporter;
 mod schema;
 mod sse;
+mod tables;
 mod websocket;

@@ -7,13 +7,21 @@ use crate::both_stores;
 use crate::helpers::{StoreKind, WAIT, spawn_app};
 
 /// Reads `data:` lines from an event stream as JSON, one per call.
-struct Events {
+pub struct Events {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
 }
 
 impl Events {
-    async fn next(&mut self) -> Value {
+    /// Reads the events of a `text/event-stream` response.
+    pub fn new(response: reqwest::Response) -> Self {
+        Events {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        }
+    }
+
+    pub async fn next(&mut self) -> Value {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let event: String = self.buffer.drain(..end + 2).collect();

@@ -1,0 +1,302 @@
+//! The table as it is: the types of `public.image_tasks`' columns, read from the catalog,
+//! and the statements that read and write a table of that shape.
+//!
+//! Every column is read in a form that cannot fail on its value (`::text`, `left(...)`,
+//! `date_part('epoch', ...)`), so one odd row never fails a query that reads others; the
+//! domain renders the values ([`crate::domain::StoredRow`]). Ids and statuses are bound as
+//! text and cast to the column's own type, so uuid, integer and text ids, and text and
+//! enum statuses, take the same statements.
+
+use tokio_postgres::GenericClient;
+
+use super::schema::REQUIRED_COLUMNS;
+use crate::domain::{
+    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STAGE_CHARS, StatusMap, StatusWords,
+    TaskStatus,
+};
+use crate::error::Error;
+
+/// Every column of the table with its type: name, `regtype` text (safe to paste into a
+/// cast: Postgres quotes it as needed), `typtype`, `typcategory`, enum labels in order.
+const COLUMNS_QUERY: &str = "SELECT a.attname::text, a.atttypid::regtype::text, t.typtype::text, \
+       t.typcategory::text, \
+       ARRAY(SELECT e.enumlabel::text FROM pg_catalog.pg_enum e \
+             WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) \
+     FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+     WHERE a.attrelid = to_regclass('public.image_tasks') AND a.attnum > 0 \
+       AND NOT a.attisdropped ORDER BY a.attnum";
+
+/// One column as the catalog describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// The type as `regtype` prints it: `uuid`, `bigint`, `character varying`, `image_status`.
+    pub type_name: String,
+    pub is_enum: bool,
+    /// `typcategory`: `S` string, `N` numeric, `U` user-defined, ...
+    pub category: String,
+    pub labels: Vec<String>,
+}
+
+/// What taskcast knows about the table, and the statements built for it.
+#[derive(Debug)]
+pub struct Shape {
+    pub id: IdKind,
+    pub id_column: Column,
+    pub status_column: Column,
+    pub user_column: Column,
+    pub statuses: StatusMap,
+    pub words: StatusWords,
+    pub sql: Statements,
+}
+
+/// The statements for one shape. `$1` is always ids as text.
+#[derive(Debug)]
+pub struct Statements {
+    pub get: String,
+    pub get_many: String,
+    pub owner: String,
+    pub create: String,
+    pub lock: String,
+    pub apply: String,
+    /// [`Statements::apply`] narrowed by the push rules; `$8` is [`StatusWords::terminal`].
+    pub apply_open: String,
+}
+
+/// Reads the table's columns; empty when the table does not exist.
+pub async fn columns<C: GenericClient>(client: &C) -> Result<Vec<Column>, tokio_postgres::Error> {
+    let rows = client.query(COLUMNS_QUERY, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| Column {
+            name: row.get(0),
+            type_name: row.get(1),
+            is_enum: row.get::<_, String>(2) == "e",
+            category: row.get(3),
+            labels: row.get(4),
+        })
+        .collect())
+}
+
+impl Shape {
+    /// Judges the columns: which id kind, which status words, or why the table cannot be
+    /// served (a missing column, an id or status of a type taskcast cannot bind).
+    pub fn new(columns: &[Column], statuses: &StatusMap) -> Result<Shape, Error> {
+        if columns.is_empty() {
+            return Err(Error::SchemaMissing {
+                missing: vec!["table public.image_tasks".to_string()],
+            });
+        }
+        let find = |name: &str| columns.iter().find(|c| c.name == name);
+        let missing: Vec<String> = REQUIRED_COLUMNS
+            .iter()
+            .filter(|name| find(name).is_none())
+            .map(|name| name.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::SchemaMissing { missing });
+        }
+        let column = |name: &str| find(name).expect("checked above").clone();
+        let (id_column, status_column, user_column) =
+            (column("id"), column("status"), column("user_id"));
+        let id = id_kind(&id_column)?;
+        let words = if status_column.is_enum {
+            StatusWords::for_enum(statuses, &status_column.labels)
+        } else if status_column.category == "S" {
+            StatusWords::for_text(statuses)
+        } else {
+            return Err(Error::TableUnsupported(format!(
+                "image_tasks.status is {}; taskcast serves text, varchar and enum statuses \
+                 (ALTER TABLE public.image_tasks ALTER COLUMN status TYPE text)",
+                status_column.type_name
+            )));
+        };
+        let sql = Statements::new(&id_column, &status_column, &user_column, &words);
+        Ok(Shape {
+            id,
+            id_column,
+            status_column,
+            user_column,
+            statuses: statuses.clone(),
+            words,
+            sql,
+        })
+    }
+
+    /// The word to store for `status`, or why the column cannot hold it.
+    pub fn word(&self, status: TaskStatus) -> Result<&str, Error> {
+        self.words
+            .word(status)
+            .ok_or_else(|| Error::StatusNotStorable {
+                status,
+                column: format!("enum {}", self.status_column.type_name),
+            })
+    }
+}
+
+/// The id kinds taskcast serves, by the column's type.
+fn id_kind(column: &Column) -> Result<IdKind, Error> {
+    let integer = |min: i64, max: i64| Ok(IdKind::Integer { min, max });
+    match column.type_name.as_str() {
+        "uuid" => Ok(IdKind::Uuid),
+        "smallint" => integer(i16::MIN.into(), i16::MAX.into()),
+        "integer" => integer(i32::MIN.into(), i32::MAX.into()),
+        "bigint" => Ok(IdKind::BIGINT),
+        _ if column.category == "S" => Ok(IdKind::Text),
+        other => Err(Error::TableUnsupported(format!(
+            "image_tasks.id is {other}; taskcast serves uuid, smallint, integer, bigint, text \
+             and varchar ids"
+        ))),
+    }
+}
+
+/// The columns read into a `StoredRow`, each in a form that cannot fail; `t` prefixes them.
+fn read_columns(t: &str) -> String {
+    format!(
+        "{t}id::text, {t}progress::text, left({t}stage::text, {stage}), {t}status::text, \
+         {t}taskcast_version::int8, date_part('epoch', {t}updated_at), \
+         left({t}image_url::text, {url}), left({t}error::text, {error}), \
+         {t}taskcast_seq::int8, {t}user_id::text",
+        stage = MAX_STAGE_CHARS + 1,
+        url = MAX_IMAGE_URL_CHARS + 1,
+        error = MAX_ERROR_CHARS + 1,
+    )
+}
+
+impl Statements {
+    fn new(id: &Column, status: &Column, user: &Column, words: &StatusWords) -> Self {
+        let (id_type, status_type, user_type) = (&id.type_name, &status.type_name, &user.type_name);
+        let columns = read_columns("");
+        let from = "FROM public.image_tasks";
+        let one = format!("id = $1::text::{id_type}");
+        let many = format!("id = ANY($1::text[]::{id_type}[])");
+        // Without a word for pending (an enum without one), the column's default applies.
+        let create = match words.word(TaskStatus::Pending) {
+            Some(_) => format!(
+                "INSERT INTO public.image_tasks (prompt, user_id, status) \
+                 VALUES ($1, $2::text::{user_type}, $3::text::{status_type}) RETURNING {columns}"
+            ),
+            None => format!(
+                "INSERT INTO public.image_tasks (prompt, user_id) \
+                 VALUES ($1, $2::text::{user_type}) RETURNING {columns}"
+            ),
+        };
+        let apply = |extra: &str| {
+            format!(
+                "UPDATE public.image_tasks AS t SET \
+                   progress = COALESCE(u.progress::numeric, t.progress), \
+                   stage = COALESCE(u.stage, t.stage), \
+                   status = COALESCE(u.status::{status_type}, t.status), \
+                   image_url = COALESCE(u.image_url, t.image_url), \
+                   error = COALESCE(u.error, t.error), \
+                   taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
+                   taskcast_version = t.taskcast_version + 1, \
+                   updated_at = now() \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+                             $6::text[], $7::text[]) \
+                   AS u(id, progress, stage, status, seq, image_url, error) \
+                 WHERE t.id = u.id::{id_type} AND t.{many}{extra} \
+                 RETURNING {}",
+                read_columns("t.")
+            )
+        };
+        Statements {
+            get: format!("SELECT {columns} {from} WHERE {one}"),
+            get_many: format!("SELECT {columns} {from} WHERE {many}"),
+            owner: format!("SELECT user_id::text {from} WHERE {one}"),
+            create,
+            lock: format!("SELECT {columns} {from} WHERE {many} ORDER BY id FOR UPDATE"),
+            apply: apply(""),
+            // The rules of `TaskRow::decide` that SQL can check: the status is not final
+            // (NULL reads as pending, but fails `<> ALL`, so such a row takes the locked
+            // path), the version can grow, and the push's seq is new.
+            apply_open: apply(
+                " AND lower(t.status::text) <> ALL($8::text[]) \
+                  AND t.taskcast_version < 9223372036854775807 \
+                  AND (u.seq IS NULL OR t.taskcast_seq IS NULL OR u.seq > t.taskcast_seq)",
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str, type_name: &str, category: &str) -> Column {
+        Column {
+            name: name.to_string(),
+            type_name: type_name.to_string(),
+            is_enum: false,
+            category: category.to_string(),
+            labels: Vec::new(),
+        }
+    }
+
+    fn table(id: Column, status: Column) -> Vec<Column> {
+        let mut columns = vec![id, status];
+        for name in REQUIRED_COLUMNS
+            .iter()
+            .filter(|n| !["id", "status"].contains(n))
+        {
+            columns.push(column(name, "text", "S"));
+        }
+        columns
+    }
+
+    #[test]
+    fn id_types_decide_the_id_kind() {
+        let status = column("status", "text", "S");
+        let kind = |type_name: &str, category: &str| {
+            Shape::new(
+                &table(column("id", type_name, category), status.clone()),
+                &StatusMap::default(),
+            )
+            .map(|shape| shape.id)
+        };
+        assert_eq!(kind("uuid", "U").unwrap(), IdKind::Uuid);
+        assert_eq!(kind("bigint", "N").unwrap(), IdKind::BIGINT);
+        assert!(matches!(
+            kind("integer", "N").unwrap(),
+            IdKind::Integer {
+                max: 2147483647,
+                ..
+            }
+        ));
+        assert_eq!(kind("character varying", "S").unwrap(), IdKind::Text);
+        let message = kind("numeric", "N").unwrap_err().to_string();
+        assert!(message.contains("image_tasks.id is numeric"), "{message}");
+    }
+
+    #[test]
+    fn an_enum_without_a_label_for_a_status_says_which() {
+        let mut status = column("status", "image_status", "E");
+        status.is_enum = true;
+        status.labels = ["queued", "running", "done", "failed"]
+            .map(String::from)
+            .to_vec();
+        let shape = Shape::new(
+            &table(column("id", "bigint", "N"), status),
+            &StatusMap::default(),
+        )
+        .unwrap();
+        assert_eq!(shape.word(TaskStatus::Completed).unwrap(), "done");
+        let message = shape.word(TaskStatus::Cancelled).unwrap_err().to_string();
+        assert!(
+            message.contains("enum image_status") && message.contains("cancelled"),
+            "{message}"
+        );
+        assert!(shape.sql.apply.contains("u.status::image_status"));
+        assert!(shape.sql.get.contains("id = $1::text::bigint"));
+    }
+
+    #[test]
+    fn a_missing_column_is_named() {
+        let mut columns = table(column("id", "uuid", "U"), column("status", "text", "S"));
+        columns.retain(|c| c.name != "taskcast_seq");
+        match Shape::new(&columns, &StatusMap::default()) {
+            Err(Error::SchemaMissing { missing }) => assert_eq!(missing, ["taskcast_seq"]),
+            other => panic!("{other:?}"),
+        }
+    }
+}
