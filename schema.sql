@@ -10,18 +10,31 @@
 --     drop it: DROP FUNCTION IF EXISTS public.execute_sql(text);
 --   * no pg_reload_conf(): not needed, and not permitted on Supabase.
 
-CREATE TABLE IF NOT EXISTS public.image_tasks (
-  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  user_id uuid,
-  prompt text,
-  status text NOT NULL DEFAULT 'pending',
-  progress NUMERIC DEFAULT NULL,
-  stage TEXT DEFAULT NULL,
-  image_url text,
-  error text,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  updated_at timestamptz NOT NULL DEFAULT now()
-);
+-- A table created here gets row level security at once: Supabase grants anon (the key
+-- every browser holds) and authenticated privileges on new tables in public, so without
+-- RLS anyone could read and change every task through /rest/v1/image_tasks. With RLS on
+-- and no policy they see nothing until the app adds its own policies; taskcast, connecting
+-- as the table's owner (on Supabase: postgres), is not held back. An existing table is
+-- left as it is: `taskcast doctor` and `migrate` report it if it is open.
+DO $$
+BEGIN
+  IF to_regclass('public.image_tasks') IS NULL THEN
+    CREATE TABLE public.image_tasks (
+      id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+      user_id uuid,
+      prompt text,
+      status text NOT NULL DEFAULT 'pending',
+      progress NUMERIC DEFAULT NULL,
+      stage TEXT DEFAULT NULL,
+      image_url text,
+      error text,
+      created_at timestamptz NOT NULL DEFAULT now(),
+      updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    ALTER TABLE public.image_tasks ENABLE ROW LEVEL SECURITY;
+  END IF;
+END
+$$;
 
 -- The deployment guide's migration, exactly: progress and stage for an existing table.
 ALTER TABLE public.image_tasks

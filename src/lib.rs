@@ -76,7 +76,16 @@ impl App {
                 let pg =
                     Store::Postgres(PgStore::connect(url, &limits, config.status_map.clone())?);
                 match pg.check_ready().await {
-                    Ok(()) => tracing::info!("store: postgres, table can be served"),
+                    Ok(()) => {
+                        tracing::info!("store: postgres, table can be served");
+                        for hazard in pg.hazards().await {
+                            tracing::warn!(
+                                fix = hazard.fix.as_deref().unwrap_or_default(),
+                                "DATABASE EXPOSED: {}",
+                                hazard.message
+                            );
+                        }
+                    }
                     Err(e) => tracing::warn!(
                         error = %e.chain(),
                         "store: postgres, not ready yet; pushes will fail until this is fixed"

@@ -41,6 +41,7 @@ async fn main() -> ExitCode {
                             Severity::Ok => "ok",
                             Severity::Warn => "warn",
                             Severity::Fail => "FAIL",
+                            Severity::Critical => "CRITICAL",
                         };
                         servable &= f.severity != Severity::Fail;
                         out(&format!("{level}: {}\n", f.message));

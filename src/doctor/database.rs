@@ -178,6 +178,7 @@ pub(super) fn table_checks(findings: &[Finding], out: &mut Checks) {
             Severity::Ok => Level::Ok,
             Severity::Warn => Level::Warn,
             Severity::Fail => Level::Fail,
+            Severity::Critical => Level::Critical,
         };
         match &f.fix {
             Some(fix) => out.fix(f.name, level, f.message.clone(), fix),

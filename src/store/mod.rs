@@ -5,6 +5,7 @@
 //!
 //! [`TaskRow::decide`]: crate::domain::TaskRow::decide
 
+pub mod exposure;
 mod memory;
 mod postgres;
 pub mod report;
@@ -84,6 +85,15 @@ impl Store {
         match self {
             Store::Postgres(pg) => pg.check_ready().await,
             Store::Memory(_) => Ok(()),
+        }
+    }
+
+    /// What makes the table open to anyone (Postgres only): said at startup, since many
+    /// never run `taskcast doctor`.
+    pub async fn hazards(&self) -> Vec<report::Finding> {
+        match self {
+            Store::Postgres(pg) => pg.hazards().await,
+            Store::Memory(_) => Vec::new(),
         }
     }
 

@@ -21,6 +21,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::BatchResult;
+use super::exposure;
+use super::report::Finding;
 use super::schema::missing_columns;
 use super::shape::{self, Shape};
 use crate::auth::Secret;
@@ -302,6 +304,13 @@ impl PgStore {
             Ok(())
         })
         .await
+    }
+
+    /// What makes the table or database open to anyone (see [`super::exposure`]), for a
+    /// warning at startup; nothing when the database cannot be read now.
+    pub async fn hazards(&self) -> Vec<Finding> {
+        let read = self.run(async |client| Ok(exposure::read(&***client).await?.warnings()));
+        read.await.unwrap_or_default()
     }
 
     /// Turns a failure into what the caller should do: migrate (422), retry (503), or

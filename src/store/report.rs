@@ -15,6 +15,8 @@ pub enum Severity {
     Warn,
     /// taskcast cannot serve the table until this is fixed.
     Fail,
+    /// The table or the database is open to anyone (Supabase's anon key).
+    Critical,
 }
 
 /// One thing said about the table, with the SQL or setting that fixes it.
@@ -39,6 +41,7 @@ pub async fn read<C: GenericClient>(
     if columns.is_empty() {
         return Ok(Vec::new());
     }
+    let exposure = super::exposure::read(client).await?;
     let has_status = columns.iter().any(|c| c.name == "status");
     let counts: Vec<(Option<String>, i64)> = if has_status {
         let rows = client.query(STATUS_COUNTS, &[]).await?;
@@ -46,7 +49,9 @@ pub async fn read<C: GenericClient>(
     } else {
         Vec::new()
     };
-    Ok(describe(&columns, map, &counts))
+    let mut findings = describe(&columns, map, &counts);
+    findings.extend(exposure.findings());
+    Ok(findings)
 }
 
 fn finding(name: &'static str, severity: Severity, message: String) -> Finding {

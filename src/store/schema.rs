@@ -136,9 +136,15 @@ async fn connect(
 /// What taskcast will do with the table as it is now (see [`super::report`]).
 pub async fn table_report(database_url: &str, map: &StatusMap) -> Result<Vec<Finding>, Error> {
     let (client, driver) = connect(database_url).await?;
-    let findings = report::read(&client, map)
-        .await
-        .map_err(|e| Error::unavailable("the database (reading the table)", e));
+    let read = async {
+        let mut findings = report::read(&client, map).await?;
+        // doctor has a fuller check of its own; migrate says it here.
+        findings.extend(super::exposure::read(&client).await?.execute_sql_finding());
+        Ok(findings)
+    };
+    let findings = read.await.map_err(|e: tokio_postgres::Error| {
+        Error::unavailable("the database (reading the table)", e)
+    });
     drop(client);
     let _ = driver.await;
     findings

@@ -397,3 +397,118 @@ async fn an_unreachable_database_fails_without_printing_its_password() {
         "{line}"
     );
 }
+
+/// Supabase's roles, as every Supabase project has them (cluster-wide, so created once
+/// whichever test gets there first).
+async fn supabase_roles(db: &TestDb) {
+    for role in ["anon", "authenticated", "service_role"] {
+        db.client()
+            .await
+            .batch_execute(&format!(
+                "DO $$ BEGIN CREATE ROLE {role} NOLOGIN; \
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            ))
+            .await
+            .expect("a Supabase role");
+    }
+}
+
+/// Supabase's default: anon and authenticated hold every privilege on tables in public.
+const SUPABASE_GRANTS: &str =
+    "GRANT ALL ON public.image_tasks TO anon, authenticated, service_role";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_open_to_anon_without_rls_is_critical_everywhere_until_rls_is_on() {
+    let db = TestDb::create().await;
+    supabase_roles(&db).await;
+    let client = db.client().await;
+    client
+        .batch_execute(crate::helpers::GUIDE_ERA_TABLE)
+        .await
+        .unwrap();
+    client.batch_execute(SUPABASE_GRANTS).await.unwrap();
+    let url = url_with_password(&db);
+    let env = production_env(&url);
+
+    // migrate (which leaves an existing table as it is) and serve say it without doctor.
+    let migrated = crate::process::taskcast(&[("DATABASE_URL", &url)], &["migrate"])
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&migrated.stdout);
+    assert!(
+        printed.contains("CRITICAL: row level security is off on public.image_tasks"),
+        "{printed}"
+    );
+    let server = crate::process::start_on(&[("DATABASE_URL", &url)], "127.0.0.1:0").await;
+    let log = server.stop().await;
+    assert!(
+        log.contains("DATABASE EXPOSED: row level security is off"),
+        "{log}"
+    );
+
+    let text = doctor(&env, false).await;
+    assert!(!text.success, "{}", text.stdout);
+    let line = text.line("row level security");
+    assert!(
+        line.starts_with("CRITICAL ") && line.contains("anon:UPDATE"),
+        "{line}"
+    );
+    assert!(
+        text.stdout
+            .contains("fix: ALTER TABLE public.image_tasks ENABLE ROW LEVEL SECURITY;"),
+        "{}",
+        text.stdout
+    );
+
+    client
+        .batch_execute("ALTER TABLE public.image_tasks ENABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    let report = doctor(&env, true).await.json();
+    assert_eq!(level_of(&report, "row level security"), "ok", "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_the_table_with_rls_on_and_a_policy_letting_anon_update_is_critical() {
+    let db = TestDb::create().await;
+    supabase_roles(&db).await;
+    migrate(&db.url).await.expect("migrate");
+    let client = db.client().await;
+    let rls: bool = client
+        .query_one(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.image_tasks'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rls, "a table migrate creates has row level security on");
+    client.batch_execute(SUPABASE_GRANTS).await.unwrap();
+    let url = url_with_password(&db);
+    let env = production_env(&url);
+    let report = doctor(&env, true).await.json();
+    assert_eq!(level_of(&report, "row level security"), "ok", "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+
+    client
+        .batch_execute(
+            "CREATE POLICY \"anyone edits\" ON public.image_tasks FOR UPDATE TO anon \
+             USING (true)",
+        )
+        .await
+        .unwrap();
+    let text = doctor(&env, false).await;
+    assert!(!text.success, "{}", text.stdout);
+    assert!(
+        text.line("anon policy").starts_with("CRITICAL "),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout
+            .contains("fix: DROP POLICY \"anyone edits\" ON public.image_tasks;"),
+        "{}",
+        text.stdout
+    );
+}

@@ -175,7 +175,7 @@ impl Server {
     }
 
     /// Stops the server and returns all it printed, stdout then stderr.
-    async fn stop(mut self) -> String {
+    pub async fn stop(mut self) -> String {
         self.child.start_kill().unwrap();
         let _ = self.child.wait().await;
         let mut stderr = String::new();
