@@ -182,11 +182,12 @@ pub struct ServeArgs {
     /// Bearer token that GET /metrics requires; unset: /metrics is open.
     #[arg(long, env = "TASKCAST_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
-    /// Upper bound on a graceful shutdown, in seconds.
+    /// Bound on each of the three phases of a graceful shutdown (requests in flight,
+    /// sockets and streams, the writer's drain), in seconds.
     #[arg(long, env = "TASKCAST_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
-    /// Serve the demo page at / and its simulated generations (always on with the
-    /// in-memory store).
+    /// Serve the demo page at / and its simulated generations (on by default with the
+    /// in-memory store outside production; refused in production).
     #[arg(
         long,
         env = "TASKCAST_DEMO",
@@ -439,7 +440,8 @@ fn report_push_key(key: &PushKey) {
         tracing::warn!(
             source = key.source().describe(),
             "the push key had surrounding whitespace or a newline; it was trimmed. Fix the \
-             value where it is set: the generator may send it untrimmed and get 401"
+             value where it is set: a generator reading it untrimmed may fail to send it (HTTP \
+             clients refuse a header value with a newline)"
         );
     }
     if let Some(weakness) = key.weakness() {

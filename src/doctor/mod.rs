@@ -181,8 +181,9 @@ fn app_url(env: Env, out: &mut Checks) {
 }
 
 const OPENAI_PREFIX: &str = "a prefix every modern OpenAI key shares, so it is public";
-const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them, but a \
-    generator that sends it as is gets 401";
+const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them (and the key \
+    a generator presents), but a generator reading the same value may fail to send it: HTTP \
+    clients refuse a header value with a newline";
 const TRIMMED_FIX: &str = "remove them where it is set, use the same value in every \
     environment, and restart both services (the guide's 401 checklist)";
 
