@@ -47,8 +47,10 @@ pub enum Error {
     /// A per-connection bound was reached (subscriptions, subscribe rate).
     #[error("{0}")]
     RateLimited(String),
-    #[error("the body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    /// `setting` is the variable that sets `limit` for this route, so the message names
+    /// the one to raise.
+    #[error("the body is larger than the limit of {limit} bytes ({setting})")]
+    PayloadTooLarge { limit: usize, setting: &'static str },
     #[error("the body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("this endpoint speaks WebSocket; send an Upgrade: websocket request")]
@@ -188,7 +190,7 @@ impl Error {
             }
             Error::RateLimited(_) => "stay within the limit named in the message",
             Error::PayloadTooLarge { .. } => {
-                "send a smaller body, or raise TASKCAST_MAX_BODY_BYTES"
+                "send a smaller body, or raise the setting the message names"
             }
             Error::UnsupportedMediaType => "set Content-Type: application/json",
             Error::UpgradeRequired => "connect with a WebSocket client, e.g. new WebSocket(url)",
@@ -340,7 +342,10 @@ fn clone_rejected(err: &Error) -> Error {
         Error::Invalid { field, message } => Error::invalid(field, message.clone()),
         Error::Unauthorized => Error::Unauthorized,
         Error::Forbidden(message) => Error::Forbidden(message.clone()),
-        Error::PayloadTooLarge { limit } => Error::PayloadTooLarge { limit: *limit },
+        Error::PayloadTooLarge { limit, setting } => Error::PayloadTooLarge {
+            limit: *limit,
+            setting,
+        },
         Error::UnsupportedMediaType => Error::UnsupportedMediaType,
         Error::UpgradeRequired => Error::UpgradeRequired,
         other => Error::internal("routing", other.chain()),

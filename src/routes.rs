@@ -54,21 +54,21 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit))
+        .and(json_body(limit, MAX_BODY))
         .then(push);
 
     let create = warp::path!("api" / "tasks")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit))
+        .and(json_body(limit, MAX_BODY))
         .then(create);
 
     let batch = warp::path!("api" / "progress")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(state.max_batch_body_bytes))
+        .and(json_body(state.max_batch_body_bytes, MAX_BATCH_BODY))
         .then(push_batch);
 
     let events = warp::path!("api" / "tasks" / String / "events")
@@ -200,10 +200,16 @@ fn authorized(key: PushKey) -> impl Filter<Extract = (), Error = warp::Rejection
         .untuple_one()
 }
 
-/// The request body, at most `limit` bytes whether or not Content-Length is sent
-/// (chunked uploads are counted as they arrive), and JSON when a Content-Type is given.
+/// The settings that bound request bodies, named in a 413.
+const MAX_BODY: &str = "TASKCAST_MAX_BODY_BYTES";
+const MAX_BATCH_BODY: &str = "TASKCAST_MAX_BATCH_BODY_BYTES";
+
+/// The request body, at most `limit` bytes (set by `setting`) whether or not
+/// Content-Length is sent (chunked uploads are counted as they arrive), and JSON when a
+/// Content-Type is given.
 fn json_body(
     limit: usize,
+    setting: &'static str,
 ) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
@@ -218,16 +224,23 @@ fn json_body(
                     return Err(warp::reject::custom(Error::UnsupportedMediaType));
                 }
                 if length.is_some_and(|n| n > limit as u64) {
-                    return Err(warp::reject::custom(Error::PayloadTooLarge { limit }));
+                    return Err(warp::reject::custom(Error::PayloadTooLarge {
+                        limit,
+                        setting,
+                    }));
                 }
-                read_limited(body, limit)
+                read_limited(body, limit, setting)
                     .await
                     .map_err(warp::reject::custom)
             },
         )
 }
 
-async fn read_limited<S, B>(body: S, limit: usize) -> Result<bytes::Bytes, Error>
+async fn read_limited<S, B>(
+    body: S,
+    limit: usize,
+    setting: &'static str,
+) -> Result<bytes::Bytes, Error>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -238,7 +251,7 @@ where
         let mut chunk = chunk
             .map_err(|e| Error::invalid("body", format!("the body could not be read: {e}")))?;
         if collected.len() + chunk.remaining() > limit {
-            return Err(Error::PayloadTooLarge { limit });
+            return Err(Error::PayloadTooLarge { limit, setting });
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
