@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, Method, StatusCode};
@@ -17,6 +16,7 @@ use crate::auth::{PushKey, may_watch};
 use crate::domain::{NewTask, Outcome, ProgressUpdate, TaskId};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
+use crate::query::{Query, query};
 use crate::store::Store;
 use crate::telemetry;
 use crate::writer::Writer;
@@ -74,9 +74,9 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let events = warp::path!("api" / "tasks" / String / "events")
         .and(warp::get())
         .and(with_state.clone())
-        .and(warp::query::<TokenQuery>())
+        .and(query())
         .then(
-            |raw_id: String, state: Arc<AppState>, query: TokenQuery| async move {
+            |raw_id: String, state: Arc<AppState>, query: Query| async move {
                 respond(crate::sse::events(state.ws.clone(), raw_id, query.token).await)
             },
         );
@@ -85,7 +85,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state.clone())
         .and(warp::header::optional::<String>("authorization"))
-        .and(warp::query::<TokenQuery>())
+        .and(query())
         .then(get_task);
 
     let metrics = warp::path!("metrics")
@@ -108,11 +108,11 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let socket = warp::path!("ws")
         .and(warp::get())
         .and(with_state)
-        .and(warp::query::<WsQuery>())
+        .and(query())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .map(
-            |state: Arc<AppState>, query: WsQuery, headers: HeaderMap, on_upgrade| {
+            |state: Arc<AppState>, query: Query, headers: HeaderMap, on_upgrade| {
                 ws::upgrade(
                     state.ws.clone(),
                     query.task_id,
@@ -177,17 +177,6 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         }))
         .map(warp::Reply::into_response)
         .boxed()
-}
-
-#[derive(Deserialize)]
-struct WsQuery {
-    task_id: Option<String>,
-    token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
 }
 
 /// Auth runs after path matching, so an unknown route is a 404, not a 401.
@@ -394,7 +383,7 @@ async fn get_task(
     raw_id: String,
     state: Arc<AppState>,
     authorization: Option<String>,
-    query: TokenQuery,
+    query: Query,
 ) -> Response {
     respond(
         async {
