@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// The app's public URL; its origin is the one browsers connect from.
     #[arg(long, env = "NEXT_PUBLIC_APP_URL")]
     pub app_url: Option<String>,
+    /// taskcast's own public URL (e.g. https://progress.example.com), when browsers load
+    /// pages from taskcast itself (the demo page); its origin is allowed.
+    #[arg(long, env = "TASKCAST_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "TASKCAST_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     pub max_body_bytes: usize,
@@ -281,9 +285,11 @@ pub struct Config {
     pub subscribe: SubscribeAuth,
     /// Lifetime of the token `POST /api/tasks` returns.
     pub token_ttl: Duration,
-    /// Browser origins (`scheme://host[:port]`) allowed besides the server's own:
-    /// NEXT_PUBLIC_APP_URL's and TASKCAST_ALLOWED_ORIGINS.
+    /// Browser origins (`scheme://host[:port]`) allowed: NEXT_PUBLIC_APP_URL's,
+    /// TASKCAST_PUBLIC_URL's and TASKCAST_ALLOWED_ORIGINS.
     pub allowed_origins: Vec<String>,
+    /// Also allow loopback origins (localhost, 127.0.0.0/8, [::1]): outside production.
+    pub allow_loopback_origins: bool,
     /// The NOTIFY channel the listener follows (Postgres only).
     pub notify_channel: String,
     pub write_mode: WriteMode,
@@ -308,6 +314,7 @@ impl Config {
             subscribe: SubscribeAuth::new(Some(random_secret()), None, false),
             token_ttl: Duration::from_secs(3600),
             allowed_origins: Vec::new(),
+            allow_loopback_origins: true,
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
             write_mode: WriteMode::Group,
             status_map: StatusMap::default(),
@@ -335,8 +342,13 @@ impl Config {
             production,
         )?;
         let mut allowed_origins = Vec::new();
-        if let Some(url) = args.app_url.as_deref().filter(|u| !u.trim().is_empty()) {
-            allowed_origins.push(parse_origin("NEXT_PUBLIC_APP_URL", url)?);
+        for (name, url) in [
+            ("NEXT_PUBLIC_APP_URL", &args.app_url),
+            ("TASKCAST_PUBLIC_URL", &args.public_url),
+        ] {
+            if let Some(url) = url.as_deref().filter(|u| !u.trim().is_empty()) {
+                allowed_origins.push(parse_origin(name, url)?);
+            }
         }
         for origin in args.allowed_origins.iter().filter(|o| !o.trim().is_empty()) {
             allowed_origins.push(parse_origin("TASKCAST_ALLOWED_ORIGINS", origin)?);
@@ -397,6 +409,7 @@ impl Config {
             subscribe,
             token_ttl: Duration::from_secs(args.token_ttl_secs),
             allowed_origins,
+            allow_loopback_origins: !production,
             notify_channel: args.notify_channel,
             write_mode: args.write_mode,
             status_map,
@@ -533,7 +546,8 @@ pub fn is_production(env: impl Fn(&str) -> Option<String>) -> bool {
         .any(|var| env(var).is_some_and(|v| v.trim().eq_ignore_ascii_case("production")))
 }
 
-/// Reduces a URL to its origin, rejecting anything that is not http(s)://host[:port].
+/// Reduces a URL to its origin, rejecting anything that is not http(s)://host[:port]; the
+/// origin is normalized as [`crate::origin::normalize`] does (no default port).
 /// `name` is the setting it came from, for the error message.
 pub fn parse_origin(name: &str, url: &str) -> Result<String, String> {
     let url = url.trim().trim_end_matches('/');
@@ -549,7 +563,7 @@ pub fn parse_origin(name: &str, url: &str) -> Result<String, String> {
     if host.is_empty() || host.contains('@') || !host.chars().all(valid_char) {
         return Err(bad());
     }
-    Ok(format!("{scheme}://{}", host.to_ascii_lowercase()))
+    crate::origin::normalize(&format!("{scheme}://{host}")).ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -562,9 +576,39 @@ mod tests {
             parse_origin("X", "https://App.example.com:8443/path?q=1").unwrap(),
             "https://app.example.com:8443"
         );
+        assert_eq!(
+            parse_origin("X", "https://app.example.com:443/").unwrap(),
+            "https://app.example.com",
+            "the default port is dropped"
+        );
         assert!(parse_origin("X", "app.example.com").is_err());
         assert!(parse_origin("X", "ftp://x").is_err());
         assert!(parse_origin("X", "https://user@host").is_err());
+    }
+
+    #[test]
+    fn public_url_is_an_allowed_origin_and_loopback_only_outside_production() {
+        let cli = Cli::try_parse_from([
+            "taskcast",
+            "--public-url",
+            "https://progress.example.com:443/demo",
+            "--subscribe-secret",
+            &"s".repeat(40),
+            "--push-key",
+            &"k".repeat(40),
+        ])
+        .unwrap();
+        let development = Config::from_args(cli.serve.clone(), |_| None).unwrap();
+        assert_eq!(
+            development.allowed_origins,
+            vec!["https://progress.example.com".to_string()]
+        );
+        assert!(development.allow_loopback_origins);
+        let production = Config::from_args(cli.serve, |k| {
+            (k == "NODE_ENV").then(|| "production".into())
+        })
+        .unwrap();
+        assert!(!production.allow_loopback_origins);
     }
 
     #[test]

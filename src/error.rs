@@ -12,6 +12,7 @@ use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
 use crate::domain::{TaskId, TaskStatus};
+use crate::telemetry::{self, Refusal};
 
 /// A boxed error source, kept for the log line of a 5xx and never shown to clients.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -32,10 +33,16 @@ pub enum Error {
     TokenInvalid,
     #[error("the subscribe token has expired")]
     TokenExpired,
-    /// Authenticated, but not allowed: a token for another task, another user's task, or a
-    /// browser origin that is not allowed. Never says whether the task exists.
+    /// Authenticated, but not allowed: a token for another task, or another user's task.
+    /// Never says whether the task exists.
     #[error("{0}")]
     Forbidden(String),
+    /// A browser page whose origin is not allowed (at most 80 characters of it are kept).
+    #[error(
+        "origin {origin:?} is not allowed; add it to TASKCAST_ALLOWED_ORIGINS (or set \
+         NEXT_PUBLIC_APP_URL or TASKCAST_PUBLIC_URL to it)"
+    )]
+    OriginRefused { origin: String },
     #[error("task {0} does not exist")]
     NotFound(TaskId),
     #[error("no such route")]
@@ -47,8 +54,10 @@ pub enum Error {
     /// A per-connection bound was reached (subscriptions, subscribe rate).
     #[error("{0}")]
     RateLimited(String),
-    #[error("the body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    /// `setting` is the variable that sets `limit` for this route, so the message names
+    /// the one to raise.
+    #[error("the body is larger than the limit of {limit} bytes ({setting})")]
+    PayloadTooLarge { limit: usize, setting: &'static str },
     #[error("the body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("this endpoint speaks WebSocket; send an Upgrade: websocket request")]
@@ -139,7 +148,7 @@ impl Error {
             Error::TokenRequired => "token_required",
             Error::TokenInvalid => "token_invalid",
             Error::TokenExpired => "token_expired",
-            Error::Forbidden(_) => "forbidden",
+            Error::Forbidden(_) | Error::OriginRefused { .. } => "forbidden",
             Error::NotFound(_) => "not_found",
             Error::RouteNotFound => "route_not_found",
             Error::MethodNotAllowed => "method_not_allowed",
@@ -165,7 +174,7 @@ impl Error {
             | Error::TokenRequired
             | Error::TokenInvalid
             | Error::TokenExpired => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::OriginRefused { .. } => StatusCode::FORBIDDEN,
             Error::NotFound(_) | Error::RouteNotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Conflict { .. } => StatusCode::CONFLICT,
@@ -199,9 +208,10 @@ impl Error {
                 "get a fresh token from the app and subscribe again: \
                  {\"type\":\"subscribe\",\"task_id\":...,\"token\":...}"
             }
-            Error::Forbidden(_) => {
-                "use a token issued for this task, or connect from an allowed origin \
-                 (NEXT_PUBLIC_APP_URL, TASKCAST_ALLOWED_ORIGINS)"
+            Error::Forbidden(_) => "use a token issued for this task",
+            Error::OriginRefused { .. } => {
+                "connect from an allowed origin (NEXT_PUBLIC_APP_URL, TASKCAST_PUBLIC_URL, \
+                 TASKCAST_ALLOWED_ORIGINS)"
             }
             Error::NotFound(_) => {
                 "create the task first (POST /api/tasks or an INSERT into public.image_tasks)"
@@ -213,7 +223,7 @@ impl Error {
             }
             Error::RateLimited(_) => "stay within the limit named in the message",
             Error::PayloadTooLarge { .. } => {
-                "send a smaller body, or raise TASKCAST_MAX_BODY_BYTES"
+                "send a smaller body, or raise the setting the message names"
             }
             Error::UnsupportedMediaType => "set Content-Type: application/json",
             Error::UpgradeRequired => "connect with a WebSocket client, e.g. new WebSocket(url)",
@@ -317,12 +327,39 @@ impl Error {
         .expect("a struct of strings always serializes")
     }
 
+    /// 5xx at error with the cause chain; a refused push key or origin at warn (throttled,
+    /// see [`telemetry::admit_refusal`]) with what to change, never the credential; other
+    /// 4xx at debug.
     fn log(&self) {
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(code = self.code(), error = %self.chain(), "request failed");
-        } else {
-            tracing::debug!(code = self.code(), error = %self, "request refused");
+            return;
+        }
+        match self {
+            Error::Unauthorized => {
+                if let Some(held_back) = telemetry::admit_refusal(Refusal::PushKey) {
+                    tracing::warn!(
+                        status = 401,
+                        similar_refusals_not_logged = held_back,
+                        "push refused: missing or wrong push key. The generator must send \
+                         Authorization: Bearer <key> with the same TASK_PROCESS_SECRET_KEY as \
+                         taskcast (no extra spaces or newlines); restart a service after \
+                         changing its environment"
+                    );
+                }
+            }
+            Error::OriginRefused { origin } => {
+                if let Some(held_back) = telemetry::admit_refusal(Refusal::Origin) {
+                    tracing::warn!(
+                        status = 403,
+                        similar_refusals_not_logged = held_back,
+                        "origin {origin:?} refused: add it to TASKCAST_ALLOWED_ORIGINS \
+                         (or set NEXT_PUBLIC_APP_URL or TASKCAST_PUBLIC_URL to it)"
+                    );
+                }
+            }
+            _ => tracing::debug!(code = self.code(), error = %self, "request refused"),
         }
     }
 
@@ -379,7 +416,13 @@ fn clone_rejected(err: &Error) -> Error {
         Error::Invalid { field, message } => Error::invalid(field, message.clone()),
         Error::Unauthorized => Error::Unauthorized,
         Error::Forbidden(message) => Error::Forbidden(message.clone()),
-        Error::PayloadTooLarge { limit } => Error::PayloadTooLarge { limit: *limit },
+        Error::OriginRefused { origin } => Error::OriginRefused {
+            origin: origin.clone(),
+        },
+        Error::PayloadTooLarge { limit, setting } => Error::PayloadTooLarge {
+            limit: *limit,
+            setting,
+        },
         Error::UnsupportedMediaType => Error::UnsupportedMediaType,
         Error::UpgradeRequired => Error::UpgradeRequired,
         other => Error::internal("routing", other.chain()),

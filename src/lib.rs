@@ -25,6 +25,7 @@ pub mod error;
 pub mod hub;
 pub mod listener;
 pub mod origin;
+pub mod query;
 pub mod reporter;
 pub mod routes;
 pub mod server;
@@ -133,7 +134,10 @@ impl App {
             push_key: config.push_key.clone(),
             subscribe: config.subscribe.clone(),
             token_ttl: config.token_ttl,
-            origins: OriginPolicy::new(config.allowed_origins.clone()),
+            origins: OriginPolicy::new(
+                config.allowed_origins.clone(),
+                config.allow_loopback_origins,
+            ),
             max_body_bytes: limits.max_body_bytes,
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,

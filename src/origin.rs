@@ -1,10 +1,16 @@
 //! Browser origins: which pages may open a WebSocket or call the API from a browser.
 //!
 //! A request without an `Origin` header (the generator, a server, curl) is unaffected. A
-//! request with one is allowed when the origin is the server's own (same host as the
-//! `Host` header), NEXT_PUBLIC_APP_URL's, or listed in TASKCAST_ALLOWED_ORIGINS; anything
-//! else gets 403 before any route runs, so a WebSocket is refused before the upgrade.
+//! request with one is allowed only when its origin is configured: NEXT_PUBLIC_APP_URL's,
+//! TASKCAST_PUBLIC_URL's (taskcast's own pages), or one in TASKCAST_ALLOWED_ORIGINS.
+//! Outside production, loopback origins (localhost, 127.0.0.0/8, [::1]) are allowed too,
+//! so the demo page works at http://127.0.0.1:8080. The `Host` header is never trusted:
+//! a DNS-rebinding page has an origin equal to the host it made the browser send.
+//! Anything else gets 403 before any route runs, so a WebSocket is refused before the
+//! upgrade. Origins are compared normalized: lowercase, the scheme's default port dropped
+//! (`http://a.com:80` is `http://a.com`).
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use warp::Filter;
@@ -17,37 +23,77 @@ use crate::error::Error;
 #[derive(Clone, Debug, Default)]
 pub struct OriginPolicy {
     allowed: Arc<[String]>,
+    allow_loopback: bool,
+}
+
+/// Reduces an origin to `scheme://host[:port]`, lowercase, without the scheme's default
+/// port (80 for http, 443 for https); `None` unless it is http(s) with a plain authority.
+pub fn normalize(origin: &str) -> Option<String> {
+    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (scheme, authority) = origin.split_once("://")?;
+    let default_port = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || "-.:[]".contains(c);
+    if !authority.chars().all(valid) {
+        return None;
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        // A bare IPv6 literal's colons are inside the brackets.
+        Some((host, port)) if !port.contains(']') => (host, Some(port.parse::<u16>().ok()?)),
+        _ => (authority, None),
+    };
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.is_empty() || (!bracketed && host.contains([':', '[', ']'])) {
+        return None;
+    }
+    Some(match port {
+        Some(port) if port != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+/// Whether a normalized origin's host is this machine: `localhost`, 127.0.0.0/8, `[::1]`.
+fn is_loopback(origin: &str) -> bool {
+    let authority = origin.split_once("://").map_or("", |(_, a)| a);
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => host,
+        _ => authority,
+    };
+    host == "localhost"
+        || host == "[::1]"
+        || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl OriginPolicy {
-    /// `allowed` holds normalized origins (`scheme://host[:port]`, lowercase).
-    pub fn new(allowed: Vec<String>) -> Self {
+    /// `allowed` are the configured origins (normalized here; ones that are not an
+    /// origin are ignored, config has refused them already). `allow_loopback` lets pages
+    /// on this machine in: development only.
+    pub fn new(allowed: Vec<String>, allow_loopback: bool) -> Self {
+        let allowed: Vec<String> = allowed.iter().filter_map(|o| normalize(o)).collect();
         OriginPolicy {
             allowed: allowed.into(),
+            allow_loopback,
         }
     }
 
     /// `Ok(Some(origin))` for an allowed browser request, whose responses then carry CORS
     /// headers; `Ok(None)` when there is no Origin header.
-    pub fn check(&self, origin: Option<&str>, host: Option<&str>) -> Result<Option<String>, Error> {
+    pub fn check(&self, origin: Option<&str>) -> Result<Option<String>, Error> {
         let Some(origin) = origin else {
             return Ok(None);
         };
-        let normalized = origin.trim().trim_end_matches('/').to_ascii_lowercase();
-        let authority = normalized
-            .strip_prefix("https://")
-            .or_else(|| normalized.strip_prefix("http://"));
-        let same_host = authority
-            .zip(host)
-            .is_some_and(|(authority, host)| authority.eq_ignore_ascii_case(host.trim()));
-        if same_host || self.allowed.contains(&normalized) {
+        let allowed = normalize(origin).is_some_and(|normalized| {
+            self.allowed.contains(&normalized) || (self.allow_loopback && is_loopback(&normalized))
+        });
+        if allowed {
             Ok(Some(origin.trim().to_string()))
         } else {
-            let shown: String = origin.chars().take(80).collect();
-            Err(Error::Forbidden(format!(
-                "origin {shown:?} is not allowed; add it to TASKCAST_ALLOWED_ORIGINS \
-                 (or set NEXT_PUBLIC_APP_URL)"
-            )))
+            Err(Error::OriginRefused {
+                origin: origin.chars().take(80).collect(),
+            })
         }
     }
 
@@ -56,14 +102,12 @@ impl OriginPolicy {
         &self,
     ) -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone + use<> {
         let policy = self.clone();
-        warp::header::optional::<String>("origin")
-            .and(warp::header::optional::<String>("host"))
-            .and_then(move |origin: Option<String>, host: Option<String>| {
-                let verdict = policy
-                    .check(origin.as_deref(), host.as_deref())
-                    .map_err(warp::reject::custom);
-                async move { verdict }
-            })
+        warp::header::optional::<String>("origin").and_then(move |origin: Option<String>| {
+            let verdict = policy
+                .check(origin.as_deref())
+                .map_err(warp::reject::custom);
+            async move { verdict }
+        })
     }
 }
 
@@ -101,28 +145,78 @@ pub fn preflight(origin: Option<String>) -> Response {
 mod tests {
     use super::*;
 
+    fn allowed(policy: &OriginPolicy, origin: &str) -> bool {
+        policy.check(Some(origin)).is_ok()
+    }
+
     #[test]
-    fn requests_without_origin_pass_and_foreign_origins_do_not() {
-        let policy = OriginPolicy::new(vec!["https://app.example.com".into()]);
-        assert_eq!(policy.check(None, Some("x")).unwrap(), None);
-        assert!(policy.check(Some("https://app.example.com"), None).is_ok());
-        assert!(policy.check(Some("https://APP.example.com/"), None).is_ok());
+    fn requests_without_origin_pass_and_only_configured_origins_do() {
+        let policy = OriginPolicy::new(vec!["https://app.example.com".into()], false);
+        assert_eq!(policy.check(None).unwrap(), None);
+        assert!(allowed(&policy, "https://app.example.com"));
+        assert!(allowed(&policy, "https://APP.example.com/"));
+        assert!(!allowed(&policy, "https://evil.example.com"));
         assert!(
-            policy
-                .check(Some("https://evil.example.com"), None)
-                .is_err()
+            !allowed(&policy, "http://app.example.com"),
+            "another scheme"
         );
-        assert!(policy.check(Some("null"), Some("null")).is_err());
-        // Same origin as the server itself (the demo page).
-        assert!(
-            policy
-                .check(Some("http://127.0.0.1:8080"), Some("127.0.0.1:8080"))
-                .is_ok()
+        assert!(!allowed(&policy, "null"));
+        // Not configured and not development: the server's own loopback address is refused.
+        assert!(!allowed(&policy, "http://127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn default_ports_are_the_same_origin() {
+        let policy = OriginPolicy::new(
+            vec![
+                "http://a.example.com:80".into(),
+                "https://b.example.com".into(),
+            ],
+            false,
         );
-        assert!(
-            policy
-                .check(Some("http://127.0.0.1:9999"), Some("127.0.0.1:8080"))
-                .is_err()
+        assert!(allowed(&policy, "http://a.example.com"));
+        assert!(allowed(&policy, "http://a.example.com:80"));
+        assert!(allowed(&policy, "https://b.example.com:443"));
+        assert!(!allowed(&policy, "http://a.example.com:8080"));
+        assert!(!allowed(&policy, "https://b.example.com:80"));
+        assert_eq!(
+            normalize("HTTP://[::1]:80").as_deref(),
+            Some("http://[::1]"),
+            "IPv6 literals keep their brackets"
         );
+        assert_eq!(normalize("http://[::1]").as_deref(), Some("http://[::1]"));
+        for bad in [
+            "ftp://a.com",
+            "http://",
+            "http://a.com:99999",
+            "http://u@a.com",
+            "a.com",
+        ] {
+            assert_eq!(normalize(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_origins_are_allowed_only_in_development() {
+        let development = OriginPolicy::new(Vec::new(), true);
+        let production = OriginPolicy::new(Vec::new(), false);
+        for origin in [
+            "http://127.0.0.1:8080",
+            "http://127.1.2.3",
+            "http://localhost:3000",
+            "https://localhost",
+            "http://[::1]:8080",
+        ] {
+            assert!(allowed(&development, origin), "{origin}");
+            assert!(!allowed(&production, origin), "{origin}");
+        }
+        for foreign in [
+            "http://127.0.0.1.evil.com",
+            "http://localhost.evil.com",
+            "http://evil.com",
+            "http://128.0.0.1",
+        ] {
+            assert!(!allowed(&development, foreign), "{foreign}");
+        }
     }
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, Method, StatusCode};
@@ -17,6 +16,7 @@ use crate::auth::{PushKey, may_watch};
 use crate::domain::{NewTask, Outcome, ProgressUpdate};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
+use crate::query::{Query, query};
 use crate::store::Store;
 use crate::telemetry;
 use crate::writer::Writer;
@@ -54,29 +54,29 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit))
+        .and(json_body(limit, MAX_BODY))
         .then(push);
 
     let create = warp::path!("api" / "tasks")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit))
+        .and(json_body(limit, MAX_BODY))
         .then(create);
 
     let batch = warp::path!("api" / "progress")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(state.max_batch_body_bytes))
+        .and(json_body(state.max_batch_body_bytes, MAX_BATCH_BODY))
         .then(push_batch);
 
     let events = warp::path!("api" / "tasks" / String / "events")
         .and(warp::get())
         .and(with_state.clone())
-        .and(warp::query::<TokenQuery>())
+        .and(query())
         .then(
-            |raw_id: String, state: Arc<AppState>, query: TokenQuery| async move {
+            |raw_id: String, state: Arc<AppState>, query: Query| async move {
                 respond(crate::sse::events(state.ws.clone(), raw_id, query.token).await)
             },
         );
@@ -85,7 +85,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state.clone())
         .and(warp::header::optional::<String>("authorization"))
-        .and(warp::query::<TokenQuery>())
+        .and(query())
         .then(get_task);
 
     let metrics = warp::path!("metrics")
@@ -108,11 +108,11 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
     let socket = warp::path!("ws")
         .and(warp::get())
         .and(with_state)
-        .and(warp::query::<WsQuery>())
+        .and(query())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .then(
-            |state: Arc<AppState>, query: WsQuery, headers: HeaderMap, on_upgrade| async move {
+            |state: Arc<AppState>, query: Query, headers: HeaderMap, on_upgrade| async move {
                 ws::upgrade(
                     state.ws.clone(),
                     query.task_id,
@@ -180,17 +180,6 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-#[derive(Deserialize)]
-struct WsQuery {
-    task_id: Option<String>,
-    token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
-}
-
 /// Auth runs after path matching, so an unknown route is a 404, not a 401.
 fn authorized(key: PushKey) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("authorization")
@@ -201,10 +190,16 @@ fn authorized(key: PushKey) -> impl Filter<Extract = (), Error = warp::Rejection
         .untuple_one()
 }
 
-/// The request body, at most `limit` bytes whether or not Content-Length is sent
-/// (chunked uploads are counted as they arrive), and JSON when a Content-Type is given.
+/// The settings that bound request bodies, named in a 413.
+const MAX_BODY: &str = "TASKCAST_MAX_BODY_BYTES";
+const MAX_BATCH_BODY: &str = "TASKCAST_MAX_BATCH_BODY_BYTES";
+
+/// The request body, at most `limit` bytes (set by `setting`) whether or not
+/// Content-Length is sent (chunked uploads are counted as they arrive), and JSON when a
+/// Content-Type is given.
 fn json_body(
     limit: usize,
+    setting: &'static str,
 ) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
@@ -219,16 +214,23 @@ fn json_body(
                     return Err(warp::reject::custom(Error::UnsupportedMediaType));
                 }
                 if length.is_some_and(|n| n > limit as u64) {
-                    return Err(warp::reject::custom(Error::PayloadTooLarge { limit }));
+                    return Err(warp::reject::custom(Error::PayloadTooLarge {
+                        limit,
+                        setting,
+                    }));
                 }
-                read_limited(body, limit)
+                read_limited(body, limit, setting)
                     .await
                     .map_err(warp::reject::custom)
             },
         )
 }
 
-async fn read_limited<S, B>(body: S, limit: usize) -> Result<bytes::Bytes, Error>
+async fn read_limited<S, B>(
+    body: S,
+    limit: usize,
+    setting: &'static str,
+) -> Result<bytes::Bytes, Error>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -239,7 +241,7 @@ where
         let mut chunk = chunk
             .map_err(|e| Error::invalid("body", format!("the body could not be read: {e}")))?;
         if collected.len() + chunk.remaining() > limit {
-            return Err(Error::PayloadTooLarge { limit });
+            return Err(Error::PayloadTooLarge { limit, setting });
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -383,7 +385,7 @@ async fn get_task(
     raw_id: String,
     state: Arc<AppState>,
     authorization: Option<String>,
-    query: TokenQuery,
+    query: Query,
 ) -> Response {
     respond(
         async {

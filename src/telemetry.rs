@@ -6,9 +6,17 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Libraries that print payloads at trace, capped at debug whatever RUST_LOG says:
+/// tungstenite logs every WebSocket message and frame, and a subscribe message carries a
+/// token. A later directive for the same target replaces the user's.
+const PAYLOAD_LOGGERS: [&str; 2] = ["tungstenite=debug", "tokio_tungstenite=debug"];
+
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    for cap in PAYLOAD_LOGGERS {
+        filter = filter.add_directive(cap.parse().expect("a valid directive"));
+    }
     // Colours only on a terminal: escape codes in a log file or a log shipper are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -104,4 +112,92 @@ fn describe() {
 /// Counts a push by its outcome: `applied`, `stale`, or the error code.
 pub fn count_push(outcome: &'static str) {
     metrics::counter!(PUSHES, "outcome" => outcome).increment(1);
+}
+
+// ---- Refusals ------------------------------------------------------------------------
+//
+// A refused push key or browser origin is the caller's mistake, but the person who has to
+// fix it reads the server log, at the default level. So these refusals log at warn, and a
+// client retrying in a loop cannot flood the log: one line per kind per window, with the
+// number of refusals the window held back.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The refusals logged at warn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401: a push without the right key.
+    PushKey,
+    /// 403: a browser page whose origin is not allowed.
+    Origin,
+}
+
+/// At most one warn line per kind of refusal in this window.
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// One line per [`REFUSAL_WINDOW`]. std Mutex, not tokio: nothing awaits while it is held.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// When the last line was let through, and how many were held back since.
+    state: Mutex<Option<(Instant, u64)>>,
+}
+
+impl Throttle {
+    pub const fn new() -> Self {
+        Throttle {
+            state: Mutex::new(None),
+        }
+    }
+
+    /// `Some(held_back)` when a line may be logged at `now` (with the number of refusals
+    /// held back since the previous line), else `None`, counting this one as held back.
+    pub fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *state {
+            Some((last, held_back)) if now.saturating_duration_since(*last) < REFUSAL_WINDOW => {
+                *held_back += 1;
+                None
+            }
+            _ => {
+                let held_back = state.map_or(0, |(_, n)| n);
+                *state = Some((now, 0));
+                Some(held_back)
+            }
+        }
+    }
+}
+
+static PUSH_KEY_REFUSALS: Throttle = Throttle::new();
+static ORIGIN_REFUSALS: Throttle = Throttle::new();
+
+/// Whether a warn line for this refusal may be written now; `Some(n)`: yes, and `n`
+/// refusals of this kind went unlogged since the last line.
+pub fn admit_refusal(kind: Refusal) -> Option<u64> {
+    let throttle = match kind {
+        Refusal::PushKey => &PUSH_KEY_REFUSALS,
+        Refusal::Origin => &ORIGIN_REFUSALS,
+    };
+    throttle.admit(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_window_and_counts_the_rest() {
+        let throttle = Throttle::new();
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        assert_eq!(throttle.admit(start + Duration::from_secs(1)), None);
+        assert_eq!(throttle.admit(start + Duration::from_secs(9)), None);
+        assert_eq!(
+            throttle.admit(start + REFUSAL_WINDOW),
+            Some(2),
+            "the next window's line says how many were held back"
+        );
+        assert_eq!(throttle.admit(start + REFUSAL_WINDOW), None);
+        assert_eq!(throttle.admit(start + REFUSAL_WINDOW * 3), Some(1));
+    }
 }

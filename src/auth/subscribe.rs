@@ -4,7 +4,10 @@
 //! claims `task_id` (or `task_ids`) and `exp`. A Supabase access token (HS256 with
 //! `SUPABASE_JWT_SECRET`, `role: authenticated`) grants the tasks whose `user_id` is its
 //! `sub`; the caller checks that against the store. Only HS256 is accepted: `alg: none`
-//! and algorithm swaps fail verification.
+//! and algorithm swaps fail verification. A token used before its `nbf`, or whose header
+//! lists any `crit` extension (taskcast understands none), is refused; a Supabase token
+//! must carry `aud: authenticated`, and a subscribe token (which taskcast mints without
+//! one) must carry no `aud`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -71,12 +74,41 @@ impl std::fmt::Debug for SubscribeAuth {
     }
 }
 
+/// Supabase's audience for signed-in users.
+const SUPABASE_AUDIENCE: &str = "authenticated";
+
+/// HS256, no leeway, `exp` required, `nbf` checked when present. With no audience set,
+/// jsonwebtoken refuses any token that carries an `aud`: right for subscribe tokens.
 fn validation() -> Validation {
     let mut v = Validation::new(Algorithm::HS256);
     v.leeway = 0;
-    v.validate_aud = false;
+    v.validate_nbf = true;
     v.set_required_spec_claims(&["exp"]);
     v
+}
+
+/// Supabase access tokens: as [`validation`], plus `aud` must be `authenticated`.
+fn supabase_validation() -> Validation {
+    let mut v = validation();
+    v.set_audience(&[SUPABASE_AUDIENCE]);
+    v.set_required_spec_claims(&["exp", "aud"]);
+    v
+}
+
+/// Verifies `token` and returns its claims. jsonwebtoken ignores the `crit` header, so it
+/// is checked here: RFC 7515 says a receiver that does not understand a listed extension
+/// must reject the token, and taskcast understands none.
+fn verify<T: serde::de::DeserializeOwned>(
+    token: &str,
+    secret: &Secret,
+    validation: &Validation,
+) -> Result<T, ErrorKind> {
+    let key = DecodingKey::from_secret(secret.expose().as_bytes());
+    let data = jsonwebtoken::decode::<T>(token, &key, validation).map_err(|e| e.into_kind())?;
+    if data.header.crit.is_some() {
+        return Err(ErrorKind::InvalidToken);
+    }
+    Ok(data.claims)
 }
 
 /// Seconds since the Unix epoch.
@@ -120,10 +152,8 @@ impl SubscribeAuth {
             .ok_or(Error::TokenRequired)?;
         let mut expired = false;
         if let Some(secret) = &self.tokens {
-            let key = DecodingKey::from_secret(secret.expose().as_bytes());
-            match jsonwebtoken::decode::<TaskClaims>(token, &key, &validation()) {
-                Ok(data) => {
-                    let claims = data.claims;
+            match verify::<TaskClaims>(token, secret, &validation()) {
+                Ok(claims) => {
                     let named = claims.task_id.iter().chain(&claims.task_ids);
                     return if named.into_iter().any(|t| names(t, task)) {
                         Ok(Access::Granted {
@@ -135,19 +165,18 @@ impl SubscribeAuth {
                         )))
                     };
                 }
-                Err(e) => expired |= matches!(e.kind(), ErrorKind::ExpiredSignature),
+                Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
             }
         }
         if let Some(secret) = &self.supabase {
-            let key = DecodingKey::from_secret(secret.expose().as_bytes());
-            match jsonwebtoken::decode::<SupabaseClaims>(token, &key, &validation()) {
-                Ok(data) if data.claims.role == "authenticated" => {
-                    let user_id = Uuid::parse_str(&data.claims.sub).map_err(|_| {
+            match verify::<SupabaseClaims>(token, secret, &supabase_validation()) {
+                Ok(claims) if claims.role == "authenticated" => {
+                    let user_id = Uuid::parse_str(&claims.sub).map_err(|_| {
                         Error::Forbidden("the Supabase token's sub is not a user id".to_string())
                     })?;
                     return Ok(Access::Owner {
                         user_id,
-                        expires_at: data.claims.exp,
+                        expires_at: claims.exp,
                     });
                 }
                 Ok(_) => {
@@ -156,7 +185,7 @@ impl SubscribeAuth {
                             .to_string(),
                     ));
                 }
-                Err(e) => expired |= matches!(e.kind(), ErrorKind::ExpiredSignature),
+                Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
             }
         }
         Err(if expired {
@@ -232,6 +261,97 @@ mod tests {
             auth().authorize(Some(&none), task),
             Err(Error::TokenInvalid)
         ));
+    }
+
+    fn sign(secret: &str, header: &Header, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            header,
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_before_their_nbf_or_with_a_crit_header_are_refused() {
+        let task = TaskId::random();
+        let secret = "s".repeat(32);
+        let hs256 = Header::new(Algorithm::HS256);
+        let claims = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"task_id": task.to_string(), "exp": now_unix() + 600});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            c
+        };
+        let plain = sign(&secret, &hs256, claims(serde_json::json!({})));
+        assert!(
+            auth().authorize(Some(&plain), task).is_ok(),
+            "the control case"
+        );
+        let past = sign(
+            &secret,
+            &hs256,
+            claims(serde_json::json!({"nbf": now_unix() - 5})),
+        );
+        assert!(auth().authorize(Some(&past), task).is_ok());
+        let future = sign(
+            &secret,
+            &hs256,
+            claims(serde_json::json!({"nbf": now_unix() + 300})),
+        );
+        assert!(matches!(
+            auth().authorize(Some(&future), task),
+            Err(Error::TokenInvalid)
+        ));
+        let mut critical = Header::new(Algorithm::HS256);
+        critical.crit = Some(vec!["exp-ext".to_string()]);
+        critical.extras.insert("exp-ext", "must-understand");
+        let crit = sign(&secret, &critical, claims(serde_json::json!({})));
+        assert!(matches!(
+            auth().authorize(Some(&crit), task),
+            Err(Error::TokenInvalid)
+        ));
+        // A subscribe token never carries an audience; one that does was minted elsewhere.
+        let aud = sign(
+            &secret,
+            &hs256,
+            claims(serde_json::json!({"aud": "authenticated"})),
+        );
+        assert!(matches!(
+            auth().authorize(Some(&aud), task),
+            Err(Error::TokenInvalid)
+        ));
+    }
+
+    #[test]
+    fn supabase_tokens_must_be_for_the_authenticated_audience() {
+        let secret = "supabase-secret-0123456789abcdefghij";
+        let supabase = SubscribeAuth::new(None, Some(Secret::new(secret)), false);
+        let user = Uuid::new_v4();
+        let token = |aud: Option<&str>| {
+            let mut claims = serde_json::json!({
+                "sub": user.to_string(), "role": "authenticated", "exp": now_unix() + 600
+            });
+            if let Some(aud) = aud {
+                claims["aud"] = aud.into();
+            }
+            sign(secret, &Header::new(Algorithm::HS256), claims)
+        };
+        let task = TaskId::random();
+        assert!(matches!(
+            supabase.authorize(Some(&token(Some("authenticated"))), task),
+            Ok(Access::Owner { user_id, .. }) if user_id == user
+        ));
+        for aud in [Some("anon"), Some("another-project"), None] {
+            assert!(
+                matches!(
+                    supabase.authorize(Some(&token(aud)), task),
+                    Err(Error::TokenInvalid)
+                ),
+                "aud {aud:?} must be refused"
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 const RELEVANT_VARS: &str = "TASK_PROCESS_SECRET_KEY TASK_PROCESS_SECRET_KEY_PREVIOUS \
     INTERNAL_API_KEY API_SECRET_KEY OPENAI_API_KEY NEXT_PUBLIC_APP_URL DATABASE_URL \
     TASKCAST_SUBSCRIBE_SECRET SUPABASE_JWT_SECRET TASKCAST_PUBLIC_SUBSCRIBE \
-    TASKCAST_ALLOWED_ORIGINS TASKCAST_STATUS_MAP NODE_ENV APP_ENV";
+    TASKCAST_ALLOWED_ORIGINS TASKCAST_PUBLIC_URL TASKCAST_STATUS_MAP NODE_ENV APP_ENV";
 const NEW_KEY: &str = "set TASK_PROCESS_SECRET_KEY to at least 32 random characters \
     (`openssl rand -hex 16`), the same value in the generator and in taskcast";
 /// How bad a finding is. `Fail` and `Critical` fail the report.

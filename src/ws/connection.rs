@@ -51,8 +51,12 @@ pub struct Connection {
 
 /// Why a connection loop ended.
 enum End {
-    /// The client closed or vanished; nothing more to send.
+    /// The client vanished; nothing more to send.
     Gone,
+    /// The client sent a Close; tungstenite has queued the reply (its code echoed, or 1002
+    /// for a code a client may not send, such as 1005 or 999), which is flushed before
+    /// the TCP connection is dropped.
+    ClosedByClient,
     /// We close with this code and reason.
     Close(CloseCode, &'static str),
 }
@@ -86,13 +90,21 @@ impl Connection {
         let end = match self.serve(initial).await {
             Ok(end) | Err(end) => end,
         };
-        if let End::Close(code, reason) = end {
-            let frame = CloseFrame {
-                code,
-                reason: reason.into(),
-            };
-            let close = self.socket.send(Message::Close(Some(frame)));
-            let _ = Box::pin(timeout(Duration::from_secs(1), close)).await;
+        match end {
+            End::Gone => {}
+            End::ClosedByClient => {
+                // The Sink's close, not the inherent `close`, which would send a second Close.
+                let flush = SinkExt::close(&mut self.socket);
+                let _ = Box::pin(timeout(Duration::from_secs(1), flush)).await;
+            }
+            End::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                let close = self.socket.send(Message::Close(Some(frame)));
+                let _ = Box::pin(timeout(Duration::from_secs(1), close)).await;
+            }
         }
         tracing::info!(tasks = self.subscriptions.len(), "websocket closed");
     }
@@ -124,7 +136,8 @@ impl Connection {
                 incoming = self.socket.next() => {
                     self.last_heard = Instant::now();
                     match incoming {
-                        None | Some(Ok(Message::Close(_))) => return Ok(End::Gone),
+                        None => return Ok(End::Gone),
+                        Some(Ok(Message::Close(_))) => return Ok(End::ClosedByClient),
                         Some(Ok(Message::Text(text))) => {
                             Box::pin(self.on_client_message(text.as_str())).await?;
                         }
@@ -133,10 +146,7 @@ impl Connection {
                             Box::pin(self.send_error(&e, None)).await?;
                         }
                         Some(Ok(_)) => {} // ping (tungstenite answers it), pong
-                        Some(Err(tungstenite::Error::Capacity(_))) => {
-                            return Ok(End::Close(CloseCode::Size, "message too big (TASKCAST_MAX_WS_MESSAGE_BYTES)"));
-                        }
-                        Some(Err(_)) => return Ok(End::Gone),
+                        Some(Err(e)) => return Ok(failed(&e)),
                     }
                 }
                 () = &mut timer => {
@@ -313,5 +323,33 @@ impl Connection {
             self.send_error(&Error::TokenExpired, Some(task)).await?;
         }
         Ok(())
+    }
+}
+
+/// How a connection whose client broke the protocol ends: with the RFC 6455 close code
+/// that says why (1009 too big, 1007 invalid UTF-8, 1002 any other protocol error), or
+/// silently when the TCP connection itself is gone.
+fn failed(error: &tungstenite::Error) -> End {
+    use tungstenite::error::ProtocolError;
+    match error {
+        tungstenite::Error::Capacity(_) => End::Close(
+            CloseCode::Size,
+            "message too big (TASKCAST_MAX_WS_MESSAGE_BYTES)",
+        ),
+        tungstenite::Error::Utf8(_) => End::Close(CloseCode::Invalid, "invalid UTF-8"),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        tungstenite::Error::Protocol(e) => {
+            tracing::debug!(error = %e, "websocket protocol error");
+            let reason = match e {
+                ProtocolError::UnmaskedFrameFromClient => "client frames must be masked",
+                ProtocolError::UnknownDataFrameType(_)
+                | ProtocolError::UnknownControlFrameType(_) => "reserved opcode",
+                ProtocolError::InvalidCloseSequence => "malformed close frame",
+                ProtocolError::NonZeroReservedBits => "reserved bits set",
+                _ => "protocol error",
+            };
+            End::Close(CloseCode::Protocol, reason)
+        }
+        _ => End::Gone,
     }
 }

@@ -320,7 +320,12 @@ async fn only_allowed_origins_may_open_a_socket_or_read_cross_origin() {
     assert_eq!(
         upgrade_status(&app, Some(&format!("http://{}", app.addr))).await,
         101,
-        "same origin"
+        "the demo page: a loopback origin, outside production"
+    );
+    assert_eq!(
+        upgrade_status(&app, Some("https://app.example.com:443")).await,
+        101,
+        "the default port is the same origin"
     );
     assert_eq!(
         upgrade_status(&app, Some("https://evil.example.com")).await,
@@ -349,6 +354,17 @@ async fn only_allowed_origins_may_open_a_socket_or_read_cross_origin() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 403);
+    // DNS rebinding: the page's origin equals the Host its own name made the browser send.
+    let port = app.addr.port();
+    let rebound = app
+        .http
+        .get(&url)
+        .header("host", format!("rebind.evil.example:{port}"))
+        .header("origin", format!("http://rebind.evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403, "an Origin equal to Host is no proof");
     let body: Value = refused.json().await.unwrap();
     assert!(
         body["message"]
@@ -373,4 +389,27 @@ async fn only_allowed_origins_may_open_a_socket_or_read_cross_origin() {
     );
     // The generator (no Origin) is unaffected.
     app.push_ok(task, json!({"progress": 1})).await;
+}
+
+#[tokio::test]
+async fn in_production_only_configured_origins_pass_not_loopback_ones() {
+    let app = spawn_app_with(StoreKind::Memory, |c| {
+        c.allow_loopback_origins = false;
+        c.allowed_origins = vec!["http://progress.example.com:80".into()];
+    })
+    .await;
+    assert_eq!(
+        upgrade_status(&app, Some(&format!("http://{}", app.addr))).await,
+        403,
+        "the server's own address is not configured"
+    );
+    assert_eq!(
+        upgrade_status(&app, Some("http://localhost:3000")).await,
+        403
+    );
+    assert_eq!(
+        upgrade_status(&app, Some("http://progress.example.com")).await,
+        101,
+        "a configured origin, written with its default port"
+    );
 }

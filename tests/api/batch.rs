@@ -7,6 +7,24 @@ use taskcast::writer::WriteMode;
 use crate::both_stores;
 use crate::helpers::{KEY, StoreKind, spawn_app, spawn_app_with};
 
+#[tokio::test]
+async fn an_oversized_batch_is_413_naming_the_batch_body_limit() {
+    let app = spawn_app_with(StoreKind::Memory, |c| c.limits.max_batch_body_bytes = 1024).await;
+    let stage = "x".repeat(2048);
+    let (status, body) = post_batch(
+        &app,
+        json!([{"task_id": uuid::Uuid::new_v4(), "stage": stage}]),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("TASKCAST_MAX_BATCH_BODY_BYTES"),
+        "the 413 names the setting that applies: {body}"
+    );
+    assert!(!message.contains("TASKCAST_MAX_BODY_BYTES"), "{body}");
+}
+
 async fn post_batch(app: &crate::helpers::TestApp, body: Value) -> (u16, Value) {
     let response = app
         .http

@@ -181,7 +181,15 @@ async fn oversized_body_is_413_and_non_json_is_415(kind: StoreKind) {
         .await
         .unwrap();
     assert_eq!(response.status(), 413);
-    assert_eq!(error_body(response).await["error"], "payload_too_large");
+    let body = error_body(response).await;
+    assert_eq!(body["error"], "payload_too_large");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("TASKCAST_MAX_BODY_BYTES"),
+        "the 413 names the setting to raise: {body}"
+    );
 
     // Without Content-Length (chunked), the limit still holds.
     let stream = futures::stream::iter(

@@ -11,6 +11,7 @@ mod delivery;
 mod docs;
 mod doctor;
 mod errors;
+mod frames;
 mod fuzz;
 mod operations;
 mod process;

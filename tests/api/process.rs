@@ -194,10 +194,12 @@ fn fragments(secret: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Every level at once: `trace` lets through every line `debug`, `info`... would.
 #[tokio::test]
 async fn secrets_never_appear_in_logs_or_error_bodies() {
     let previous = "1a3c5e7b9d1f3a5c7e9b1d3f5a7c9e1b";
     let server = start(&[
+        ("RUST_LOG", "trace"),
         ("TASK_PROCESS_SECRET_KEY", &format!("  {STRONG}\n")),
         ("TASK_PROCESS_SECRET_KEY_PREVIOUS", previous),
         ("TASKCAST_SUBSCRIBE_SECRET", SUBSCRIBE),
@@ -222,6 +224,9 @@ async fn secrets_never_appear_in_logs_or_error_bodies() {
         .await
         .unwrap();
     let task = created["task_id"].as_str().unwrap().to_string();
+    let token = created["token"].as_str().unwrap().to_string();
+    let signature = token.rsplit('.').next().unwrap().to_string();
+    bodies.push_str(&watch_with_token(&base, &server.addr, &task, &token).await);
     let progress = format!("{base}/api/tasks/{task}/progress");
     for key in [
         STRONG,
@@ -256,7 +261,17 @@ async fn secrets_never_appear_in_logs_or_error_bodies() {
         output.contains("trimmed"),
         "the log warns about the whitespace: {output}"
     );
-    for secret in [STRONG, previous, SUBSCRIBE, "zyxwvutsrqponmlkjihgfedcba"] {
+    assert!(
+        output.contains("TRACE"),
+        "the server logged at trace, so every level was covered: {output}"
+    );
+    for secret in [
+        STRONG,
+        previous,
+        SUBSCRIBE,
+        "zyxwvutsrqponmlkjihgfedcba",
+        &signature,
+    ] {
         for fragment in fragments(secret) {
             assert!(
                 !output.contains(fragment),
@@ -266,6 +281,103 @@ async fn secrets_never_appear_in_logs_or_error_bodies() {
                 !bodies.contains(fragment),
                 "a response holds part of a secret: {bodies}"
             );
+        }
+    }
+}
+
+/// Uses `token` everywhere a browser may carry one: the /ws URL, a subscribe message, the
+/// SSE URL, `GET /api/tasks/{id}?token=`, and query strings that do not decode (a
+/// repeated parameter, a bad escape). Returns the HTTP error bodies.
+async fn watch_with_token(base: &str, addr: &str, task: &str, token: &str) -> String {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let http = reqwest::Client::new();
+    let ws = format!("ws://{addr}/ws?task_id={task}&token={token}");
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    let subscribe = json!({"type": "subscribe", "task_id": task, "token": token});
+    socket
+        .send(Message::text(subscribe.to_string()))
+        .await
+        .unwrap();
+    let mut states = 0;
+    while states < 2 {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a message in time")
+            .expect("the socket is open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            assert!(text.as_str().contains(r#""type":"state""#), "{text}");
+            states += 1;
+        }
+    }
+    let mut events = http
+        .get(format!("{base}/api/tasks/{task}/events?token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let first = tokio::time::timeout(WAIT, events.chunk()).await.unwrap();
+    assert!(first.unwrap().is_some(), "the snapshot event");
+    let mut bodies = String::new();
+    for path in [
+        format!("/ws?task_id={task}&task_id={task}&token={token}"),
+        format!("/ws?task_id={task}&token={token}&token={token}"),
+        format!("/api/tasks/{task}/events?token={token}&token={token}"),
+        format!("/api/tasks/{task}?token={token}&token=%FF{token}"),
+    ] {
+        let response = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        bodies.push_str(&response.text().await.unwrap());
+    }
+    bodies
+}
+
+/// Refusals an operator must act on show at the default level, at most once per window,
+/// saying what to change and never holding the credential.
+#[tokio::test]
+async fn a_wrong_push_key_and_a_refused_origin_are_warned_about_once_per_window() {
+    let server = start(&[
+        ("RUST_LOG", "info"),
+        ("NODE_ENV", "production"),
+        ("TASK_PROCESS_SECRET_KEY", STRONG),
+        ("TASKCAST_SUBSCRIBE_SECRET", SUBSCRIBE),
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+    let wrong = "a-wrong-key-9f8e7d6c5b4a39281706";
+    for _ in 0..3 {
+        let response = http
+            .post(format!("{base}/api/tasks"))
+            .bearer_auth(wrong)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+        let response = http
+            .get(format!("{base}/healthz"))
+            .header("origin", "http://localhost:3000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
+    }
+    let output = server.stop().await;
+    let lines =
+        |needle: &str| -> Vec<&str> { output.lines().filter(|l| l.contains(needle)).collect() };
+    let origin =
+        lines(r#"origin "http://localhost:3000" refused: add it to TASKCAST_ALLOWED_ORIGINS"#);
+    assert_eq!(origin.len(), 1, "one line per window: {output}");
+    assert!(origin[0].contains("WARN"), "{}", origin[0]);
+    let key = lines("push refused");
+    assert_eq!(key.len(), 1, "one line per window: {output}");
+    assert!(key[0].contains("WARN"), "{}", key[0]);
+    assert!(key[0].contains("TASK_PROCESS_SECRET_KEY"), "{}", key[0]);
+    for secret in [wrong, STRONG, SUBSCRIBE] {
+        for fragment in fragments(secret) {
+            assert!(!output.contains(fragment), "the log holds a key: {output}");
         }
     }
 }
