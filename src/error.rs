@@ -63,6 +63,16 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// A push was sent but its commit was not confirmed (the database stopped answering):
+    /// it may or may not be applied. 503 like `Unavailable`; a retry with the same `seq`
+    /// is harmless.
+    #[error(
+        "the database did not confirm the commit in time; the push may or may not have been applied"
+    )]
+    CommitUnknown {
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("internal error while {context}")]
     Internal {
         context: &'static str,
@@ -92,6 +102,7 @@ impl Error {
                 missing: missing.clone(),
             },
             Error::Unavailable { what, .. } => Error::Unavailable { what, source: None },
+            Error::CommitUnknown { .. } => Error::CommitUnknown { source: None },
             other => Error::internal("committing a batch", other.to_string()),
         }
     }
@@ -132,7 +143,7 @@ impl Error {
             Error::UnsupportedMediaType => "unsupported_media_type",
             Error::UpgradeRequired => "upgrade_required",
             Error::SchemaMissing { .. } => "schema_missing",
-            Error::Unavailable { .. } => "unavailable",
+            Error::Unavailable { .. } | Error::CommitUnknown { .. } => "unavailable",
             Error::Internal { .. } => "internal",
         }
     }
@@ -153,7 +164,9 @@ impl Error {
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Error::SchemaMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::CommitUnknown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -197,6 +210,10 @@ impl Error {
                  taskcast picks the change up without a restart"
             }
             Error::Unavailable { .. } => "retry after the Retry-After delay",
+            Error::CommitUnknown { .. } => {
+                "retry after the Retry-After delay with the same seq: if the push was applied, \
+                 the retry is answered 200 with \"applied\": false"
+            }
             Error::Internal { .. } => "retry later; if it persists, report it with the server log",
         }
     }

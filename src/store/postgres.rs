@@ -10,13 +10,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use super::BatchResult;
+use super::bounded::{self, Late};
 use super::schema::missing_columns;
 use crate::auth::Secret;
 use crate::config::Limits;
@@ -72,6 +76,8 @@ const APPLY_OPEN: &str = apply_sql!(
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Every call answers within this (`TASKCAST_DB_TIMEOUT_MS`); see [`bounded`].
+    timeout: Duration,
 }
 
 impl PgStore {
@@ -90,7 +96,8 @@ impl PgStore {
         if pg.get_application_name().is_none() {
             pg.application_name("taskcast");
         }
-        pg.keepalives_idle(Duration::from_secs(30));
+        bounded::tune_socket(&mut pg, limits.db_timeout);
+        let settings = bounded::session_settings(&pg, limits.db_timeout);
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -104,30 +111,61 @@ impl PgStore {
             .wait_timeout(Some(limits.db_timeout))
             .create_timeout(Some(limits.db_timeout))
             .recycle_timeout(Some(limits.db_timeout))
+            .post_create(Hook::async_fn(move |client, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    client
+                        .batch_execute(&settings)
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
             .build()
             .map_err(|e| Error::internal("building the database pool", e))?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            timeout: limits.db_timeout,
+        })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
-        self.pool.get().await.map_err(pool_error)
+    /// Runs `op` on a pooled connection within the timeout from now (see [`bounded::run`]).
+    async fn bounded<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut Object) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        bounded::run(&self.pool, Instant::now() + self.timeout, op).await
     }
 
+    /// Commits a batch whose oldest push arrived at `since`; the answer is due one timeout
+    /// after that. A batch that already waited that long is refused without being sent. A
+    /// batch sent but not confirmed in time is answered [`Error::CommitUnknown`].
     pub async fn apply_batch(
         &self,
         batch: &[(TaskId, ProgressUpdate)],
+        since: Instant,
     ) -> Result<BatchResult, Error> {
-        match self.try_apply_batch(batch).await {
+        let deadline = since + self.timeout;
+        if deadline <= Instant::now() {
+            return Err(Error::unavailable(
+                "the database",
+                Late::Running.describe(self.timeout) + " (the push waited behind a slow commit)",
+            ));
+        }
+        let result = bounded::run(&self.pool, deadline, async |client: &mut Object| {
+            self.try_apply_batch(client, batch).await
+        })
+        .await;
+        match result {
             Ok(results) => Ok(results),
-            Err(e) => Err(self.classify(e).await),
+            Err(e) => Err(self.classify_write(e).await),
         }
     }
 
     async fn try_apply_batch(
         &self,
+        client: &mut Object,
         batch: &[(TaskId, ProgressUpdate)],
     ) -> Result<BatchResult, DbError> {
-        let mut client = self.client().await?;
         let mut results: Vec<Option<Result<Outcome, Error>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
         // In id order, so concurrent statements from two nodes lock rows in one order.
@@ -160,7 +198,7 @@ impl PgStore {
             .filter(|&i| results[i].is_none())
             .collect();
         if !rest.is_empty() {
-            match apply_locked(&mut client, batch, &rest).await {
+            match apply_locked(client, batch, &rest).await {
                 Ok(locked) => {
                     for (index, result) in locked {
                         results[index] = Some(result);
@@ -171,7 +209,7 @@ impl PgStore {
                 // The first statement's pushes are committed and must be answered as such;
                 // only the rest failed.
                 Err(e) => {
-                    let error = self.classify(e).await;
+                    let error = self.classify_write(e).await;
                     tracing::warn!(error = %error.chain(), pushes = rest.len(), "pushes not committed");
                     for index in rest {
                         results[index] = Some(Err(error.for_each_push()));
@@ -190,14 +228,14 @@ impl PgStore {
     }
 
     pub async fn get(&self, task: TaskId) -> Result<Option<TaskState>, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = $1");
-            let stmt = client.prepare_cached(&sql).await?;
-            let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
-            Ok(row.map(|r| row_to_task(&r)).transpose()?.map(|t| t.state))
-        }
-        .await;
+        let result = self
+            .bounded(async |client: &mut Object| {
+                let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = $1");
+                let stmt = client.prepare_cached(&sql).await?;
+                let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
+                Ok(row.map(|r| row_to_task(&r)).transpose()?.map(|t| t.state))
+            })
+            .await;
         match result {
             Ok(state) => Ok(state),
             Err(e) => Err(self.classify(e).await),
@@ -206,17 +244,17 @@ impl PgStore {
 
     /// The committed states of `tasks` that exist, in no particular order.
     pub async fn get_many(&self, tasks: &[TaskId]) -> Result<Vec<TaskState>, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = ANY($1)");
-            let stmt = client.prepare_cached(&sql).await?;
-            let ids: Vec<Uuid> = tasks.iter().map(TaskId::as_uuid).collect();
-            let rows = client.query(&stmt, &[&ids]).await?;
-            rows.iter()
-                .map(|r| row_to_task(r).map(|t| t.state).map_err(DbError::from))
-                .collect::<Result<Vec<_>, DbError>>()
-        }
-        .await;
+        let result = self
+            .bounded(async |client: &mut Object| {
+                let sql = format!("SELECT {COLUMNS} FROM public.image_tasks WHERE id = ANY($1)");
+                let stmt = client.prepare_cached(&sql).await?;
+                let ids: Vec<Uuid> = tasks.iter().map(TaskId::as_uuid).collect();
+                let rows = client.query(&stmt, &[&ids]).await?;
+                rows.iter()
+                    .map(|r| row_to_task(r).map(|t| t.state).map_err(DbError::from))
+                    .collect::<Result<Vec<_>, DbError>>()
+            })
+            .await;
         match result {
             Ok(states) => Ok(states),
             Err(e) => Err(self.classify(e).await),
@@ -225,15 +263,15 @@ impl PgStore {
 
     /// `None` if the task does not exist, else its owner (`user_id`).
     pub async fn owner(&self, task: TaskId) -> Result<Option<Option<Uuid>>, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached("SELECT user_id FROM public.image_tasks WHERE id = $1")
-                .await?;
-            let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
-            Ok(row.map(|r| r.try_get::<_, Option<Uuid>>(0)).transpose()?)
-        }
-        .await;
+        let result = self
+            .bounded(async |client: &mut Object| {
+                let stmt = client
+                    .prepare_cached("SELECT user_id FROM public.image_tasks WHERE id = $1")
+                    .await?;
+                let row = client.query_opt(&stmt, &[&task.as_uuid()]).await?;
+                Ok(row.map(|r| r.try_get::<_, Option<Uuid>>(0)).transpose()?)
+            })
+            .await;
         match result {
             Ok(owner) => Ok(owner),
             Err(e) => Err(self.classify(e).await),
@@ -241,8 +279,7 @@ impl PgStore {
     }
 
     pub async fn create(&self, task: NewTask) -> Result<TaskState, Error> {
-        let result: Result<_, DbError> = async {
-            let client = self.client().await?;
+        let result = self.bounded(async |client: &mut Object| {
             let sql = format!(
                 "INSERT INTO public.image_tasks (prompt, user_id, status) VALUES ($1, $2, 'pending') \
                  RETURNING {COLUMNS}"
@@ -250,7 +287,7 @@ impl PgStore {
             let stmt = client.prepare_cached(&sql).await?;
             let row = client.query_one(&stmt, &[&task.prompt, &task.user_id]).await?;
             Ok(row_to_task(&row)?.state)
-        }
+        })
         .await;
         match result {
             Ok(state) => Ok(state),
@@ -259,10 +296,16 @@ impl PgStore {
     }
 
     pub async fn check_ready(&self) -> Result<(), Error> {
-        let client = self.client().await?;
-        let missing = missing_columns(&**client)
+        let missing = self
+            .bounded(async |client: &mut Object| Ok(missing_columns(&***client).await?))
             .await
-            .map_err(|e| Error::unavailable("the database", e))?;
+            .map_err(|e| match e {
+                DbError::Domain(e) => e,
+                DbError::Pg(e) => Error::unavailable("the database", e),
+                DbError::Late(late) => {
+                    Error::unavailable("the database", late.describe(self.timeout))
+                }
+            })?;
         if missing.is_empty() {
             Ok(())
         } else {
@@ -276,12 +319,16 @@ impl PgStore {
     async fn classify(&self, error: DbError) -> Error {
         let pg = match error {
             DbError::Domain(e) => return e,
+            DbError::Late(late) => {
+                return Error::unavailable("the database", late.describe(self.timeout));
+            }
             DbError::Pg(pg) => pg,
         };
         let code = pg.code();
         if code == Some(&SqlState::UNDEFINED_TABLE) || code == Some(&SqlState::UNDEFINED_COLUMN) {
-            if let Ok(client) = self.client().await
-                && let Ok(missing) = missing_columns(&**client).await
+            if let Ok(missing) = self
+                .bounded(async |client: &mut Object| Ok(missing_columns(&***client).await?))
+                .await
                 && !missing.is_empty()
             {
                 return Error::SchemaMissing { missing };
@@ -299,6 +346,9 @@ impl PgStore {
                     SqlState::T_R_SERIALIZATION_FAILURE,
                     SqlState::T_R_DEADLOCK_DETECTED,
                     SqlState::READ_ONLY_SQL_TRANSACTION,
+                    // statement_timeout or idle_in_transaction_session_timeout (bounded.rs)
+                    SqlState::QUERY_CANCELED,
+                    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 ]
                 .contains(c)
             });
@@ -308,12 +358,31 @@ impl PgStore {
             Error::internal("querying image_tasks", pg)
         }
     }
+
+    /// [`classify`](Self::classify) for a write: a batch that was sent but then lost its
+    /// connection or missed its deadline may have committed, and its pushers are told so.
+    /// A database error means the statement failed, so nothing of it committed.
+    async fn classify_write(&self, error: DbError) -> Error {
+        let unknown = match &error {
+            DbError::Late(late) => *late == Late::Running,
+            DbError::Pg(pg) => pg.as_db_error().is_none(),
+            DbError::Domain(_) => false,
+        };
+        let error = self.classify(error).await;
+        if unknown && matches!(error, Error::Unavailable { .. }) {
+            Error::CommitUnknown {
+                source: Some(error.into()),
+            }
+        } else {
+            error
+        }
+    }
 }
 
 /// The locked path for the pushes at `indices` (in id order): lock their rows, decide each
 /// with [`TaskRow::decide`], write the applied ones with one statement, commit.
 async fn apply_locked(
-    client: &mut deadpool_postgres::Object,
+    client: &mut Object,
     batch: &[(TaskId, ProgressUpdate)],
     indices: &[usize],
 ) -> Result<Vec<(usize, Result<Outcome, Error>)>, DbError> {
@@ -430,10 +499,18 @@ fn is_contention(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// The two ways a store operation fails before classification.
+/// The ways a store operation fails before classification.
 enum DbError {
     Domain(Error),
     Pg(tokio_postgres::Error),
+    /// It missed its deadline (see [`bounded::run`]).
+    Late(Late),
+}
+
+impl From<Late> for DbError {
+    fn from(e: Late) -> Self {
+        DbError::Late(e)
+    }
 }
 
 impl From<Error> for DbError {
@@ -445,13 +522,6 @@ impl From<Error> for DbError {
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         DbError::Pg(e)
-    }
-}
-
-fn pool_error(e: PoolError) -> Error {
-    match e {
-        PoolError::Backend(pg) => Error::unavailable("the database", pg),
-        other => Error::unavailable("the database", other.to_string()),
     }
 }
 
