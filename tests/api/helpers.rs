@@ -188,6 +188,15 @@ pub async fn spawn_app_on(database_url: String, db: Option<TestDb>) -> TestApp {
     start(Some(database_url), db, |_| {}).await
 }
 
+/// [`spawn_app_on`] with a configuration the test adjusts first.
+pub async fn spawn_app_on_with(
+    database_url: String,
+    db: Option<TestDb>,
+    tune: impl FnOnce(&mut Config),
+) -> TestApp {
+    start(Some(database_url), db, tune).await
+}
+
 async fn start(
     database_url: Option<String>,
     db: Option<TestDb>,
