@@ -88,6 +88,16 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// A push was sent but its commit was not confirmed (the database stopped answering):
+    /// it may or may not be applied. 503 like `Unavailable`; a retry with the same `seq`
+    /// is harmless.
+    #[error(
+        "the database did not confirm the commit in time; the push may or may not have been applied"
+    )]
+    CommitUnknown {
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("internal error while {context}")]
     Internal {
         context: &'static str,
@@ -118,6 +128,7 @@ impl Error {
             },
             Error::Unavailable { what, .. } => Error::Unavailable { what, source: None },
             Error::TableUnsupported(message) => Error::TableUnsupported(message.clone()),
+            Error::CommitUnknown { .. } => Error::CommitUnknown { source: None },
             other => Error::internal("committing a batch", other.to_string()),
         }
     }
@@ -162,7 +173,7 @@ impl Error {
             Error::StatusNotStorable { .. } => "status_not_storable",
             Error::TableUnsupported(_) => "schema_unsupported",
             Error::UnreadableRow { .. } => "unreadable_row",
-            Error::Unavailable { .. } => "unavailable",
+            Error::Unavailable { .. } | Error::CommitUnknown { .. } => "unavailable",
             Error::Internal { .. } => "internal",
         }
     }
@@ -187,7 +198,9 @@ impl Error {
             | Error::TableUnsupported(_)
             | Error::UnreadableRow { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::VersionExhausted(_) => StatusCode::CONFLICT,
-            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::CommitUnknown { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -246,6 +259,10 @@ impl Error {
                 "fix the named column of this row in SQL; every other task is unaffected"
             }
             Error::Unavailable { .. } => "retry after the Retry-After delay",
+            Error::CommitUnknown { .. } => {
+                "retry after the Retry-After delay with the same seq: if the push was applied, \
+                 the retry is answered 200 with \"applied\": false"
+            }
             Error::Internal { .. } => "retry later; if it persists, report it with the server log",
         }
     }

@@ -27,8 +27,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Capped low: one connect attempt a second is cheap, and recovery after an outage is
 /// then at most about a second late.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How often the connection proves it is alive with `SELECT 1`.
-const LIVENESS_EVERY: Duration = Duration::from_secs(10);
+/// How often the connection proves it is alive with `SELECT 1`, answered within the
+/// connect timeout: a link that went silent (a partition sends no RST, and an idle LISTEN
+/// connection sends nothing) is noticed within this plus that timeout, then the listener
+/// reconnects and resyncs.
+const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 /// Rows read per query when catching up.
 const RESYNC_CHUNK: usize = 1000;
 
@@ -111,9 +114,11 @@ impl Listener {
             .application_name("taskcast-listener")
             .connect_timeout(self.connect_timeout)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .keepalives_interval(Duration::from_secs(5))
-            .keepalives_retries(3);
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            // The kernel closes the socket once sent data waits this long for an ACK.
+            .tcp_user_timeout(self.connect_timeout);
         let connect = timeout(self.connect_timeout, config.connect(NoTls)).await;
         let (client, mut connection) = match connect {
             Ok(Ok(pair)) => pair,
@@ -140,11 +145,11 @@ impl Listener {
         });
         let _abort = AbortOnDrop(driver);
 
-        if let Err(e) = client
-            .batch_execute(&format!("LISTEN {}", self.channel))
-            .await
-        {
-            return lost(false)(e.to_string());
+        let listen = format!("LISTEN {}", self.channel);
+        match timeout(self.connect_timeout, client.batch_execute(&listen)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return lost(false)(e.to_string()),
+            Err(_) => return lost(false)("LISTEN timed out".to_string()),
         }
         tracing::info!(channel = %self.channel, reconnects = connections, "listening for changes");
         // After LISTEN, so a change is either in what we read or in a later notification.

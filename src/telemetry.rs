@@ -48,6 +48,7 @@ pub const LISTENER_ROWS_READ: &str = "taskcast_listener_rows_read_total";
 pub const UNREADABLE_ROWS: &str = "taskcast_unreadable_rows_total";
 pub const CONNECTIONS: &str = "taskcast_connections_open";
 pub const HUB_TASKS: &str = "taskcast_hub_tasks";
+pub const DB_TIMEOUTS: &str = "taskcast_db_timeouts_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -107,6 +108,10 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open WebSocket and SSE connections.");
     describe_gauge!(HUB_TASKS, "Tasks with at least one local subscriber.");
+    describe_counter!(
+        DB_TIMEOUTS,
+        "Database calls that missed TASKCAST_DB_TIMEOUT_MS; each connection was discarded."
+    );
 }
 
 /// Counts a push by its outcome: `applied`, `stale`, or the error code.

@@ -74,7 +74,10 @@ impl Writer {
             WriteMode::Group => self.enqueue(task, update)?.await,
             WriteMode::Naive => {
                 let _commit = self.hub.commit_started();
-                let mut results = self.store.apply_batch(&[(task, update)]).await?;
+                let mut results = self
+                    .store
+                    .apply_batch(&[(task, update)], Instant::now())
+                    .await?;
                 let result = results.pop().expect("one result per push");
                 if let Ok(Outcome::Applied(state)) = &result {
                     self.hub.publish(state);
@@ -202,6 +205,8 @@ fn take_batch(pending: &mut VecDeque<Job>) -> Vec<Job> {
 async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
     let mut items = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
+    // Each pusher is due an answer one database timeout after it queued.
+    let since = batch.iter().map(|job| job.queued).min();
     for job in batch {
         items.push((job.task, job.update));
         waiting.push((job.reply, job.queued));
@@ -210,7 +215,9 @@ async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
     // Until every applied state below is published.
     let _commit = hub.commit_started();
     let started = Instant::now();
-    let committed = store.apply_batch(&items).await;
+    let committed = store
+        .apply_batch(&items, since.unwrap_or_else(Instant::now))
+        .await;
     metrics::histogram!(telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
     match committed {
         Ok(results) => {

@@ -5,6 +5,7 @@
 //!
 //! [`TaskRow::decide`]: crate::domain::TaskRow::decide
 
+mod bounded;
 pub mod exposure;
 mod memory;
 mod postgres;
@@ -30,14 +31,17 @@ pub enum Store {
 
 impl Store {
     /// Applies a batch of pushes. Each task appears at most once (the writer guarantees
-    /// it). An `Err` means nothing was committed; when part of a batch committed and the
-    /// rest could not be, each push has its own result.
+    /// it). `since` is when its oldest push arrived: Postgres answers within
+    /// `TASKCAST_DB_TIMEOUT_MS` of it. An `Err` means nothing was committed, except
+    /// [`Error::CommitUnknown`]; when part of a batch committed and the rest could not be,
+    /// each push has its own result.
     pub async fn apply_batch(
         &self,
         batch: &[(TaskId, ProgressUpdate)],
+        since: tokio::time::Instant,
     ) -> Result<BatchResult, Error> {
         match self {
-            Store::Postgres(pg) => pg.apply_batch(batch).await,
+            Store::Postgres(pg) => pg.apply_batch(batch, since).await,
             Store::Memory(mem) => Ok(mem.apply_batch(batch)),
         }
     }

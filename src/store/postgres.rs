@@ -15,12 +15,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::BatchResult;
+use super::bounded::{self, Late};
 use super::exposure;
 use super::report::Finding;
 use super::schema::missing_columns;
@@ -37,6 +41,8 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Every call answers within this (`TASKCAST_DB_TIMEOUT_MS`); see [`bounded`].
+    timeout: Duration,
     /// The app's status words (TASKCAST_STATUS_MAP).
     statuses: StatusMap,
     /// The table's shape, once read. std RwLock: nothing awaits while it is held.
@@ -59,7 +65,8 @@ impl PgStore {
         if pg.get_application_name().is_none() {
             pg.application_name("taskcast");
         }
-        pg.keepalives_idle(Duration::from_secs(30));
+        bounded::tune_socket(&mut pg, limits.db_timeout);
+        let settings = bounded::session_settings(&pg, limits.db_timeout);
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -73,21 +80,27 @@ impl PgStore {
             .wait_timeout(Some(limits.db_timeout))
             .create_timeout(Some(limits.db_timeout))
             .recycle_timeout(Some(limits.db_timeout))
+            .post_create(Hook::async_fn(move |client, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    client
+                        .batch_execute(&settings)
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
             .build()
             .map_err(|e| Error::internal("building the database pool", e))?;
         Ok(PgStore {
             pool,
+            timeout: limits.db_timeout,
             statuses,
             shape: Arc::default(),
         })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
-        self.pool.get().await.map_err(pool_error)
-    }
-
     /// The table's shape: cached, or read from the catalog now.
-    async fn shape(&self, client: &deadpool_postgres::Object) -> Result<Arc<Shape>, DbError> {
+    async fn shape(&self, client: &Object) -> Result<Arc<Shape>, DbError> {
         let cached = self
             .shape
             .read()
@@ -99,10 +112,7 @@ impl PgStore {
         }
     }
 
-    async fn reload_shape(
-        &self,
-        client: &deadpool_postgres::Object,
-    ) -> Result<Arc<Shape>, DbError> {
+    async fn reload_shape(&self, client: &Object) -> Result<Arc<Shape>, DbError> {
         let columns = shape::columns(&***client).await?;
         let fresh = Arc::new(Shape::new(&columns, &self.statuses)?);
         *self
@@ -121,42 +131,54 @@ impl PgStore {
 
     /// What a valid task id looks like for this table.
     pub async fn id_kind(&self) -> Result<IdKind, Error> {
-        self.run(async |client| Ok(self.shape(client).await?.id))
+        self.run(async |client: &mut Object| Ok(self.shape(client).await?.id))
             .await
     }
 
-    /// Runs `op` on a pooled connection, turning its failure into what the caller should
-    /// do (see [`PgStore::classify`]).
+    /// Runs `op` on a pooled connection within the timeout from now (see
+    /// [`bounded::run`]), turning its failure into what the caller should do (see
+    /// [`PgStore::classify`]).
     async fn run<T>(
         &self,
-        op: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, DbError>,
+        op: impl AsyncFnOnce(&mut Object) -> Result<T, DbError>,
     ) -> Result<T, Error> {
-        let result = match self.client().await {
-            Ok(client) => op(&client).await,
-            Err(e) => Err(DbError::Domain(e)),
-        };
-        match result {
+        match bounded::run(&self.pool, Instant::now() + self.timeout, op).await {
             Ok(value) => Ok(value),
             Err(e) => Err(self.classify(e).await),
         }
     }
 
+    /// Commits a batch whose oldest push arrived at `since`; the answer is due one timeout
+    /// after that. A batch that already waited that long is refused without being sent. A
+    /// batch sent but not confirmed in time is answered [`Error::CommitUnknown`].
     pub async fn apply_batch(
         &self,
         batch: &[(TaskId, ProgressUpdate)],
+        since: Instant,
     ) -> Result<BatchResult, Error> {
-        match self.try_apply_batch(batch).await {
+        let deadline = since + self.timeout;
+        if deadline <= Instant::now() {
+            return Err(Error::unavailable(
+                "the database",
+                Late::Running.describe(self.timeout) + " (the push waited behind a slow commit)",
+            ));
+        }
+        let result = bounded::run(&self.pool, deadline, async |client: &mut Object| {
+            self.try_apply_batch(client, batch).await
+        })
+        .await;
+        match result {
             Ok(results) => Ok(results),
-            Err(e) => Err(self.classify(e).await),
+            Err(e) => Err(self.classify_write(e).await),
         }
     }
 
     async fn try_apply_batch(
         &self,
+        client: &mut Object,
         batch: &[(TaskId, ProgressUpdate)],
     ) -> Result<BatchResult, DbError> {
-        let mut client = self.client().await?;
-        let shape = self.shape(&client).await?;
+        let shape = self.shape(client).await?;
         let mut results: Vec<Option<Result<Outcome, Error>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
         // A status the column cannot hold is refused before any SQL.
@@ -203,7 +225,7 @@ impl PgStore {
             .filter(|&i| results[i].is_none())
             .collect();
         if !rest.is_empty() {
-            match apply_locked(&mut client, &shape, batch, &rest).await {
+            match apply_locked(client, &shape, batch, &rest).await {
                 Ok(locked) => {
                     for (index, result) in locked {
                         results[index] = Some(result);
@@ -214,7 +236,7 @@ impl PgStore {
                 // The first statement's pushes are committed and must be answered as such;
                 // only the rest failed.
                 Err(e) => {
-                    let error = self.classify(e).await;
+                    let error = self.classify_write(e).await;
                     tracing::warn!(error = %error.chain(), pushes = rest.len(), "pushes not committed");
                     for index in rest {
                         results[index] = Some(Err(error.for_each_push()));
@@ -235,7 +257,7 @@ impl PgStore {
     /// The committed state of a task, `None` if it does not exist; a row without a usable
     /// version is [`Error::UnreadableRow`] (422), for this task only.
     pub async fn get(&self, task: TaskId) -> Result<Option<TaskState>, Error> {
-        self.run(async |client| {
+        self.run(async |client: &mut Object| {
             let shape = self.shape(client).await?;
             let stmt = client.prepare_cached(&shape.sql.get).await?;
             let row = client.query_opt(&stmt, &[&task.as_str()]).await?;
@@ -253,7 +275,7 @@ impl PgStore {
         &self,
         tasks: &[TaskId],
     ) -> Result<Vec<Result<TaskState, Unreadable>>, Error> {
-        self.run(async |client| {
+        self.run(async |client: &mut Object| {
             let shape = self.shape(client).await?;
             let stmt = client.prepare_cached(&shape.sql.get_many).await?;
             let ids: Vec<&str> = tasks.iter().map(TaskId::as_str).collect();
@@ -268,7 +290,7 @@ impl PgStore {
 
     /// `None` if the task does not exist, else its owner (`user_id` as text).
     pub async fn owner(&self, task: TaskId) -> Result<Option<Option<String>>, Error> {
-        self.run(async |client| {
+        self.run(async |client: &mut Object| {
             let shape = self.shape(client).await?;
             let stmt = client.prepare_cached(&shape.sql.owner).await?;
             let row = client.query_opt(&stmt, &[&task.as_str()]).await?;
@@ -278,7 +300,7 @@ impl PgStore {
     }
 
     pub async fn create(&self, task: NewTask) -> Result<TaskState, Error> {
-        self.run(async |client| {
+        self.run(async |client: &mut Object| {
             let shape = self.shape(client).await?;
             let stmt = client.prepare_cached(&shape.sql.create).await?;
             let user_id = task.user_id.map(|u| u.to_string());
@@ -299,7 +321,7 @@ impl PgStore {
     /// Ok when the database answers and the table is one taskcast can serve. Reads the
     /// table's shape anew, so a changed table is picked up.
     pub async fn check_ready(&self) -> Result<(), Error> {
-        self.run(async |client| {
+        self.run(async |client: &mut Object| {
             self.reload_shape(client).await?;
             Ok(())
         })
@@ -309,7 +331,8 @@ impl PgStore {
     /// What makes the table or database open to anyone (see [`super::exposure`]), for a
     /// warning at startup; nothing when the database cannot be read now.
     pub async fn hazards(&self) -> Vec<Finding> {
-        let read = self.run(async |client| Ok(exposure::read(&***client).await?.warnings()));
+        let read =
+            self.run(async |client: &mut Object| Ok(exposure::read(&***client).await?.warnings()));
         read.await.unwrap_or_default()
     }
 
@@ -324,6 +347,9 @@ impl PgStore {
                 }
                 return e;
             }
+            DbError::Late(late) => {
+                return Error::unavailable("the database", late.describe(self.timeout));
+            }
             DbError::Pg(pg) => pg,
         };
         let code = pg.code();
@@ -335,8 +361,11 @@ impl PgStore {
         {
             // The table changed under a cached shape: read it again next time.
             self.forget_shape();
-            if let Ok(client) = self.client().await
-                && let Ok(missing) = missing_columns(&**client).await
+            let deadline = Instant::now() + self.timeout;
+            if let Ok(missing) = bounded::run(&self.pool, deadline, async |client: &mut Object| {
+                missing_columns(&***client).await.map_err(DbError::Pg)
+            })
+            .await
                 && !missing.is_empty()
             {
                 return Error::SchemaMissing { missing };
@@ -354,6 +383,9 @@ impl PgStore {
                     SqlState::T_R_SERIALIZATION_FAILURE,
                     SqlState::T_R_DEADLOCK_DETECTED,
                     SqlState::READ_ONLY_SQL_TRANSACTION,
+                    // statement_timeout or idle_in_transaction_session_timeout (bounded.rs)
+                    SqlState::QUERY_CANCELED,
+                    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 ]
                 .contains(c)
             });
@@ -363,12 +395,31 @@ impl PgStore {
             Error::internal("querying image_tasks", pg)
         }
     }
+
+    /// [`classify`](Self::classify) for a write: a batch that was sent but then lost its
+    /// connection or missed its deadline may have committed, and its pushers are told so.
+    /// A database error means the statement failed, so nothing of it committed.
+    async fn classify_write(&self, error: DbError) -> Error {
+        let unknown = match &error {
+            DbError::Late(late) => *late == Late::Running,
+            DbError::Pg(pg) => pg.as_db_error().is_none(),
+            DbError::Domain(_) => false,
+        };
+        let error = self.classify(error).await;
+        if unknown && matches!(error, Error::Unavailable { .. }) {
+            Error::CommitUnknown {
+                source: Some(error.into()),
+            }
+        } else {
+            error
+        }
+    }
 }
 
 /// The locked path for the pushes at `indices` (in id order): lock their rows, decide each
 /// with [`TaskRow::decide`], write the applied ones with one statement, commit.
 async fn apply_locked(
-    client: &mut deadpool_postgres::Object,
+    client: &mut Object,
     shape: &Shape,
     batch: &[(TaskId, ProgressUpdate)],
     indices: &[usize],
@@ -491,10 +542,18 @@ fn is_contention(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// The two ways a store operation fails before classification.
+/// The ways a store operation fails before classification.
 enum DbError {
     Domain(Error),
     Pg(tokio_postgres::Error),
+    /// It missed its deadline (see [`bounded::run`]).
+    Late(Late),
+}
+
+impl From<Late> for DbError {
+    fn from(e: Late) -> Self {
+        DbError::Late(e)
+    }
 }
 
 impl From<Error> for DbError {
@@ -506,13 +565,6 @@ impl From<Error> for DbError {
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         DbError::Pg(e)
-    }
-}
-
-fn pool_error(e: PoolError) -> Error {
-    match e {
-        PoolError::Backend(pg) => Error::unavailable("the database", pg),
-        other => Error::unavailable("the database", other.to_string()),
     }
 }
 

@@ -188,7 +188,7 @@ pub async fn spawn_app_on(database_url: String, db: Option<TestDb>) -> TestApp {
     start(Some(database_url), db, |_| {}).await
 }
 
-/// [`spawn_app_on`], with the configuration adjusted first.
+/// [`spawn_app_on`] with a configuration the test adjusts first.
 pub async fn spawn_app_on_with(
     database_url: String,
     db: Option<TestDb>,

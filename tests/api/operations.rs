@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -17,6 +15,7 @@ use crate::helpers::{
     spawn_app_with,
 };
 use crate::process::{Server, start_on};
+use crate::proxy::Proxy;
 
 #[tokio::test]
 async fn metrics_report_pushes_batches_connections_and_subscriptions() {
@@ -296,61 +295,11 @@ async fn kill_9_loses_no_acknowledged_push_and_clients_resume_from_the_rows() {
     drop(restarted);
 }
 
-/// A TCP proxy in front of Postgres that can cut every connection and refuse new ones:
-/// a database outage as the server sees it, without stopping the shared Postgres.
-struct Proxy {
-    port: u16,
-    down: Arc<AtomicBool>,
-    cut: Arc<Notify>,
-}
-
-impl Proxy {
-    async fn start(upstream: (String, u16)) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let cut = Arc::new(Notify::new());
-        let (d, c) = (down.clone(), cut.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if d.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused, as far as the client can tell
-                }
-                let (upstream, c) = (upstream.clone(), c.clone());
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = c.notified() => {}
-                    }
-                });
-            }
-        });
-        Proxy { port, down, cut }
-    }
-
-    fn go_down(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        self.cut.notify_waiters();
-    }
-
-    fn come_back(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_10_second_database_outage_gives_fast_503s_and_recovers_without_restart() {
     let db = TestDb::create().await;
     taskcast::store::schema::migrate(&db.url).await.unwrap();
-    let config: tokio_postgres::Config = db.url.parse().unwrap();
-    let host = match &config.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        other => panic!("the test needs a TCP Postgres, got {other:?}"),
-    };
-    let proxy = Proxy::start((host, config.get_ports()[0])).await;
+    let proxy = Proxy::to(&db).await;
     let via_proxy = db.url_via_port(proxy.port);
     assert!(
         via_proxy.contains(&format!("port={}", proxy.port)),
