@@ -353,7 +353,11 @@ mod tests {
         );
         let checks = config(&[("TASK_PROCESS_SECRET_KEY", &format!(" {strong}\n"))]);
         assert_eq!(find(&checks, "push key").level, Level::Ok);
-        assert!(find(&checks, "key whitespace").message.contains("401"));
+        let message = &find(&checks, "key whitespace").message;
+        assert!(
+            message.contains("refuse a header value with a newline"),
+            "{message}"
+        );
     }
 
     #[test]
