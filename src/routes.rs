@@ -32,6 +32,8 @@ pub struct AppState {
     pub token_ttl: std::time::Duration,
     pub origins: OriginPolicy,
     pub max_body_bytes: usize,
+    /// From the end of the request header to the end of its body; slower gets 408.
+    pub body_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
     /// Bearer token required by GET /metrics, when set.
@@ -49,26 +51,27 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         warp::any().map(move || shared.clone())
     };
     let limit = state.max_body_bytes;
+    let within = state.body_timeout;
 
     let push = warp::path!("api" / "tasks" / String / "progress")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit))
+        .and(json_body(limit, within))
         .then(push);
 
     let create = warp::path!("api" / "tasks")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit))
+        .and(json_body(limit, within))
         .then(create);
 
     let batch = warp::path!("api" / "progress")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(state.max_batch_body_bytes))
+        .and(json_body(state.max_batch_body_bytes, within))
         .then(push_batch);
 
     let events = warp::path!("api" / "tasks" / String / "events")
@@ -201,9 +204,11 @@ fn authorized(key: PushKey) -> impl Filter<Extract = (), Error = warp::Rejection
 }
 
 /// The request body, at most `limit` bytes whether or not Content-Length is sent
-/// (chunked uploads are counted as they arrive), and JSON when a Content-Type is given.
+/// (chunked uploads are counted as they arrive), whole within `within` (else 408), and
+/// JSON when a Content-Type is given.
 fn json_body(
     limit: usize,
+    within: std::time::Duration,
 ) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
@@ -220,8 +225,9 @@ fn json_body(
                 if length.is_some_and(|n| n > limit as u64) {
                     return Err(warp::reject::custom(Error::PayloadTooLarge { limit }));
                 }
-                read_limited(body, limit)
+                tokio::time::timeout(within, read_limited(body, limit))
                     .await
+                    .unwrap_or(Err(Error::RequestTimeout { within }))
                     .map_err(warp::reject::custom)
             },
         )

@@ -12,6 +12,7 @@ mod docs;
 mod doctor;
 mod errors;
 mod fuzz;
+mod http_limits;
 mod operations;
 mod process;
 mod reporter;
