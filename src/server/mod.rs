@@ -10,6 +10,7 @@
 //! which answers 431 when a header does not fit.
 
 mod accept;
+mod memory;
 mod slots;
 mod tracked;
 
@@ -73,6 +74,10 @@ pub async fn serve(
     // connections at the header timeout. Each connection's `Track` keeps both deadlines.
     let mut builder = http1::Builder::new();
     builder.max_buf_size(options.max_header_bytes);
+    tokio::spawn(memory::trim_after_floods(
+        slots.clone(),
+        graceful.subscribe(),
+    ));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut errors = AcceptErrors::default();
     let mut shutdown = std::pin::pin!(shutdown);

@@ -13,7 +13,7 @@
 //! connections can never keep a push out; a request in flight is never cut.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +39,8 @@ struct Shared {
     keep_alive_timeout: Duration,
     epoch: Instant,
     next_id: AtomicU64,
+    /// The most connections open at once since [`Slots::take_peak`].
+    peak: AtomicUsize,
     /// Keyed by accept order, so the first evictable entry is the oldest.
     /// std Mutex, not tokio: nothing awaits while it is held.
     live: Mutex<BTreeMap<u64, Arc<Track>>>,
@@ -65,6 +67,7 @@ impl Slots {
                 keep_alive_timeout,
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(0),
+                peak: AtomicUsize::new(0),
                 live: Mutex::new(BTreeMap::new()),
             }),
         }
@@ -87,6 +90,7 @@ impl Slots {
             shared: self.shared.clone(),
         });
         live.insert(id, track.clone());
+        self.shared.peak.fetch_max(live.len(), Ordering::Relaxed);
         Some(Lease(track))
     }
 
@@ -104,6 +108,13 @@ impl Slots {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The most connections open at once since the last call, and the number open now;
+    /// the peak starts over from now.
+    pub fn take_peak(&self) -> (usize, usize) {
+        let now = self.len();
+        (self.shared.peak.swap(now, Ordering::Relaxed), now)
     }
 }
 
