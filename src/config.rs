@@ -669,6 +669,39 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_parse_and_a_header_bound_below_hypers_minimum_is_refused() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["taskcast"], args].concat()).unwrap();
+            Config::from_args(cli.serve, |_| None)
+        };
+        let config = parse(&[
+            "--header-timeout-secs",
+            "5",
+            "--body-timeout-secs",
+            "20",
+            "--keep-alive-timeout-secs",
+            "90",
+            "--max-http-connections",
+            "100",
+            "--max-header-bytes",
+            "16384",
+        ])
+        .unwrap();
+        assert_eq!(config.limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(config.limits.body_timeout, Duration::from_secs(20));
+        assert_eq!(config.limits.keep_alive_timeout, Duration::from_secs(90));
+        assert_eq!(config.limits.max_http_connections, 100);
+        assert_eq!(config.limits.max_header_bytes, 16384);
+        let refused = parse(&["--max-header-bytes", "4096"]).unwrap_err();
+        assert!(refused.contains("TASKCAST_MAX_HEADER_BYTES"), "{refused}");
+        let refused = parse(&["--header-timeout-secs", "0"]).unwrap_err();
+        assert!(
+            refused.contains("TASKCAST_HEADER_TIMEOUT_SECS"),
+            "{refused}"
+        );
+    }
+
+    #[test]
     fn serve_is_the_default_subcommand_and_flags_parse() {
         let cli = Cli::try_parse_from(["taskcast", "--listen", "127.0.0.1:0"]).unwrap();
         assert!(cli.command.is_none());
