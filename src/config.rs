@@ -155,10 +155,27 @@ pub struct ServeArgs {
     /// Tasks one WebSocket connection may subscribe to at once.
     #[arg(long, env = "TASKCAST_MAX_SUBSCRIPTIONS", default_value_t = 64)]
     pub max_subscriptions: usize,
-    /// Open WebSocket connections the server accepts; more get 503. Default: the
-    /// process's open-file limit less 512 for the pool, the listener and logs.
+    /// Open WebSocket connections and SSE streams the server accepts; more get 503.
+    /// Default: the open-file limit less TASKCAST_MAX_HTTP_CONNECTIONS' default and 256.
     #[arg(long, env = "TASKCAST_MAX_CONNECTIONS", default_value_t = default_max_connections())]
     pub max_connections: usize,
+    /// Open plain HTTP connections (not WebSocket or SSE). When full, the oldest one not in
+    /// the middle of a request is closed; if all are mid-request, new ones get 503.
+    #[arg(long, env = "TASKCAST_MAX_HTTP_CONNECTIONS", default_value_t = default_max_http_connections())]
+    pub max_http_connections: usize,
+    /// Seconds a client has to send a whole request header (from connect, or from the
+    /// first byte of a later request on a kept-alive connection).
+    #[arg(long, env = "TASKCAST_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to send a whole request body; slower gets 408.
+    #[arg(long, env = "TASKCAST_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
+    /// Seconds a kept-alive HTTP connection may wait for its next request.
+    #[arg(long, env = "TASKCAST_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 60)]
+    pub keep_alive_timeout_secs: u64,
+    /// Largest request line plus headers, in bytes (at least 8192); more gets 431.
+    #[arg(long, env = "TASKCAST_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
     /// Subscribe messages one connection may send per second; more get an error.
     #[arg(long, env = "TASKCAST_MAX_SUBSCRIBES_PER_SEC", default_value_t = 20)]
     pub max_subscribes_per_sec: u32,
@@ -233,6 +250,16 @@ pub struct Limits {
     pub max_ws_message_bytes: usize,
     pub max_subscriptions: usize,
     pub max_connections: usize,
+    /// Plain HTTP connections (not yet, or never, WebSocket or SSE).
+    pub max_http_connections: usize,
+    /// From connect (or a later request's first byte) to the end of its header.
+    pub header_timeout: Duration,
+    /// From the end of the header to the end of the body.
+    pub body_timeout: Duration,
+    /// Between the end of a response and the next request's first byte.
+    pub keep_alive_timeout: Duration,
+    /// Request line plus headers; also hyper's read buffer bound.
+    pub max_header_bytes: usize,
     pub max_subscribes_per_sec: u32,
     pub idle_timeout: Duration,
     pub max_batch: usize,
@@ -243,15 +270,32 @@ pub struct Limits {
     pub pong_timeout: Duration,
 }
 
-/// The soft open-file limit less 512, or 10,000 when it cannot be read.
-pub fn default_max_connections() -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+/// File descriptors kept out of both connection caps: the database pool, the NOTIFY
+/// listener, stdio, the runtime's own, and connections being told 503.
+const RESERVED_FDS: usize = 256;
+
+/// The process's soft open-file limit, if /proc says.
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     limits
         .lines()
         .find(|line| line.starts_with("Max open files"))
         .and_then(|line| line.split_whitespace().nth(3))
         .and_then(|soft| soft.parse::<usize>().ok())
-        .map_or(10_000, |soft| soft.saturating_sub(512).max(64))
+}
+
+/// An eighth of the open-file limit, from 64 to 4,096; 1,024 when it cannot be read.
+pub fn default_max_http_connections() -> usize {
+    open_file_limit().map_or(1024, |soft| (soft / 8).clamp(64, 4096))
+}
+
+/// The open-file limit less the HTTP cap and 256 reserved descriptors (at least 64), or
+/// 10,000 when it cannot be read.
+pub fn default_max_connections() -> usize {
+    open_file_limit().map_or(10_000, |soft| {
+        soft.saturating_sub(default_max_http_connections() + RESERVED_FDS)
+            .max(64)
+    })
 }
 
 impl Default for Limits {
@@ -263,6 +307,11 @@ impl Default for Limits {
             max_ws_message_bytes: 4 * 1024,
             max_subscriptions: 64,
             max_connections: default_max_connections(),
+            max_http_connections: default_max_http_connections(),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
             max_subscribes_per_sec: 20,
             idle_timeout: Duration::from_secs(30),
             max_batch: 500,
@@ -360,6 +409,19 @@ impl Config {
             ("TASKCAST_MAX_WS_MESSAGE_BYTES", args.max_ws_message_bytes),
             ("TASKCAST_MAX_SUBSCRIPTIONS", args.max_subscriptions),
             ("TASKCAST_MAX_CONNECTIONS", args.max_connections),
+            ("TASKCAST_MAX_HTTP_CONNECTIONS", args.max_http_connections),
+            (
+                "TASKCAST_HEADER_TIMEOUT_SECS",
+                args.header_timeout_secs as usize,
+            ),
+            (
+                "TASKCAST_BODY_TIMEOUT_SECS",
+                args.body_timeout_secs as usize,
+            ),
+            (
+                "TASKCAST_KEEP_ALIVE_TIMEOUT_SECS",
+                args.keep_alive_timeout_secs as usize,
+            ),
             (
                 "TASKCAST_MAX_SUBSCRIBES_PER_SEC",
                 args.max_subscribes_per_sec as usize,
@@ -378,6 +440,13 @@ impl Config {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        if args.max_header_bytes < 8192 {
+            // hyper's smallest read buffer; it panics below it.
+            return Err("TASKCAST_MAX_HEADER_BYTES must be at least 8192".to_string());
+        }
+        warn_if_over_file_limit(
+            args.max_connections + args.max_http_connections + args.db_pool_size,
+        );
         if args.max_ws_message_bytes < 256 {
             return Err("TASKCAST_MAX_WS_MESSAGE_BYTES must be at least 256".to_string());
         }
@@ -429,6 +498,11 @@ impl Config {
                 max_ws_message_bytes: args.max_ws_message_bytes,
                 max_subscriptions: args.max_subscriptions,
                 max_connections: args.max_connections,
+                max_http_connections: args.max_http_connections,
+                header_timeout: Duration::from_secs(args.header_timeout_secs),
+                body_timeout: Duration::from_secs(args.body_timeout_secs),
+                keep_alive_timeout: Duration::from_secs(args.keep_alive_timeout_secs),
+                max_header_bytes: args.max_header_bytes,
                 max_subscribes_per_sec: args.max_subscribes_per_sec,
                 idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                 max_batch: args.max_batch,
@@ -439,6 +513,23 @@ impl Config {
                 pong_timeout: Duration::from_secs(args.pong_timeout_secs),
             },
         })
+    }
+}
+
+/// Both connection caps and the pool must fit under the open-file limit, or the accept
+/// loop runs out of descriptors before the caps can protect anything.
+fn warn_if_over_file_limit(descriptors: usize) {
+    let Some(limit) = open_file_limit() else {
+        return;
+    };
+    let needed = descriptors + 64;
+    if needed > limit {
+        tracing::warn!(
+            open_file_limit = limit,
+            needed,
+            "TASKCAST_MAX_CONNECTIONS + TASKCAST_MAX_HTTP_CONNECTIONS + TASKCAST_DB_POOL_SIZE \
+             exceed the open-file limit: raise it (LimitNOFILE, ulimit -n) or lower the caps"
+        );
     }
 }
 
@@ -635,6 +726,39 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["taskcast", "--public-subscribe"]).unwrap();
         assert!(cli.serve.public_subscribe);
+    }
+
+    #[test]
+    fn http_limits_parse_and_a_header_bound_below_hypers_minimum_is_refused() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["taskcast"], args].concat()).unwrap();
+            Config::from_args(cli.serve, |_| None)
+        };
+        let config = parse(&[
+            "--header-timeout-secs",
+            "5",
+            "--body-timeout-secs",
+            "20",
+            "--keep-alive-timeout-secs",
+            "90",
+            "--max-http-connections",
+            "100",
+            "--max-header-bytes",
+            "16384",
+        ])
+        .unwrap();
+        assert_eq!(config.limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(config.limits.body_timeout, Duration::from_secs(20));
+        assert_eq!(config.limits.keep_alive_timeout, Duration::from_secs(90));
+        assert_eq!(config.limits.max_http_connections, 100);
+        assert_eq!(config.limits.max_header_bytes, 16384);
+        let refused = parse(&["--max-header-bytes", "4096"]).unwrap_err();
+        assert!(refused.contains("TASKCAST_MAX_HEADER_BYTES"), "{refused}");
+        let refused = parse(&["--header-timeout-secs", "0"]).unwrap_err();
+        assert!(
+            refused.contains("TASKCAST_HEADER_TIMEOUT_SECS"),
+            "{refused}"
+        );
     }
 
     #[test]

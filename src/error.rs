@@ -58,6 +58,9 @@ pub enum Error {
     /// the one to raise.
     #[error("the body is larger than the limit of {limit} bytes ({setting})")]
     PayloadTooLarge { limit: usize, setting: &'static str },
+    /// The body did not arrive whole within TASKCAST_BODY_TIMEOUT_SECS.
+    #[error("the request body did not arrive within {} s", within.as_secs_f64())]
+    RequestTimeout { within: std::time::Duration },
     #[error("the body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("this endpoint speaks WebSocket; send an Upgrade: websocket request")]
@@ -166,6 +169,7 @@ impl Error {
             Error::Conflict { .. } => "task_finished",
             Error::RateLimited(_) => "limit_exceeded",
             Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::RequestTimeout { .. } => "request_timeout",
             Error::UnsupportedMediaType => "unsupported_media_type",
             Error::UpgradeRequired => "upgrade_required",
             Error::SchemaMissing { .. } => "schema_missing",
@@ -191,6 +195,7 @@ impl Error {
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Error::SchemaMissing { .. }
@@ -237,6 +242,9 @@ impl Error {
             Error::RateLimited(_) => "stay within the limit named in the message",
             Error::PayloadTooLarge { .. } => {
                 "send a smaller body, or raise the setting the message names"
+            }
+            Error::RequestTimeout { .. } => {
+                "send the whole body promptly, or raise TASKCAST_BODY_TIMEOUT_SECS"
             }
             Error::UnsupportedMediaType => "set Content-Type: application/json",
             Error::UpgradeRequired => "connect with a WebSocket client, e.g. new WebSocket(url)",
@@ -394,7 +402,10 @@ impl Error {
         // so say so instead of letting the client's next request hit a closed socket.
         if matches!(
             self,
-            Error::PayloadTooLarge { .. } | Error::UnsupportedMediaType | Error::Unauthorized
+            Error::PayloadTooLarge { .. }
+                | Error::RequestTimeout { .. }
+                | Error::UnsupportedMediaType
+                | Error::Unauthorized
         ) {
             response.headers_mut().insert(
                 header::CONNECTION,
@@ -440,6 +451,7 @@ fn clone_rejected(err: &Error) -> Error {
             limit: *limit,
             setting,
         },
+        Error::RequestTimeout { within } => Error::RequestTimeout { within: *within },
         Error::UnsupportedMediaType => Error::UnsupportedMediaType,
         Error::UpgradeRequired => Error::UpgradeRequired,
         other => Error::internal("routing", other.chain()),

@@ -64,6 +64,7 @@ pub struct App {
     notify_listener: Option<Listener>,
     stop: watch::Sender<bool>,
     max_connections: usize,
+    http: server::HttpOptions,
     shutdown_timeout: Duration,
 }
 
@@ -139,6 +140,7 @@ impl App {
                 config.allow_loopback_origins,
             ),
             max_body_bytes: limits.max_body_bytes,
+            body_timeout: limits.body_timeout,
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,
             demo: config.demo,
@@ -162,6 +164,12 @@ impl App {
             notify_listener,
             stop,
             max_connections: limits.max_connections,
+            http: server::HttpOptions {
+                max_connections: limits.max_http_connections,
+                header_timeout: limits.header_timeout,
+                keep_alive_timeout: limits.keep_alive_timeout,
+                max_header_bytes: limits.max_header_bytes,
+            },
             shutdown_timeout: config.shutdown_timeout,
         })
     }
@@ -186,6 +194,7 @@ impl App {
             notify_listener,
             stop,
             max_connections,
+            http,
             shutdown_timeout,
             ..
         } = self;
@@ -200,7 +209,7 @@ impl App {
             stop.send_replace(true);
             ws.close_all();
         };
-        server::serve(listener, routes, signal, shutdown_timeout).await;
+        server::serve(listener, routes, http, signal, shutdown_timeout).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so
         // the writer drains its queue and ends. WebSockets got the signal through `stop`.
         let all = u32::try_from(max_connections).unwrap_or(u32::MAX);

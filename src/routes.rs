@@ -32,6 +32,8 @@ pub struct AppState {
     pub token_ttl: std::time::Duration,
     pub origins: OriginPolicy,
     pub max_body_bytes: usize,
+    /// From the end of the request header to the end of its body; slower gets 408.
+    pub body_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
     /// Bearer token required by GET /metrics, when set.
@@ -49,26 +51,27 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         warp::any().map(move || shared.clone())
     };
     let limit = state.max_body_bytes;
+    let within = state.body_timeout;
 
     let push = warp::path!("api" / "tasks" / String / "progress")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit, MAX_BODY))
+        .and(json_body(limit, MAX_BODY, within))
         .then(push);
 
     let create = warp::path!("api" / "tasks")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(limit, MAX_BODY))
+        .and(json_body(limit, MAX_BODY, within))
         .then(create);
 
     let batch = warp::path!("api" / "progress")
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(state.max_batch_body_bytes, MAX_BATCH_BODY))
+        .and(json_body(state.max_batch_body_bytes, MAX_BATCH_BODY, within))
         .then(push_batch);
 
     let events = warp::path!("api" / "tasks" / String / "events")
@@ -195,11 +198,12 @@ const MAX_BODY: &str = "TASKCAST_MAX_BODY_BYTES";
 const MAX_BATCH_BODY: &str = "TASKCAST_MAX_BATCH_BODY_BYTES";
 
 /// The request body, at most `limit` bytes (set by `setting`) whether or not
-/// Content-Length is sent (chunked uploads are counted as they arrive), and JSON when a
-/// Content-Type is given.
+/// Content-Length is sent (chunked uploads are counted as they arrive), whole within
+/// `within` (else 408), and JSON when a Content-Type is given.
 fn json_body(
     limit: usize,
     setting: &'static str,
+    within: std::time::Duration,
 ) -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
@@ -219,8 +223,9 @@ fn json_body(
                         setting,
                     }));
                 }
-                read_limited(body, limit, setting)
+                tokio::time::timeout(within, read_limited(body, limit, setting))
                     .await
+                    .unwrap_or(Err(Error::RequestTimeout { within }))
                     .map_err(warp::reject::custom)
             },
         )

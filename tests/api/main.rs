@@ -13,6 +13,7 @@ mod doctor;
 mod errors;
 mod frames;
 mod fuzz;
+mod http_limits;
 mod operations;
 mod partition;
 mod process;

@@ -113,7 +113,12 @@ async fn start(env: &[(&str, &str)]) -> Server {
 
 /// Starts `taskcast serve` on `listen` and waits until it listens.
 pub async fn start_on(env: &[(&str, &str)], listen: &str) -> Server {
-    let mut child = taskcast(env, &["--listen", listen]).spawn().unwrap();
+    start_command(taskcast(env, &["--listen", listen])).await
+}
+
+/// Starts a prepared `taskcast serve` command and waits until it listens.
+pub async fn start_command(mut command: Command) -> Server {
+    let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let stdout = Arc::new(Mutex::new(String::new()));
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -172,6 +177,11 @@ impl Server {
         }
         let stdout = self.stdout.lock().unwrap().clone();
         (status, format!("{stdout}{stderr}"))
+    }
+
+    /// What the server has printed to stdout so far (its log).
+    pub fn log(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Stops the server and returns all it printed, stdout then stderr.

@@ -1,0 +1,139 @@
+//! The two hooks that tell a connection's [`Track`] where it is: the socket (bytes
+//! arrived) and the service (a request started, a response is ready).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use warp::http::{HeaderValue, Request, StatusCode, header};
+use warp::hyper::body::Incoming;
+use warp::hyper::service::Service;
+use warp::reply::Response;
+
+use super::slots::Track;
+use crate::error::Error;
+
+/// A socket that reports reads to its track. It stays under a WebSocket after the
+/// upgrade, where the report is one relaxed load.
+pub struct TrackedIo {
+    stream: TcpStream,
+    track: Arc<Track>,
+}
+
+impl TrackedIo {
+    pub fn new(stream: TcpStream, track: Arc<Track>) -> Self {
+        TrackedIo { stream, track }
+    }
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.track.on_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The routes, reporting each request's start and its response to the track.
+pub struct TrackedService<S> {
+    inner: S,
+    track: Arc<Track>,
+}
+
+impl<S> TrackedService<S> {
+    pub fn new(inner: S, track: Arc<Track>) -> Self {
+        TrackedService { inner, track }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<Request<Incoming>> for TrackedService<S>
+where
+    S: Service<Request<Incoming>, Response = Response>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response, S::Error>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        if !self.track.request_started() {
+            // Evicted between parsing the header and here: the socket is closing.
+            let refused = Error::Unavailable {
+                what: "an HTTP connection slot (TASKCAST_MAX_HTTP_CONNECTIONS reached)",
+                source: None,
+            };
+            return Box::pin(std::future::ready(Ok(refused.into_response())));
+        }
+        let track = self.track.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            if is_stream(&response) {
+                if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    // An SSE connection serves one stream: when it ends, the connection
+                    // closes rather than idling outside the cap.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                track.detach();
+            } else {
+                track.response_ready();
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// A WebSocket upgrade or an SSE stream: long-lived, counted in TASKCAST_MAX_CONNECTIONS.
+fn is_stream(response: &Response) -> bool {
+    response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"))
+}
