@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
 use crate::domain::StatusMap;
+use crate::store::connect::{PgTarget, SslMode, Verification};
 use crate::writer::WriteMode;
 
 #[derive(Parser, Debug)]
@@ -470,6 +471,12 @@ impl Config {
         }
         let status_map = StatusMap::parse(&args.status_map)?;
         let database_url = args.database_url.filter(|url| !url.trim().is_empty());
+        if let Some(url) = &database_url {
+            let target = PgTarget::parse(url).map_err(|e| e.to_string())?;
+            if production {
+                warn_unverified_database(&target);
+            }
+        }
         let in_memory = database_url.is_none();
         Ok(Config {
             listen: args.listen,
@@ -530,6 +537,28 @@ fn warn_if_over_file_limit(descriptors: usize) {
             "TASKCAST_MAX_CONNECTIONS + TASKCAST_MAX_HTTP_CONNECTIONS + TASKCAST_DB_POOL_SIZE \
              exceed the open-file limit: raise it (LimitNOFILE, ulimit -n) or lower the caps"
         );
+    }
+}
+
+/// In production, a database on another machine reached without a verified certificate is
+/// a loud warning, not a refusal: a private network or a TLS sidecar can make it safe, and
+/// refusing would stop running deployments on upgrade. `taskcast doctor` says the same.
+fn warn_unverified_database(target: &PgTarget) {
+    if target.is_local() || target.verification == Verification::Full {
+        return;
+    }
+    let mode = target.mode.as_str();
+    match target.mode {
+        SslMode::Disable | SslMode::Allow | SslMode::Prefer => tracing::warn!(
+            "DATABASE_URL reaches a database on another machine without requiring TLS \
+            (sslmode={mode}): pushes, tasks and the database password may cross the network \
+            in the clear. Add sslmode=verify-full&sslrootcert=/path/to/ca.crt"
+        ),
+        _ => tracing::warn!(
+            "DATABASE_URL uses TLS but does not verify the server's host name (sslmode={mode}): \
+            a machine in the middle could pose as the database. Use sslmode=verify-full with \
+            sslrootcert"
+        ),
     }
 }
 

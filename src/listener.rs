@@ -15,13 +15,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::auth::Secret;
 use crate::domain::{TaskId, TaskState, Unreadable};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::store::PgStore;
+use crate::store::connect::PgTarget;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Capped low: one connect attempt a second is cheap, and recovery after an outage is
@@ -106,10 +107,11 @@ impl Listener {
 
     async fn session(&self, shutdown: &mut watch::Receiver<bool>, connections: u64) -> End {
         let lost = |listened: bool| move |why: String| End::Lost { listened, why };
-        let mut config: tokio_postgres::Config = match self.database_url.expose().parse() {
-            Ok(config) => config,
-            Err(e) => return lost(false)(format!("DATABASE_URL: {e}")),
+        let target = match PgTarget::parse(self.database_url.expose()) {
+            Ok(target) => target,
+            Err(e) => return lost(false)(e.to_string()),
         };
+        let mut config = target.config;
         config
             .application_name("taskcast-listener")
             .connect_timeout(self.connect_timeout)
@@ -119,7 +121,7 @@ impl Listener {
             .keepalives_retries(3)
             // The kernel closes the socket once sent data waits this long for an ACK.
             .tcp_user_timeout(self.connect_timeout);
-        let connect = timeout(self.connect_timeout, config.connect(NoTls)).await;
+        let connect = timeout(self.connect_timeout, config.connect(target.tls)).await;
         let (client, mut connection) = match connect {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return lost(false)(e.to_string()),

@@ -71,7 +71,11 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
-        .and(json_body(state.max_batch_body_bytes, MAX_BATCH_BODY, within))
+        .and(json_body(
+            state.max_batch_body_bytes,
+            MAX_BATCH_BODY,
+            within,
+        ))
         .then(push_batch);
 
     let events = warp::path!("api" / "tasks" / String / "events")

@@ -4,10 +4,12 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, config::Host};
+use tokio_postgres::{Client, SimpleQueryMessage, config::Host};
 
 use super::{Checks, Env, Level, value};
 use crate::domain::StatusMap;
+use crate::error::Error;
+use crate::store::connect::{PgTarget, Verification};
 use crate::store::report::{self, Finding, Severity};
 use crate::store::schema::{REQUIRED_COLUMNS, missing_columns};
 
@@ -51,11 +53,18 @@ pub(super) async fn database_checks(env: Env<'_>, out: &mut Checks) {
         let message = "DATABASE_URL is not set: in-memory store, nothing survives a restart";
         return out.add("database", Level::Warn, message);
     };
-    // The parse error is not shown: it may quote part of the string.
-    let Ok(mut config) = url.parse::<tokio_postgres::Config>() else {
-        let message = "DATABASE_URL is not a Postgres connection string";
-        return out.add("database", Level::Fail, message);
+    // The driver's parse error is not shown: it may quote part of the string.
+    let pg = match PgTarget::parse(&url) {
+        Ok(pg) => pg,
+        Err(Error::Invalid { message, .. }) if message.contains("ssl") => {
+            return out.add("database", Level::Fail, message);
+        }
+        Err(_) => {
+            let message = "DATABASE_URL is not a Postgres connection string";
+            return out.add("database", Level::Fail, message);
+        }
     };
+    let mut config = pg.config.clone();
     let password = config.get_password().map(String::from_utf8_lossy);
     let password = password.filter(|p| !p.is_empty()).map(|p| p.into_owned());
     let hide = |e: tokio_postgres::Error| match &password {
@@ -69,11 +78,15 @@ pub(super) async fn database_checks(env: Env<'_>, out: &mut Checks) {
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let target = format!("{}:{port}", hosts.collect::<Vec<_>>().join(","));
     config.connect_timeout(CONNECT_TIMEOUT);
-    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls));
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(pg.tls.clone()));
     let message = match connecting.await {
         Ok(Ok((client, connection))) => {
             let driver = tokio::spawn(connection);
             let read = inspect(&client, &map, out).await;
+            let read = match read {
+                Ok(()) => tls_check(&client, &pg, out).await,
+                Err(e) => Err(e),
+            };
             driver.abort();
             match read {
                 Ok(()) => return,
@@ -167,6 +180,74 @@ pub(super) fn schema_checks(guide: &[(&str, &str)], missing: &[String], out: &mu
     match others.is_empty() {
         true => out.add("schema", Level::Ok, message),
         false => out.fix("schema", Level::Fail, message, MIGRATE),
+    }
+}
+
+const VERIFY_FULL: &str = "add sslmode=verify-full&sslrootcert=/path/to/ca.crt to DATABASE_URL \
+    (on Supabase: download the CA certificate from the project's database settings)";
+
+/// Asks the server whether this connection is encrypted (`pg_stat_ssl`), and judges it
+/// with what `sslmode` checked and whether the database is on this machine.
+async fn tls_check(
+    client: &Client,
+    pg: &PgTarget,
+    out: &mut Checks,
+) -> Result<(), tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    let (encrypted, version): (bool, Option<String>) =
+        row.map_or((false, None), |r| (r.get(0), r.get(1)));
+    tls_finding(encrypted, version.as_deref(), pg, out);
+    Ok(())
+}
+
+pub(super) fn tls_finding(encrypted: bool, version: Option<&str>, pg: &PgTarget, out: &mut Checks) {
+    let mode = pg.mode.as_str();
+    let local = pg.is_local();
+    let (level, message) = match (encrypted, pg.verification) {
+        (true, Verification::Full) => (
+            Level::Ok,
+            format!(
+                "encrypted ({}), certificate and host name verified (sslmode={mode})",
+                version.unwrap_or("TLS")
+            ),
+        ),
+        (true, Verification::Chain) => (
+            if local { Level::Ok } else { Level::Warn },
+            format!(
+                "encrypted ({}), certificate chain verified but not the host name \
+                (sslmode={mode})",
+                version.unwrap_or("TLS")
+            ),
+        ),
+        (true, Verification::None) => (
+            if local { Level::Ok } else { Level::Warn },
+            format!(
+                "encrypted ({}), but the certificate is not verified (sslmode={mode}): a \
+                machine in the middle could pose as the database",
+                version.unwrap_or("TLS")
+            ),
+        ),
+        (false, _) if local => (
+            Level::Ok,
+            format!("not encrypted (sslmode={mode}); the database is on this machine"),
+        ),
+        (false, _) => (
+            Level::Warn,
+            format!(
+                "NOT encrypted (sslmode={mode}) and the database is not on this machine: the \
+                push key's effects, tasks and the database password cross the network in \
+                the clear"
+            ),
+        ),
+    };
+    match level {
+        Level::Ok => out.add("tls", level, message),
+        _ => out.fix("tls", level, message, VERIFY_FULL),
     }
 }
 

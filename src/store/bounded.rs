@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Object, PoolError};
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_postgres::{CancelToken, NoTls};
+use tokio_postgres::CancelToken;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::Error;
 
@@ -48,6 +49,7 @@ impl Late {
 /// `deadline`. A late `op` is dropped, its query cancelled and its connection discarded.
 pub(super) async fn run<T, E>(
     pool: &deadpool_postgres::Pool,
+    tls: &MakeRustlsConnect,
     deadline: Instant,
     op: impl AsyncFnOnce(&mut Object) -> Result<T, E>,
 ) -> Result<T, E>
@@ -63,7 +65,7 @@ where
     match timeout_at(deadline, op(&mut client)).await {
         Ok(result) => result,
         Err(_) => {
-            discard(client, cancel);
+            discard(client, cancel, tls.clone());
             Err(Late::Running.into())
         }
     }
@@ -71,11 +73,11 @@ where
 
 /// Takes a connection out of the pool for good (dropping it aborts its driver task and
 /// closes the socket) and asks the server to cancel what it was running.
-fn discard(client: Object, cancel: CancelToken) {
+fn discard(client: Object, cancel: CancelToken, tls: MakeRustlsConnect) {
     drop(Object::take(client));
     metrics::counter!(crate::telemetry::DB_TIMEOUTS).increment(1);
     tokio::spawn(async move {
-        match timeout(CANCEL_WITHIN, cancel.cancel_query(NoTls)).await {
+        match timeout(CANCEL_WITHIN, cancel.cancel_query(tls)).await {
             Ok(Ok(())) => tracing::debug!("cancelled a query that missed its deadline"),
             Ok(Err(e)) => tracing::debug!(error = %e, "could not cancel a late query"),
             Err(_) => tracing::debug!("the cancel request for a late query timed out"),

@@ -6,6 +6,7 @@
 //! [`TaskRow::decide`]: crate::domain::TaskRow::decide
 
 mod bounded;
+pub mod connect;
 pub mod exposure;
 mod memory;
 mod postgres;

@@ -19,12 +19,14 @@ use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
 };
 use tokio::time::Instant;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::BatchResult;
 use super::bounded::{self, Late};
+use super::connect::PgTarget;
 use super::exposure;
 use super::report::Finding;
 use super::schema::missing_columns;
@@ -41,6 +43,8 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// The TLS connector the pool uses, for cancel requests too.
+    tls: MakeRustlsConnect,
     /// Every call answers within this (`TASKCAST_DB_TIMEOUT_MS`); see [`bounded`].
     timeout: Duration,
     /// The app's status words (TASKCAST_STATUS_MAP).
@@ -53,12 +57,8 @@ impl PgStore {
     /// Builds the pool; connects lazily, so a database that is down at startup only makes
     /// requests answer 503 until it is back.
     pub fn connect(url: &Secret, limits: &Limits, statuses: StatusMap) -> Result<Self, Error> {
-        let mut pg: tokio_postgres::Config = url.expose().parse().map_err(|e| {
-            Error::invalid(
-                "DATABASE_URL",
-                format!("DATABASE_URL is not a valid Postgres connection string: {e}"),
-            )
-        })?;
+        let target = PgTarget::parse(url.expose())?;
+        let mut pg = target.config;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(limits.db_timeout);
         }
@@ -69,7 +69,7 @@ impl PgStore {
         let settings = bounded::session_settings(&pg, limits.db_timeout);
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            target.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -93,6 +93,7 @@ impl PgStore {
             .map_err(|e| Error::internal("building the database pool", e))?;
         Ok(PgStore {
             pool,
+            tls: target.tls,
             timeout: limits.db_timeout,
             statuses,
             shape: Arc::default(),
@@ -142,7 +143,7 @@ impl PgStore {
         &self,
         op: impl AsyncFnOnce(&mut Object) -> Result<T, DbError>,
     ) -> Result<T, Error> {
-        match bounded::run(&self.pool, Instant::now() + self.timeout, op).await {
+        match bounded::run(&self.pool, &self.tls, Instant::now() + self.timeout, op).await {
             Ok(value) => Ok(value),
             Err(e) => Err(self.classify(e).await),
         }
@@ -163,9 +164,12 @@ impl PgStore {
                 Late::Running.describe(self.timeout) + " (the push waited behind a slow commit)",
             ));
         }
-        let result = bounded::run(&self.pool, deadline, async |client: &mut Object| {
-            self.try_apply_batch(client, batch).await
-        })
+        let result = bounded::run(
+            &self.pool,
+            &self.tls,
+            deadline,
+            async |client: &mut Object| self.try_apply_batch(client, batch).await,
+        )
         .await;
         match result {
             Ok(results) => Ok(results),
@@ -362,9 +366,12 @@ impl PgStore {
             // The table changed under a cached shape: read it again next time.
             self.forget_shape();
             let deadline = Instant::now() + self.timeout;
-            if let Ok(missing) = bounded::run(&self.pool, deadline, async |client: &mut Object| {
-                missing_columns(&***client).await.map_err(DbError::Pg)
-            })
+            if let Ok(missing) = bounded::run(
+                &self.pool,
+                &self.tls,
+                deadline,
+                async |client: &mut Object| missing_columns(&***client).await.map_err(DbError::Pg),
+            )
             .await
                 && !missing.is_empty()
             {

@@ -1,6 +1,6 @@
 //! schema.sql, `taskcast migrate`, and the check that the table has what taskcast needs.
 
-use tokio_postgres::{GenericClient, NoTls};
+use tokio_postgres::GenericClient;
 
 use super::report::{self, Finding};
 use crate::domain::StatusMap;
@@ -114,17 +114,13 @@ pub async fn migrate(database_url: &str) -> Result<Vec<String>, Error> {
 async fn connect(
     database_url: &str,
 ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), Error> {
-    let mut config: tokio_postgres::Config = database_url.parse().map_err(|e| {
-        Error::invalid(
-            "DATABASE_URL",
-            format!("DATABASE_URL is not a valid Postgres connection string: {e}"),
-        )
-    })?;
+    let target = super::connect::PgTarget::parse(database_url)?;
+    let mut config = target.config;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(target.tls)
         .await
         .map_err(|e| Error::unavailable("the database (connecting)", e))?;
     let driver = tokio::spawn(async move {

@@ -22,4 +22,5 @@ mod reporter;
 mod schema;
 mod sse;
 mod tables;
+mod tls;
 mod websocket;
