@@ -102,15 +102,17 @@ impl PgStore {
 
     /// The table's shape: cached, or read from the catalog now.
     async fn shape(&self, client: &Object) -> Result<Arc<Shape>, DbError> {
-        let cached = self
-            .shape
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        match cached {
+        match self.cached_shape() {
             Some(shape) => Ok(shape),
             None => self.reload_shape(client).await,
         }
+    }
+
+    fn cached_shape(&self) -> Option<Arc<Shape>> {
+        self.shape
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     async fn reload_shape(&self, client: &Object) -> Result<Arc<Shape>, DbError> {
@@ -130,8 +132,12 @@ impl PgStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 
-    /// What a valid task id looks like for this table.
+    /// What a valid task id looks like for this table. Read from the cache without a
+    /// connection: every push and subscribe asks.
     pub async fn id_kind(&self) -> Result<IdKind, Error> {
+        if let Some(shape) = self.cached_shape() {
+            return Ok(shape.id);
+        }
         self.run(async |client: &mut Object| Ok(self.shape(client).await?.id))
             .await
     }
