@@ -156,19 +156,36 @@ impl Hub {
         });
     }
 
+    /// The version the hub holds for `task` (`i64::MIN` when none); read it before a store
+    /// read whose outcome may become a [`Hub::publish_notice`].
+    pub fn held_version(&self, task: TaskId) -> i64 {
+        self.inner.tasks.get(&task).map_or(i64::MIN, |slot| {
+            slot.borrow().as_ref().map_or(i64::MIN, |f| f.version())
+        })
+    }
+
     /// Tells the task's current subscribers about a problem with the task (`text` is an
     /// error message), without a state: it carries the version the hub holds, so any newer
-    /// state replaces it and nothing older gets in.
-    pub fn publish_notice(&self, task: TaskId, text: String) {
+    /// state replaces it and nothing older gets in. It is dropped if the hub no longer
+    /// holds version `seen` (what it held when the read began): a state published since is
+    /// newer news than the notice, and a subscriber must not miss it.
+    pub fn publish_notice(&self, task: TaskId, text: String, seen: i64) {
         let Some(slot) = self.inner.tasks.get(&task).map(|e| e.value().clone()) else {
             return;
         };
-        let version = slot.borrow().as_ref().map_or(i64::MIN, |f| f.version());
-        slot.send_replace(Some(Arc::new(Frame {
-            version,
+        let notice = Arc::new(Frame {
+            version: seen,
             text: Utf8Bytes::from(text),
             notice: true,
-        })));
+        });
+        slot.send_if_modified(|current| {
+            let held = current.as_ref().map_or(i64::MIN, |f| f.version());
+            if held != seen {
+                return false;
+            }
+            *current = Some(notice);
+            true
+        });
     }
 
     /// The tasks that have subscribers now (a snapshot; it may change right after).
@@ -357,7 +374,13 @@ mod tests {
         let (mut sub, _) = hub.subscribe(task);
         hub.publish(&state(task, 4));
         assert_eq!(sub.next().await.unwrap().version(), 4);
-        hub.publish_notice(task, r#"{"type":"error"}"#.to_string());
+        // A notice about a read that began before a newer state arrived is dropped.
+        hub.publish_notice(task, r#"{"type":"error"}"#.to_string(), 3);
+        hub.publish_notice(
+            task,
+            r#"{"type":"error"}"#.to_string(),
+            hub.held_version(task),
+        );
         let notice = sub.next().await.unwrap();
         assert!(notice.is_notice());
         // Not a snapshot for a later subscriber, and no older state gets in after it.

@@ -7,7 +7,7 @@
 //! while the connection is down are lost, so after every (re)connect it re-reads every
 //! subscribed task; the hub's version rule makes the overlap harmless.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -202,23 +202,32 @@ impl Listener {
             return Ok(());
         }
         metrics::counter!(crate::telemetry::LISTENER_ROWS_READ).increment(wanted.len() as u64);
+        let seen = self.held_versions(&wanted);
         let rows = self.store.get_many(&wanted).await?;
-        self.publish(rows);
+        self.publish(rows, &seen);
         Ok(())
+    }
+
+    /// What the hub holds for each task before a read (see [`Hub::publish_notice`]).
+    fn held_versions(&self, tasks: &[TaskId]) -> HashMap<TaskId, i64> {
+        tasks
+            .iter()
+            .map(|&task| (task, self.hub.held_version(task)))
+            .collect()
     }
 
     /// Publishes what was read; a row that cannot be read is reported for its own task
     /// (a warn line once, a counter, an error to its subscribers) and stops nothing else.
-    fn publish(&self, rows: Vec<Result<TaskState, Unreadable>>) {
+    fn publish(&self, rows: Vec<Result<TaskState, Unreadable>>, seen: &HashMap<TaskId, i64>) {
         for row in rows {
             match row {
                 Ok(state) => self.hub.publish(&state),
-                Err(unreadable) => self.report(unreadable),
+                Err(unreadable) => self.report(unreadable, seen),
             }
         }
     }
 
-    fn report(&self, unreadable: Unreadable) {
+    fn report(&self, unreadable: Unreadable, seen: &HashMap<TaskId, i64>) {
         metrics::counter!(crate::telemetry::UNREADABLE_ROWS).increment(1);
         let Some(task) = unreadable.task else {
             return;
@@ -236,15 +245,18 @@ impl Listener {
             column: unreadable.column,
             held: unreadable.held,
         };
-        self.hub.publish_notice(task, error.to_ws_json(Some(task)));
+        let seen = seen.get(&task).copied().unwrap_or(i64::MIN);
+        self.hub
+            .publish_notice(task, error.to_ws_json(Some(task)), seen);
     }
 
     /// Re-reads every task that has local subscribers.
     async fn resync(&self) -> Result<(), Error> {
         let tasks = self.hub.tasks();
         for chunk in tasks.chunks(RESYNC_CHUNK) {
+            let seen = self.held_versions(chunk);
             let rows = self.store.get_many(chunk).await?;
-            self.publish(rows);
+            self.publish(rows, &seen);
         }
         if !tasks.is_empty() {
             tracing::info!(

@@ -100,11 +100,11 @@ impl StatusMap {
 }
 
 /// What one status column takes and means: the word written for each status (none when an
-/// enum has no label for it), and the lowercase words that read as final.
+/// enum has no label for it), and the lowercase words known to read as open.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusWords {
     write: [Option<String>; 5],
-    terminal: Vec<String>,
+    open: Vec<String>,
 }
 
 impl StatusWords {
@@ -119,7 +119,7 @@ impl StatusWords {
         });
         StatusWords {
             write,
-            terminal: terminal_words(map, map.known_words()),
+            open: open_words(map, map.known_words()),
         }
     }
 
@@ -142,7 +142,7 @@ impl StatusWords {
         let words = map.known_words().chain(labels.iter().map(String::as_str));
         StatusWords {
             write,
-            terminal: terminal_words(map, words),
+            open: open_words(map, words),
         }
     }
 
@@ -151,9 +151,13 @@ impl StatusWords {
         self.write[index(status)].as_deref()
     }
 
-    /// Lowercase words that read as a final status (compare with `lower(status::text)`).
-    pub fn terminal(&self) -> &[String] {
-        &self.terminal
+    /// Lowercase words known to read as an open status, for SQL's fast path
+    /// (`lower(status::text) = ANY(...)`). An allow-list: any other stored word (padded,
+    /// unknown, NULL, or lowercased differently by the database's locale) takes the locked
+    /// path, where [`crate::domain::TaskRow::decide`] reads it as Rust does, so SQL can never
+    /// reopen a task Rust would call finished.
+    pub fn open(&self) -> &[String] {
+        &self.open
     }
 }
 
@@ -164,14 +168,14 @@ fn index(status: TaskStatus) -> usize {
         .expect("ALL lists every status")
 }
 
-fn terminal_words<'a>(map: &StatusMap, words: impl Iterator<Item = &'a str>) -> Vec<String> {
-    let mut terminal: Vec<String> = words
-        .filter(|w| map.read(w).is_some_and(TaskStatus::is_terminal))
-        .map(str::to_lowercase)
+fn open_words<'a>(map: &StatusMap, words: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut open: Vec<String> = words
+        .filter(|w| map.read(w).is_some_and(|s| !s.is_terminal()))
+        .map(str::to_ascii_lowercase)
         .collect();
-    terminal.sort();
-    terminal.dedup();
-    terminal
+    open.sort();
+    open.dedup();
+    open
 }
 
 #[cfg(test)]
@@ -206,9 +210,10 @@ mod tests {
         let words = StatusWords::for_text(&map);
         assert_eq!(words.word(TaskStatus::Completed), Some("done"));
         assert_eq!(words.word(TaskStatus::Failed), Some("failed"));
-        assert!(words.terminal().contains(&"done".to_string()));
-        assert!(words.terminal().contains(&"canceled".to_string()));
-        assert!(!words.terminal().contains(&"queued".to_string()));
+        assert!(words.open().contains(&"queued".to_string()));
+        assert!(words.open().contains(&"running".to_string()));
+        assert!(!words.open().contains(&"done".to_string()));
+        assert!(!words.open().contains(&"canceled".to_string()));
     }
 
     #[test]

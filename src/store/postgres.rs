@@ -206,9 +206,9 @@ impl PgStore {
         if !order.is_empty() {
             let apply_open = client.prepare_cached(&shape.sql.apply_open).await?;
             let columns = Columns::new(batch, &order, &shape);
-            let terminal = shape.words.terminal();
+            let open = shape.words.open();
             let mut params = columns.params();
-            params.push(&terminal);
+            params.push(&open);
             match client.query(&apply_open, &params).await {
                 Ok(rows) => {
                     let position: HashMap<TaskId, usize> =

@@ -75,13 +75,12 @@ pub fn describe(
         Err(Error::SchemaMissing { .. }) => return out, // said by the schema check
         Err(e) => {
             let mut f = finding("table", Severity::Fail, e.to_string());
-            f.fix = Some(match columns.iter().find(|c| c.name == "id") {
-                Some(id) if !matches!(id.category.as_str(), "S") && id.type_name != "uuid" => {
-                    "give image_tasks a uuid, integer or text id (e.g. ALTER TABLE \
-                     public.image_tasks ALTER COLUMN id TYPE bigint)"
-                        .to_string()
-                }
-                _ => "ALTER TABLE public.image_tasks ALTER COLUMN status TYPE text".to_string(),
+            f.fix = Some(if f.message.starts_with("image_tasks.id") {
+                "give image_tasks a uuid, integer or text id with a deterministic collation \
+                 (e.g. ALTER TABLE public.image_tasks ALTER COLUMN id TYPE bigint)"
+                    .to_string()
+            } else {
+                "ALTER TABLE public.image_tasks ALTER COLUMN status TYPE text".to_string()
             });
             out.push(f);
             return out;
@@ -234,6 +233,7 @@ mod tests {
                 is_enum: false,
                 category: category.to_string(),
                 labels: Vec::new(),
+                deterministic: true,
             });
         }
         out
@@ -249,6 +249,7 @@ mod tests {
             labels: ["queued", "running", "done", "failed"]
                 .map(String::from)
                 .to_vec(),
+            deterministic: true,
         };
         let counts = [
             (Some("done".to_string()), 5),
@@ -283,6 +284,7 @@ mod tests {
             is_enum: false,
             category: "S".to_string(),
             labels: Vec::new(),
+            deterministic: true,
         };
         let found = describe(&columns("numeric", status), &StatusMap::default(), &[]);
         assert_eq!(found[0].severity, Severity::Fail);

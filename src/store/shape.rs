@@ -21,7 +21,9 @@ use crate::error::Error;
 const COLUMNS_QUERY: &str = "SELECT a.attname::text, a.atttypid::regtype::text, t.typtype::text, \
        t.typcategory::text, \
        ARRAY(SELECT e.enumlabel::text FROM pg_catalog.pg_enum e \
-             WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) \
+             WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder), \
+       COALESCE((SELECT c.collisdeterministic FROM pg_catalog.pg_collation c \
+                 WHERE c.oid = a.attcollation), true) \
      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
      WHERE a.attrelid = to_regclass('public.image_tasks') AND a.attnum > 0 \
        AND NOT a.attisdropped ORDER BY a.attnum";
@@ -36,6 +38,8 @@ pub struct Column {
     /// `typcategory`: `S` string, `N` numeric, `U` user-defined, ...
     pub category: String,
     pub labels: Vec<String>,
+    /// Its collation compares bytes (false for a case-insensitive collation).
+    pub deterministic: bool,
 }
 
 /// What taskcast knows about the table, and the statements built for it.
@@ -59,7 +63,7 @@ pub struct Statements {
     pub create: String,
     pub lock: String,
     pub apply: String,
-    /// [`Statements::apply`] narrowed by the push rules; `$8` is [`StatusWords::terminal`].
+    /// [`Statements::apply`] narrowed by the push rules; `$8` is [`StatusWords::open`].
     pub apply_open: String,
 }
 
@@ -74,6 +78,7 @@ pub async fn columns<C: GenericClient>(client: &C) -> Result<Vec<Column>, tokio_
             is_enum: row.get::<_, String>(2) == "e",
             category: row.get(3),
             labels: row.get(4),
+            deterministic: row.get(5),
         })
         .collect())
 }
@@ -142,10 +147,18 @@ fn id_kind(column: &Column) -> Result<IdKind, Error> {
         "smallint" => integer(i16::MIN.into(), i16::MAX.into()),
         "integer" => integer(i32::MIN.into(), i32::MAX.into()),
         "bigint" => Ok(IdKind::BIGINT),
-        _ if column.category == "S" => Ok(IdKind::Text),
+        // Ids are matched and keyed by their exact text: a type or collation that calls
+        // `Job-1` and `job-1` the same id (citext, a case-insensitive collation) would make
+        // answers and subscriptions miss their rows.
+        "text" | "character varying" | "character" if column.deterministic => Ok(IdKind::Text),
         other => Err(Error::TableUnsupported(format!(
-            "image_tasks.id is {other}; taskcast serves uuid, smallint, integer, bigint, text \
-             and varchar ids"
+            "image_tasks.id is {other}{}; taskcast serves uuid, smallint, integer, bigint, \
+             and text or varchar ids with a deterministic collation",
+            if column.deterministic {
+                ""
+            } else {
+                " with a case-insensitive collation"
+            }
         ))),
     }
 }
@@ -207,11 +220,11 @@ impl Statements {
             create,
             lock: format!("SELECT {columns} {from} WHERE {many} ORDER BY id FOR UPDATE"),
             apply: apply(""),
-            // The rules of `TaskRow::decide` that SQL can check: the status is not final
-            // (NULL reads as pending, but fails `<> ALL`, so such a row takes the locked
-            // path), the version can grow, and the push's seq is new.
+            // The rules of `TaskRow::decide` that SQL can check: the status is a word known
+            // to be open (anything else, NULL included, takes the locked path), the version
+            // can grow, and the push's seq is new.
             apply_open: apply(
-                " AND lower(t.status::text) <> ALL($8::text[]) \
+                " AND lower(t.status::text) = ANY($8::text[]) \
                   AND t.taskcast_version < 9223372036854775807 \
                   AND (u.seq IS NULL OR t.taskcast_seq IS NULL OR u.seq > t.taskcast_seq)",
             ),
@@ -230,6 +243,7 @@ mod tests {
             is_enum: false,
             category: category.to_string(),
             labels: Vec::new(),
+            deterministic: true,
         }
     }
 
@@ -264,6 +278,10 @@ mod tests {
             }
         ));
         assert_eq!(kind("character varying", "S").unwrap(), IdKind::Text);
+        assert!(
+            kind("citext", "S").is_err(),
+            "citext ids compare case-insensitively"
+        );
         let message = kind("numeric", "N").unwrap_err().to_string();
         assert!(message.contains("image_tasks.id is numeric"), "{message}");
     }

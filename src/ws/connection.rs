@@ -222,17 +222,15 @@ impl Connection {
     async fn on_client_message(&mut self, text: &str) -> Result<(), End> {
         match protocol::parse(text) {
             Ok(ClientMessage::Subscribe { task, token }) => {
+                // Counted before anything else: a stream of bad ids is rate-limited too.
+                let over_rate = self.over_rate();
                 let task = match self.ctx.store.parse_id(&task).await {
                     Ok(task) => task,
-                    Err(e) => return self.send_error(&e, None).await,
+                    Err(e) if !over_rate => return self.send_error(&e, None).await,
+                    Err(_) => return self.send_error(&self.rate_error(), None).await,
                 };
-                if self.over_rate() {
-                    let e = Error::RateLimited(format!(
-                        "more than {} subscribe messages in one second \
-                         (TASKCAST_MAX_SUBSCRIBES_PER_SEC); slow down",
-                        self.ctx.limits.max_subscribes_per_sec
-                    ));
-                    return self.send_error(&e, Some(task)).await;
+                if over_rate {
+                    return self.send_error(&self.rate_error(), Some(task)).await;
                 }
                 self.subscribe(task, token).await
             }
@@ -245,6 +243,14 @@ impl Connection {
             }
             Err(e) => self.send_error(&e, None).await,
         }
+    }
+
+    fn rate_error(&self) -> Error {
+        Error::RateLimited(format!(
+            "more than {} subscribe messages in one second \
+             (TASKCAST_MAX_SUBSCRIBES_PER_SEC); slow down",
+            self.ctx.limits.max_subscribes_per_sec
+        ))
     }
 
     fn over_rate(&mut self) -> bool {

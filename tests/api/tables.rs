@@ -439,3 +439,28 @@ async fn migrate_says_what_it_will_do_with_an_enum_status_and_bigint_id() {
     assert!(!output.status.success(), "{printed}");
     assert!(printed.contains("image_tasks.id is numeric"), "{printed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_word_the_app_wrote_with_padding_stays_final_for_pushes() {
+    let db = app_table(crate::helpers::GUIDE_ERA_TABLE).await;
+    let (a, _b) = two_nodes(&db, "").await;
+    let task = a.create_task().await;
+    // Read as `completed` (trimmed, any case); the fast path must not call it open.
+    db.client()
+        .await
+        .execute(
+            "UPDATE public.image_tasks SET status = 'Done ' WHERE id = $1",
+            &[&task.as_uuid()],
+        )
+        .await
+        .unwrap();
+    let (status, refused) = body(a.push(task, json!({"progress": 1})).await).await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (409, Some("task_finished")),
+        "{refused}"
+    );
+    let sql = "SELECT progress IS NULL FROM public.image_tasks";
+    let untouched: bool = db.client().await.query_one(sql, &[]).await.unwrap().get(0);
+    assert!(untouched, "a finished task was changed");
+}
