@@ -97,9 +97,6 @@ impl TaskStatus {
         TaskStatus::Cancelled,
     ];
 
-    /// The statuses a push may still change: every one that is not terminal.
-    pub const OPEN: [TaskStatus; 2] = [TaskStatus::Pending, TaskStatus::Processing];
-
     pub fn parse(raw: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.as_str() == raw)
     }
@@ -135,19 +132,5 @@ pub(crate) fn shown(value: &Value) -> String {
             text.chars().take(80).collect::<String>(),
             text.chars().count()
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TaskStatus;
-
-    #[test]
-    fn open_statuses_are_exactly_the_non_terminal_ones() {
-        let open: Vec<_> = TaskStatus::ALL
-            .into_iter()
-            .filter(|s| !s.is_terminal())
-            .collect();
-        assert_eq!(open, TaskStatus::OPEN);
     }
 }
