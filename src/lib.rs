@@ -22,6 +22,7 @@ pub mod demo;
 pub mod doctor;
 pub mod domain;
 pub mod error;
+pub mod http_client;
 pub mod hub;
 pub mod listener;
 pub mod origin;
@@ -115,6 +116,10 @@ impl App {
             _ => None,
         };
         let (stop, shutdown) = watch::channel(false);
+        if let Some(jwks) = config.subscribe.jwks() {
+            // Ends with `stop`; a fetch in flight then is dropped.
+            jwks.spawn_refresher(shutdown.clone());
+        }
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),

@@ -1,5 +1,6 @@
 //! Who may push (the push key) and who may watch (subscribe tokens, Supabase sessions).
 
+pub mod jwks;
 mod push_key;
 pub mod subscribe;
 
@@ -59,7 +60,7 @@ pub async fn may_watch(
     token: Option<&str>,
     task: TaskId,
 ) -> Result<Access, Error> {
-    let access = auth.authorize(token, task)?;
+    let access = auth.authorize(token, task).await?;
     if let Access::Owner { user_id, .. } = access
         && !store
             .owner(task)
