@@ -20,6 +20,7 @@ mod partition;
 mod process;
 mod proxy;
 mod reporter;
+mod reporter_tls;
 mod schema;
 mod sse;
 mod tables;
