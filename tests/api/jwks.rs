@@ -22,7 +22,7 @@ use crate::helpers::{KEY, SUBSCRIBE_SECRET, StoreKind, TestApp, spawn_app_with, 
 use crate::sse::Events;
 
 /// A signing key and its public JWK (with `kid`).
-struct TestKey {
+pub struct TestKey {
     kid: String,
     alg: Algorithm,
     encoding: EncodingKey,
@@ -44,7 +44,7 @@ impl TestKey {
     }
 
     /// A fresh P-256 key (rcgen's default key type).
-    fn es256(kid: &str) -> TestKey {
+    pub fn es256(kid: &str) -> TestKey {
         let pair = rcgen::KeyPair::generate().unwrap();
         TestKey::new(
             kid,
@@ -69,7 +69,7 @@ impl TestKey {
         (key, pem)
     }
 
-    fn sign(&self, claims: &Value) -> String {
+    pub fn sign(&self, claims: &Value) -> String {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding).unwrap()
@@ -84,8 +84,8 @@ enum Mode {
 }
 
 /// A JWKS endpoint on 127.0.0.1: serves `set` at Supabase's path, counts fetches.
-struct JwksServer {
-    origin: String,
+pub struct JwksServer {
+    pub origin: String,
     set: Arc<Mutex<Value>>,
     mode: Arc<Mutex<Mode>>,
     fetches: Arc<AtomicUsize>,
@@ -93,7 +93,7 @@ struct JwksServer {
 }
 
 impl JwksServer {
-    async fn start(keys: &[&TestKey]) -> JwksServer {
+    pub async fn start(keys: &[&TestKey]) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let origin = format!("http://{}", listener.local_addr().unwrap());
         let set = Arc::new(Mutex::new(Value::Null));
@@ -177,7 +177,7 @@ fn options(refetch: Duration) -> JwksOptions {
 
 /// A taskcast (Postgres) verifying Supabase sessions with `server`'s keys, once it has
 /// fetched them; also the legacy HS256 secret, when given.
-async fn spawn_with_jwks(
+pub async fn spawn_with_jwks(
     server: &JwksServer,
     refetch: Duration,
     legacy: Option<&str>,
@@ -196,7 +196,7 @@ async fn spawn_with_jwks(
 }
 
 /// Claims of a signed-in user of the project at `origin`.
-fn session(origin: &str, user: uuid::Uuid) -> Value {
+pub fn session(origin: &str, user: uuid::Uuid) -> Value {
     json!({
         "sub": user.to_string(), "role": "authenticated", "aud": "authenticated",
         "iss": format!("{origin}/auth/v1"), "iat": now_unix(), "exp": now_unix() + 600
@@ -204,7 +204,7 @@ fn session(origin: &str, user: uuid::Uuid) -> Value {
 }
 
 /// A task owned by `user`, created through the API.
-async fn task_of(app: &TestApp, user: uuid::Uuid) -> String {
+pub async fn task_of(app: &TestApp, user: uuid::Uuid) -> String {
     let created: Value = (app.http.post(app.url("/api/tasks")).bearer_auth(KEY))
         .json(&json!({ "user_id": user.to_string() }))
         .send()
