@@ -21,7 +21,12 @@ export function useTask(taskId, options = {}) {
   const [result, setResult] = useState(() => start(taskId));
 
   useEffect(() => {
-    setResult(start(taskId));
+    // A new task starts from nothing; the same task under a new token or url keeps what it
+    // shows until the new watch's snapshot.
+    setResult((r) => {
+      if (r.taskId !== taskId) return start(taskId);
+      return r.connection === "ended" ? { ...r, connection: "connecting", error: null } : r;
+    });
     if (!taskId) return undefined;
     const handle = watchTask(taskId, {
       url: server ?? undefined,

@@ -13,7 +13,7 @@ import { promisify } from "node:util";
 import { chromium } from "playwright-core";
 import { build, preview } from "vite";
 
-import { freePort, PACKAGE, Taskcast, until } from "./taskcast.mjs";
+import { freePort, PACKAGE, sleep, Taskcast, until } from "./taskcast.mjs";
 
 const run = promisify(execFile);
 const CONSUMER = path.join(PACKAGE, "test", "consumer");
@@ -83,8 +83,10 @@ test("useTask in a Vite-built React app, in Chromium, follows a live taskcast", 
   page.on("pageerror", (e) => errors.push(e.message));
   page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
   const refreshed = [];
+  let tokenDelay = 0;
   await page.exposeFunction("freshToken", async (taskId, cause) => {
     refreshed.push([taskId, cause]);
+    await sleep(tokenDelay);
     return server.token(taskId);
   });
   const origin = new URL(app.resolvedUrls.local[0]).origin;
@@ -127,6 +129,23 @@ test("useTask in a Vite-built React app, in Chromium, follows a live taskcast", 
     assert.deepEqual(refreshed, [[expiring.task_id, "token_expired"]]);
     await server.push(expiring.task_id, { progress: 10, status: "processing" });
     await shows({ "task-id": expiring.task_id, version: 1, error: "" });
+  });
+
+  await t.test("a new token for the same task keeps its state on screen while it resubscribes", async () => {
+    const task = await server.createTask();
+    await server.push(task.task_id, { progress: 60, stage: "kept", status: "processing" });
+    await page.evaluate(([id, token]) => window.watch(id, token), [task.task_id, task.token]);
+    await shows({ "task-id": task.task_id, version: 1 });
+    const from = await page.evaluate(() => window.rendered.length);
+    // No token now: the new watch asks getToken, which takes a while to answer.
+    tokenDelay = 300;
+    await page.evaluate((id) => window.watch(id, undefined), task.task_id);
+    await until("getToken for the new watch", () => refreshed.some(([id, cause]) => id === task.task_id && cause === null));
+    await server.push(task.task_id, { progress: 65 });
+    await shows({ "task-id": task.task_id, version: 2, connection: "connected" });
+    tokenDelay = 0;
+    const rendered = await page.evaluate((from) => window.rendered.slice(from), from);
+    assert.ok(!rendered.includes(null), `the state was cleared: ${JSON.stringify(rendered)}`);
   });
 
   await t.test("a new task id starts from nothing and shows only the new task", async () => {

@@ -1,7 +1,7 @@
 // A minimal React app using the hook as an app would; test/package.test.mjs builds it with
 // Vite and drives it in Chromium. The test chooses the task through window.watch().
 
-import { StrictMode, useState } from "react";
+import { StrictMode, useEffect, useState } from "react";
 import { createRoot } from "react-dom/client";
 import { useTask } from "@taskcast/client/react";
 
@@ -9,11 +9,14 @@ declare global {
   interface Window {
     /** Watch this task (null: none); set by the app. */
     watch(taskId: string | null, token?: string): void;
+    /** What each render showed: "task_id version", or null for no state. */
+    rendered: (string | null)[];
     /** A fresh subscribe token; provided by the test. */
     freshToken(taskId: string, cause: string | null): Promise<string>;
   }
 }
 
+window.rendered = [];
 const server = new URLSearchParams(location.search).get("server") ?? undefined;
 
 function Progress({ taskId, token }: { taskId: string | null; token?: string }) {
@@ -21,6 +24,10 @@ function Progress({ taskId, token }: { taskId: string | null; token?: string }) 
     url: server,
     token,
     getToken: (id, cause) => window.freshToken(id, cause?.code ?? null),
+  });
+  // What each committed render showed, for the test.
+  useEffect(() => {
+    window.rendered.push(state ? `${state.task_id} ${state.version}` : null);
   });
   return (
     <section
