@@ -82,6 +82,8 @@ test("useTask in a Vite-built React app, in Chromium, follows a live taskcast", 
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
   page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  const sent = []; // every WebSocket message the page sent
+  page.on("websocket", (ws) => ws.on("framesent", (f) => sent.push(JSON.parse(String(f.payload)))));
   const refreshed = [];
   let tokenDelay = 0;
   await page.exposeFunction("freshToken", async (taskId, cause) => {
@@ -118,6 +120,9 @@ test("useTask in a Vite-built React app, in Chromium, follows a live taskcast", 
     await server.push(task.task_id, { progress: 100, status: "completed" });
     await shows({ status: "completed", version: 2, connection: "ended", error: "" });
     assert.equal(await page.textContent("#percent"), "100%");
+    // Each render passed a new getToken function; none of them started a new watch.
+    const subscribes = sent.filter((m) => m.type === "subscribe" && m.task_id === task.task_id);
+    assert.equal(subscribes.length, 1, JSON.stringify(sent));
   });
 
   await t.test("getToken given to the hook replaces an expired token and the watch goes on", async () => {
