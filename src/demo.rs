@@ -24,7 +24,11 @@ use crate::error::{Error, json_response};
 use crate::routes::AppState;
 use crate::writer::Writer;
 
-const CLIENT_JS: &str = include_str!("../static/client.js");
+/// The npm package's own module (clients/js), so `/client.js` and the package cannot drift.
+const CLIENT_JS: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/clients/js/src/index.js"
+));
 const INDEX_HTML: &str = include_str!("../static/index.html");
 
 /// Simulated generations running at once; one more gets 503.
