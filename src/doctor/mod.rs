@@ -169,8 +169,8 @@ fn config_checks(env: Env, out: &mut Checks) {
     subscribers(env, production, out);
 }
 
-const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (docs/deployment.md: it must be); browsers get \
-    403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
+const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (docs/deployment.md: it must be); \
+    browsers get 403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
 const SET_APP_URL: &str = "set NEXT_PUBLIC_APP_URL=https://your-app-domain.com";
 
 /// NEXT_PUBLIC_APP_URL, validated as serve does; an invalid value is not echoed, since a
