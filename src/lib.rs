@@ -205,6 +205,9 @@ impl App {
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
         tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
+        if state.demo {
+            tracing::info!("demo: {}", demo_url(local_addr));
+        }
         let connections = state.ws.connections.clone();
         let ws = state.ws.clone();
         let routes = routes::routes(state);
@@ -235,5 +238,34 @@ impl App {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+/// The demo page's address as a browser opens it: an unspecified listen address
+/// (`0.0.0.0`, `[::]`) is shown as loopback.
+fn demo_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}/", SocketAddr::new(ip, addr.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::demo_url;
+
+    #[test]
+    fn the_demo_url_is_one_a_browser_can_open() {
+        assert_eq!(
+            demo_url("0.0.0.0:8080".parse().unwrap()),
+            "http://127.0.0.1:8080/"
+        );
+        assert_eq!(demo_url("[::]:80".parse().unwrap()), "http://[::1]:80/");
+        assert_eq!(
+            demo_url("10.0.0.5:8080".parse().unwrap()),
+            "http://10.0.0.5:8080/"
+        );
     }
 }

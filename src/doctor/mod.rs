@@ -156,7 +156,10 @@ fn config_checks(env: Env, out: &mut Checks) {
         true => "production; set: ".to_string(),
         false => "development (NODE_ENV/APP_ENV is not production); set: ".to_string(),
     };
-    message += &set.join(", ");
+    match set.is_empty() {
+        true => message += "none of the variables taskcast reads",
+        false => message += &set.join(", "),
+    }
     if !blank.is_empty() {
         let _ = write!(message, "; blank, so unset: {}", blank.join(", "));
     }
@@ -166,8 +169,8 @@ fn config_checks(env: Env, out: &mut Checks) {
     subscribers(env, production, out);
 }
 
-const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (the guide: it must be); browsers get \
-    403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
+const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (docs/deployment.md: it must be); \
+    browsers get 403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
 const SET_APP_URL: &str = "set NEXT_PUBLIC_APP_URL=https://your-app-domain.com";
 
 /// NEXT_PUBLIC_APP_URL, validated as serve does; an invalid value is not echoed, since a
@@ -185,7 +188,7 @@ const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them (a
     a generator presents), but a generator reading the same value may fail to send it: HTTP \
     clients refuse a header value with a newline";
 const TRIMMED_FIX: &str = "remove them where it is set, use the same value in every \
-    environment, and restart both services (the guide's 401 checklist)";
+    environment, and restart both services (docs/deployment.md, troubleshooting 401)";
 
 /// The push key: its source and strength, whitespace around it, and the rotation key.
 fn push_key(env: Env, production: bool, out: &mut Checks) {
@@ -209,7 +212,7 @@ fn push_key(env: Env, production: bool, out: &mut Checks) {
         }
         Some(why) => (weak, format!("{from}: it {why}{refusal}")),
         None if source != KeySource::TaskProcessSecretKey => {
-            let why = "the guide strongly recommends setting it";
+            let why = "docs/deployment.md strongly recommends setting it";
             let message = format!("{from}, {chars} characters; {unset}: {why}");
             (Level::Warn, message)
         }
@@ -307,6 +310,22 @@ mod tests {
             .iter()
             .find(|c| c.name == name)
             .expect("the check ran")
+    }
+
+    #[test]
+    fn with_no_variable_set_the_environment_line_says_so_instead_of_an_empty_list() {
+        let checks = config(&[]);
+        let message = &find(&checks, "environment").message;
+        assert!(
+            message.ends_with("set: none of the variables taskcast reads"),
+            "{message}"
+        );
+        let checks = config(&[("DATABASE_URL", "postgres://x")]);
+        assert!(
+            find(&checks, "environment")
+                .message
+                .ends_with("set: DATABASE_URL")
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod fuzz;
 mod http_limits;
 mod jwks;
 mod nextjs;
+mod openapi;
 mod operations;
 mod partition;
 mod process;
