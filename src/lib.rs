@@ -22,6 +22,7 @@ pub mod demo;
 pub mod doctor;
 pub mod domain;
 pub mod error;
+pub mod eta;
 pub mod http_client;
 pub mod hub;
 pub mod listener;
