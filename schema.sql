@@ -52,6 +52,12 @@ ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS error text;
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
 
+-- Steps and previews (optional: taskcast serves a table without them, and refuses only a
+-- push that sets them): "step 12 of 30", and the URL of a low-resolution in-progress image.
+ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS step integer;
+ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS total_steps integer;
+ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS preview_url text;
+
 -- Versioning, owned by taskcast (prefixed so they never collide with an app's own columns):
 -- taskcast_version grows by one with every applied change, so no subscriber ever sees a
 -- task go backwards; taskcast_seq is the last applied `seq` from the generator, so a
@@ -94,9 +100,11 @@ $$;
 
 -- Fan-out across nodes, and for writes that do not come through taskcast.
 --
--- Any UPDATE that changes what browsers see (progress, stage, status, image_url, error),
--- from any writer, gets a new taskcast_version: taskcast's own UPDATE bumps it itself, so
--- the trigger only bumps when the writer did not (the app's plain SQL).
+-- Any UPDATE that changes what browsers see (progress, stage, status, image_url, error,
+-- step, total_steps, preview_url), from any writer, gets a new taskcast_version:
+-- taskcast's own UPDATE bumps it itself, so the trigger only bumps when the writer did
+-- not (the app's plain SQL). The optional columns are read through jsonb, so a table
+-- without them keeps working.
 CREATE OR REPLACE FUNCTION public.taskcast_bump_version()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -108,7 +116,12 @@ BEGIN
     OR NEW.stage IS DISTINCT FROM OLD.stage
     OR NEW.status IS DISTINCT FROM OLD.status
     OR NEW.image_url IS DISTINCT FROM OLD.image_url
-    OR NEW.error IS DISTINCT FROM OLD.error) THEN
+    OR NEW.error IS DISTINCT FROM OLD.error
+    OR jsonb_build_array(to_jsonb(NEW) -> 'step', to_jsonb(NEW) -> 'total_steps',
+                         to_jsonb(NEW) -> 'preview_url')
+       IS DISTINCT FROM
+       jsonb_build_array(to_jsonb(OLD) -> 'step', to_jsonb(OLD) -> 'total_steps',
+                         to_jsonb(OLD) -> 'preview_url')) THEN
     NEW.taskcast_version := OLD.taskcast_version + 1;
     NEW.updated_at := now();
   END IF;

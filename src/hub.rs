@@ -4,10 +4,18 @@
 //! and always gets the latest (latest-state conflation), never blocks the publisher and
 //! never grows memory. A frame is encoded once and its bytes are shared by every
 //! subscriber. An entry exists only while its task has subscribers.
+//!
+//! Every state published passes the node's one time-left [`Estimator`], whether or not
+//! the task has subscribers here: the writer publishes every change this node commits and
+//! the listener every change it reads (other nodes', plain SQL). A `processing` state is
+//! delivered with the estimate (`eta_ms`, `eta_at`). The estimator is timed by the
+//! change's own `updated_at`, so the same version arriving twice (writer and listener, or
+//! a snapshot read) is the same observation and teaches it nothing twice.
 
+use std::borrow::Cow;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +25,8 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::domain::{TaskId, TaskState};
+use crate::domain::{Eta, TaskId, TaskState, TaskStatus};
+use crate::eta::{Estimator, EtaOptions, Observation, Phase};
 use crate::telemetry;
 
 /// A committed state's wire encoding, built once per change. Only the bytes and the
@@ -67,6 +76,17 @@ impl Frame {
     }
 }
 
+/// The state with its time left, copied only when there is an estimate to add.
+fn with_eta(state: &TaskState, eta: Option<Eta>) -> Cow<'_, TaskState> {
+    match eta {
+        Some(eta) => Cow::Owned(TaskState {
+            eta: Some(eta),
+            ..state.clone()
+        }),
+        None => Cow::Borrowed(state),
+    }
+}
+
 type Slot = watch::Sender<Option<Arc<Frame>>>;
 
 /// Cloning a `Hub` is shallow: it is an `Arc` and costs one atomic increment.
@@ -81,6 +101,46 @@ struct Inner {
     /// Local commits started, and finished (with their states published).
     commits_started: AtomicU64,
     commits_finished: watch::Sender<u64>,
+    estimates: Estimates,
+}
+
+/// The node's time-left estimator. std Mutex, not tokio: nothing awaits while it is held.
+struct Estimates(Mutex<Estimator<TaskId>>);
+
+impl Default for Estimates {
+    fn default() -> Self {
+        Estimates(Mutex::new(Estimator::new(EtaOptions::default())))
+    }
+}
+
+impl Estimates {
+    /// Feeds one state to the estimator; the time left when the task is running and there
+    /// is anything to go on.
+    fn observe(&self, state: &TaskState) -> Option<Eta> {
+        let at = state.updated_at.unwrap_or_else(chrono::Utc::now);
+        let phase = match state.status {
+            TaskStatus::Pending => Phase::Pending,
+            TaskStatus::Processing => Phase::Running,
+            TaskStatus::Completed => Phase::Finished { succeeded: true },
+            TaskStatus::Failed | TaskStatus::Cancelled => Phase::Finished { succeeded: false },
+        };
+        let fraction = state.progress.map(|p| p / 100.0).or_else(|| {
+            let (step, total) = (state.step?, state.total_steps?);
+            (total > 0).then(|| f64::from(step) / f64::from(total))
+        });
+        let observation = Observation {
+            at_ms: u64::try_from(at.timestamp_millis()).unwrap_or(0),
+            phase,
+            fraction,
+            total_steps: state.total_steps,
+        };
+        let ms = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .observe(state.task_id, observation)?;
+        Some(Eta { ms, at })
+    }
 }
 
 /// Marks a local commit as in flight until dropped; drop it after publishing what the
@@ -127,6 +187,19 @@ impl Hub {
     /// or when the hub already holds this version or a newer one, so duplicates from two
     /// paths collapse into one and nothing ever goes backwards.
     pub fn publish(&self, state: &TaskState) {
+        self.offer(state);
+    }
+
+    /// [`Hub::publish`], returning the state as a subscription's first message (with the
+    /// time left, like every frame): for a snapshot read from the store.
+    pub fn publish_snapshot(&self, state: &TaskState) -> String {
+        let eta = self.offer(state);
+        with_eta(state, eta).to_json(true, None)
+    }
+
+    /// Feeds the estimator, publishes, and returns the state's time left.
+    fn offer(&self, state: &TaskState) -> Option<Eta> {
+        let eta = self.inner.estimates.observe(state);
         // Clone the sender out so no shard lock is held while encoding.
         let Some(slot) = self
             .inner
@@ -134,16 +207,16 @@ impl Hub {
             .get(&state.task_id)
             .map(|e| e.value().clone())
         else {
-            return;
+            return eta;
         };
         if slot
             .borrow()
             .as_ref()
             .is_some_and(|f| f.version() >= state.version)
         {
-            return;
+            return eta;
         }
-        let frame = Arc::new(Frame::new(state));
+        let frame = Arc::new(Frame::new(&with_eta(state, eta)));
         slot.send_if_modified(|current| {
             if current
                 .as_ref()
@@ -154,6 +227,7 @@ impl Hub {
             *current = Some(frame);
             true
         });
+        eta
     }
 
     /// The version the hub holds for `task` (`i64::MIN` when none); read it before a store
@@ -315,6 +389,10 @@ mod tests {
             image_url: None,
             error: None,
             truncated: Vec::new(),
+            step: None,
+            total_steps: None,
+            preview_url: None,
+            eta: None,
         }
     }
 

@@ -40,8 +40,7 @@ pub async fn events(
         Some(frame) => (frame.version(), frame.snapshot_json()),
         None => {
             let state = ctx.store.get(task).await?.ok_or(Error::NotFound(task))?;
-            ctx.hub.publish(&state);
-            (state.version, state.to_json(true, None))
+            (state.version, ctx.hub.publish_snapshot(&state))
         }
     };
     subscription.mark_delivered(version);

@@ -16,7 +16,7 @@ mod stored;
 mod update;
 
 pub use id::{IdKind, MAX_ID_BYTES, TaskId};
-pub use state::{Decision, Outcome, TaskRow, TaskState};
+pub use state::{Decision, Eta, Outcome, TaskRow, TaskState};
 pub use status_map::{StatusMap, StatusWords};
 pub use stored::{StoredRow, Unreadable};
 pub use update::{NewTask, ProgressUpdate};
@@ -25,6 +25,8 @@ pub use update::{NewTask, ProgressUpdate};
 pub const MAX_STAGE_CHARS: usize = 256;
 /// Longest accepted `image_url`, in characters.
 pub const MAX_IMAGE_URL_CHARS: usize = 2048;
+/// Largest accepted `step` and `total_steps`.
+pub const MAX_STEPS: u32 = 1_000_000;
 /// Longest accepted `error` text, in characters.
 pub const MAX_ERROR_CHARS: usize = 1024;
 

@@ -26,6 +26,21 @@ pub struct TaskState {
     /// Fields whose stored text was longer than a push may send and was cut (see
     /// [`crate::domain::StoredRow`]).
     pub truncated: Vec<&'static str>,
+    pub step: Option<u32>,
+    pub total_steps: Option<u32>,
+    /// The latest in-progress preview; `None` once the task is finished.
+    pub preview_url: Option<String>,
+    /// Time left, derived by the hub when it publishes (see [`crate::eta`]); stores leave
+    /// it `None`.
+    pub eta: Option<Eta>,
+}
+
+/// An estimate of the time left: `ms` milliseconds from `at`, the time of the change it
+/// was made for.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Eta {
+    pub ms: u64,
+    pub at: DateTime<Utc>,
 }
 
 /// The wire form shared by WebSocket messages and HTTP bodies.
@@ -47,6 +62,16 @@ struct Wire<'a> {
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     truncated: &'a [&'static str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_steps: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preview_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eta_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eta_at: Option<DateTime<Utc>>,
     snapshot: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     applied: Option<bool>,
@@ -78,6 +103,11 @@ impl TaskState {
             image_url: self.image_url.as_deref(),
             error: self.error.as_deref(),
             truncated: &self.truncated,
+            step: self.step,
+            total_steps: self.total_steps,
+            preview_url: self.preview_url.as_deref(),
+            eta_ms: self.eta.map(|eta| eta.ms),
+            eta_at: self.eta.map(|eta| eta.at),
             snapshot,
             applied,
             token,
@@ -146,6 +176,17 @@ impl TaskRow {
         if let Some(error) = update.error() {
             state.error = Some(error.to_owned());
         }
+        if let Some(step) = update.step() {
+            state.step = Some(step);
+        }
+        if let Some(total) = update.total_steps() {
+            state.total_steps = Some(total);
+        }
+        match update.preview_url() {
+            Some("") => state.preview_url = None,
+            Some(url) => state.preview_url = Some(url.to_owned()),
+            None => {}
+        }
         if update.seq().is_some() {
             self.last_seq = update.seq();
         }
@@ -197,6 +238,10 @@ mod tests {
                 image_url: None,
                 error: None,
                 truncated: Vec::new(),
+                step: None,
+                total_steps: None,
+                preview_url: None,
+                eta: None,
             },
             last_seq,
             owner: None,

@@ -11,7 +11,9 @@
 //! - `updated_at`: `null` when it cannot be shown (`infinity`, years past 262143).
 //! - `stage` and `error` longer than a push may send are cut (ending in `…`), an
 //!   `image_url` longer than that is left out (half a URL is worse than none); each such
-//!   field is named in `truncated`.
+//!   field is named in `truncated`; `preview_url` likewise, and it is left out of a
+//!   finished task's state (the result replaces the preview).
+//! - `step` and `total_steps`: a whole number from 0 to [`MAX_STEPS`], else `null`.
 //!
 //! Only a row without a usable id or version is unreadable: it has no place in the
 //! version order subscribers rely on.
@@ -19,8 +21,8 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STAGE_CHARS, StatusMap, TaskId, TaskRow, TaskState,
-    TaskStatus,
+    MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STAGE_CHARS, MAX_STEPS, StatusMap, TaskId, TaskRow,
+    TaskState, TaskStatus,
 };
 
 /// One row's columns as read (see [`crate::store`] for the casts).
@@ -37,6 +39,10 @@ pub struct StoredRow {
     pub error: Option<String>,
     pub seq: Option<i64>,
     pub owner: Option<String>,
+    /// `NULL` too when the table has no such column.
+    pub step: Option<String>,
+    pub total_steps: Option<String>,
+    pub preview_url: Option<String>,
 }
 
 /// A row taskcast cannot place: which task (when its id is readable) and which column.
@@ -77,14 +83,9 @@ impl StoredRow {
         let mut truncated = Vec::new();
         let stage = cut(self.stage, MAX_STAGE_CHARS, "stage", &mut truncated);
         let error = cut(self.error, MAX_ERROR_CHARS, "error", &mut truncated);
-        let image_url = self.image_url.and_then(|url| {
-            if url.chars().count() <= MAX_IMAGE_URL_CHARS {
-                Some(url)
-            } else {
-                truncated.push("image_url");
-                None
-            }
-        });
+        let image_url = whole_url(self.image_url, "image_url", &mut truncated);
+        let preview_url = whole_url(self.preview_url, "preview_url", &mut truncated)
+            .filter(|_| !status.is_terminal());
         Ok(TaskRow {
             state: TaskState {
                 task_id,
@@ -97,6 +98,10 @@ impl StoredRow {
                 image_url,
                 error,
                 truncated,
+                step: self.step.as_deref().and_then(steps),
+                total_steps: self.total_steps.as_deref().and_then(steps),
+                preview_url,
+                eta: None,
             },
             last_seq: self.seq,
             owner: self.owner,
@@ -107,6 +112,25 @@ impl StoredRow {
 fn progress(text: &str) -> Option<f64> {
     let value: f64 = text.trim().parse().ok()?;
     (!value.is_nan()).then(|| value.clamp(0.0, 100.0))
+}
+
+fn steps(text: &str) -> Option<u32> {
+    text.trim().parse().ok().filter(|&n| n <= MAX_STEPS)
+}
+
+/// A URL of at most [`MAX_IMAGE_URL_CHARS`], or none: half a URL is worse than none.
+fn whole_url(
+    url: Option<String>,
+    field: &'static str,
+    truncated: &mut Vec<&'static str>,
+) -> Option<String> {
+    let url = url?;
+    if url.chars().count() <= MAX_IMAGE_URL_CHARS {
+        Some(url)
+    } else {
+        truncated.push(field);
+        None
+    }
 }
 
 fn timestamp(epoch: f64) -> Option<DateTime<Utc>> {
@@ -225,6 +249,28 @@ mod tests {
                 .truncated
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn steps_read_as_whole_numbers_and_a_finished_task_has_no_preview() {
+        let map = StatusMap::default();
+        let stored = StoredRow {
+            step: Some("12".to_string()),
+            total_steps: Some("-3".to_string()),
+            preview_url: Some("https://cdn.example.com/p.png".to_string()),
+            ..row()
+        };
+        let state = stored.clone().decode(&map).unwrap().state;
+        assert_eq!((state.step, state.total_steps), (Some(12), None));
+        assert_eq!(
+            state.preview_url.as_deref(),
+            Some("https://cdn.example.com/p.png")
+        );
+        let done = StoredRow {
+            status: Some("completed".to_string()),
+            ..stored
+        };
+        assert_eq!(done.decode(&map).unwrap().state.preview_url, None);
     }
 
     #[test]

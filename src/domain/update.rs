@@ -5,8 +5,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{
-    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, Progress, Stage, TaskId, TaskStatus, json_body,
-    shown,
+    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STEPS, Progress, Stage, TaskId, TaskStatus,
+    json_body, shown,
 };
 use crate::error::Error;
 
@@ -20,13 +20,18 @@ pub struct ProgressUpdate {
     image_url: Option<String>,
     error: Option<String>,
     seq: Option<i64>,
+    step: Option<u32>,
+    total_steps: Option<u32>,
+    preview_url: Option<String>,
 }
 
-const UPDATE_FIELDS: &str = "progress, stage, status, image_url, error, seq";
+const UPDATE_FIELDS: &str =
+    "progress, stage, status, image_url, error, seq, step, total_steps, preview_url";
 
-/// The result's address: an http(s) URL without spaces, at most [`MAX_IMAGE_URL_CHARS`].
-fn image_url(value: Value) -> Result<String, Error> {
-    let bad = |why: &str| Error::invalid("image_url", format!("image_url {why}"));
+/// An http(s) URL without spaces, at most [`MAX_IMAGE_URL_CHARS`]: the result's address
+/// (`image_url`) or an in-progress preview's (`preview_url`).
+fn image_url(field: &'static str, value: Value) -> Result<String, Error> {
+    let bad = |why: &str| Error::invalid(field, format!("{field} {why}"));
     let Value::String(url) = value else {
         return Err(bad("must be a string"));
     };
@@ -65,6 +70,23 @@ fn error_text(value: Value) -> Result<String, Error> {
     Ok(text)
 }
 
+/// A step count: a whole number from 0 to [`MAX_STEPS`].
+fn steps(field: &'static str, value: &Value) -> Result<u32, Error> {
+    value
+        .as_u64()
+        .filter(|&n| n <= u64::from(MAX_STEPS))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            Error::invalid(
+                field,
+                format!(
+                    "{field} must be a whole number from 0 to {MAX_STEPS}, got {}",
+                    shown(value)
+                ),
+            )
+        })
+}
+
 impl ProgressUpdate {
     /// Parses a push body. Every message names the offending field and the accepted form.
     pub fn from_json(body: &[u8]) -> Result<Self, Error> {
@@ -86,6 +108,9 @@ impl ProgressUpdate {
             image_url: None,
             error: None,
             seq: None,
+            step: None,
+            total_steps: None,
+            preview_url: None,
         };
         for (name, value) in fields {
             if value.is_null() {
@@ -113,7 +138,10 @@ impl ProgressUpdate {
                         ));
                     }
                 },
-                "image_url" => update.image_url = Some(image_url(value)?),
+                "image_url" => update.image_url = Some(image_url("image_url", value)?),
+                "preview_url" => update.preview_url = Some(image_url("preview_url", value)?),
+                "step" => update.step = Some(steps("step", &value)?),
+                "total_steps" => update.total_steps = Some(steps("total_steps", &value)?),
                 "error" => update.error = Some(error_text(value)?),
                 "status" => {
                     let status = value.as_str().and_then(TaskStatus::parse);
@@ -150,15 +178,31 @@ impl ProgressUpdate {
                 }
             }
         }
+        if let (Some(step), Some(total)) = (update.step, update.total_steps) {
+            if step > total {
+                return Err(Error::invalid(
+                    "step",
+                    format!("step must be at most total_steps ({total}), got {step}"),
+                ));
+            }
+            // Progress follows from the steps unless the push says otherwise.
+            if update.progress.is_none() && total > 0 {
+                update.progress = Some(Progress::new(100.0 * f64::from(step) / f64::from(total))?);
+            }
+        }
         let empty = update.progress.is_none()
             && update.stage.is_none()
             && update.status.is_none()
             && update.image_url.is_none()
-            && update.error.is_none();
+            && update.error.is_none()
+            && update.step.is_none()
+            && update.total_steps.is_none()
+            && update.preview_url.is_none();
         if empty {
             return Err(Error::invalid(
                 "body",
-                "a push must set at least one of progress, stage, status, image_url or error"
+                "a push must set at least one of progress, stage, status, image_url, error, \
+                 step, total_steps or preview_url"
                     .to_string(),
             ));
         }
@@ -210,6 +254,34 @@ impl ProgressUpdate {
 
     pub fn seq(&self) -> Option<i64> {
         self.seq
+    }
+
+    pub fn step(&self) -> Option<u32> {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> Option<u32> {
+        self.total_steps
+    }
+
+    /// The preview to store: the pushed one, or `Some("")` (clear it) when the push
+    /// finishes the task, so a finished task shows its result, not a stale preview.
+    pub fn preview_url(&self) -> Option<&str> {
+        match self.status {
+            Some(status) if status.is_terminal() => Some(""),
+            _ => self.preview_url.as_deref(),
+        }
+    }
+
+    /// The table columns this push writes beyond those every table has.
+    pub fn optional_columns(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("step", self.step.is_some()),
+            ("total_steps", self.total_steps.is_some()),
+            ("preview_url", self.preview_url.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
     }
 }
 
@@ -349,6 +421,43 @@ mod tests {
     fn seq_must_fit_a_bigint() {
         assert!(parse(&format!(r#"{{"status":"pending","seq":{}}}"#, u64::MAX)).is_err());
         assert!(parse(r#"{"status":"pending","seq":-1}"#).is_err());
+    }
+
+    #[test]
+    fn steps_are_bounded_whole_numbers_and_give_progress() {
+        let update = parse(r#"{"step":3,"total_steps":12}"#).unwrap();
+        assert_eq!((update.step(), update.total_steps()), (Some(3), Some(12)));
+        assert_eq!(update.progress(), Some(Progress::new(25.0).unwrap()));
+        let explicit = parse(r#"{"step":3,"total_steps":12,"progress":30}"#).unwrap();
+        assert_eq!(explicit.progress(), Some(Progress::new(30.0).unwrap()));
+        assert_eq!(
+            parse(r#"{"step":0,"total_steps":0}"#).unwrap().progress(),
+            None
+        );
+        for (body, field) in [
+            (r#"{"step":5,"total_steps":4}"#, "step"),
+            (r#"{"step":-1}"#, "step"),
+            (r#"{"step":1.5}"#, "step"),
+            (r#"{"total_steps":"30"}"#, "total_steps"),
+            (r#"{"total_steps":1000001}"#, "total_steps"),
+        ] {
+            let msg = message(parse(body).unwrap_err());
+            assert!(msg.starts_with(field), "{body}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_finishing_push_clears_the_preview() {
+        let running = parse(r#"{"preview_url":"https://cdn.example.com/p.png"}"#).unwrap();
+        assert_eq!(running.preview_url(), Some("https://cdn.example.com/p.png"));
+        assert_eq!(
+            running.optional_columns().collect::<Vec<_>>(),
+            ["preview_url"]
+        );
+        let done = parse(r#"{"status":"completed"}"#).unwrap();
+        assert_eq!(done.preview_url(), Some(""));
+        assert_eq!(done.optional_columns().count(), 0);
+        assert!(parse(r#"{"preview_url":"ftp://x/y.png"}"#).is_err());
     }
 
     #[test]

@@ -85,6 +85,10 @@ impl MemoryStore {
             image_url: None,
             error: None,
             truncated: Vec::new(),
+            step: None,
+            total_steps: None,
+            preview_url: None,
+            eta: None,
         };
         tasks.insert(
             state.task_id,

@@ -191,11 +191,21 @@ impl PgStore {
         let shape = self.shape(client).await?;
         let mut results: Vec<Option<Result<Outcome, Error>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
-        // A status the column cannot hold is refused before any SQL.
+        // A column the push needs that the cached shape lacks may have been added since
+        // (`taskcast migrate`): read the table again before refusing.
+        let shape = if batch.iter().any(|(_, u)| shape.check_columns(u).is_err()) {
+            self.reload_shape(client).await?
+        } else {
+            shape
+        };
+        // A status the column cannot hold, or a column the table lacks, is refused before
+        // any SQL.
         for (index, (_, update)) in batch.iter().enumerate() {
             if let Some(status) = update.status()
                 && let Err(e) = shape.word(status)
             {
+                results[index] = Some(Err(e));
+            } else if let Err(e) = shape.check_columns(update) {
                 results[index] = Some(Err(e));
             }
         }
@@ -510,6 +520,9 @@ struct Columns<'a> {
     seqs: Vec<Option<i64>>,
     image_urls: Vec<Option<&'a str>>,
     errors: Vec<Option<&'a str>>,
+    steps: Vec<Option<i64>>,
+    total_steps: Vec<Option<i64>>,
+    preview_urls: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -530,10 +543,13 @@ impl<'a> Columns<'a> {
             seqs: updates().map(ProgressUpdate::seq).collect(),
             image_urls: updates().map(ProgressUpdate::image_url).collect(),
             errors: updates().map(ProgressUpdate::error).collect(),
+            steps: updates().map(|u| u.step().map(i64::from)).collect(),
+            total_steps: updates().map(|u| u.total_steps().map(i64::from)).collect(),
+            preview_urls: updates().map(ProgressUpdate::preview_url).collect(),
         }
     }
 
-    /// `$1` to `$7` of the apply statements.
+    /// `$1` to `$10` of the apply statements.
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
             &self.ids,
@@ -543,6 +559,9 @@ impl<'a> Columns<'a> {
             &self.seqs,
             &self.image_urls,
             &self.errors,
+            &self.steps,
+            &self.total_steps,
+            &self.preview_urls,
         ]
     }
 }
@@ -595,6 +614,9 @@ fn stored_row(row: &Row) -> StoredRow {
         error: row.try_get(7).ok().flatten(),
         seq: row.try_get(8).ok().flatten(),
         owner: row.try_get(9).ok().flatten(),
+        step: row.try_get(10).ok().flatten(),
+        total_steps: row.try_get(11).ok().flatten(),
+        preview_url: row.try_get(12).ok().flatten(),
     }
 }
 

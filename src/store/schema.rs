@@ -24,6 +24,9 @@ pub const REQUIRED_COLUMNS: &[&str] = &[
     "taskcast_seq",
 ];
 
+/// Columns taskcast reads when the table has them; a push that sets one needs it.
+pub const OPTIONAL_COLUMNS: &[&str] = &["step", "total_steps", "preview_url"];
+
 /// Key of the advisory lock that serializes concurrent migrations ("taskcast" in ASCII).
 const MIGRATE_LOCK: i64 = 0x7461_736b_6361_7374;
 

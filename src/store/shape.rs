@@ -9,10 +9,10 @@
 
 use tokio_postgres::GenericClient;
 
-use super::schema::REQUIRED_COLUMNS;
+use super::schema::{OPTIONAL_COLUMNS, REQUIRED_COLUMNS};
 use crate::domain::{
-    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STAGE_CHARS, StatusMap, StatusWords,
-    TaskStatus,
+    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STAGE_CHARS, ProgressUpdate, StatusMap,
+    StatusWords, TaskStatus,
 };
 use crate::error::Error;
 
@@ -52,6 +52,9 @@ pub struct Shape {
     pub statuses: StatusMap,
     pub words: StatusWords,
     pub sql: Statements,
+    /// The [`OPTIONAL_COLUMNS`] the table lacks: read as `NULL`, and a push that sets one
+    /// is refused.
+    pub absent: Vec<&'static str>,
 }
 
 /// The statements for one shape. `$1` is always ids as text.
@@ -63,7 +66,7 @@ pub struct Statements {
     pub create: String,
     pub lock: String,
     pub apply: String,
-    /// [`Statements::apply`] narrowed by the push rules; `$8` is [`StatusWords::open`].
+    /// [`Statements::apply`] narrowed by the push rules; `$11` is [`StatusWords::open`].
     pub apply_open: String,
 }
 
@@ -116,7 +119,22 @@ impl Shape {
                 status_column.type_name
             )));
         };
-        let sql = Statements::new(&id_column, &status_column, &user_column, &words);
+        let absent: Vec<&'static str> = OPTIONAL_COLUMNS
+            .iter()
+            .copied()
+            .filter(|name| find(name).is_none())
+            .collect();
+        let present: Vec<Column> = OPTIONAL_COLUMNS
+            .iter()
+            .filter_map(|name| find(name).cloned())
+            .collect();
+        let sql = Statements::new(
+            &id_column,
+            &status_column,
+            &user_column,
+            &words,
+            (&absent, &present),
+        );
         Ok(Shape {
             id,
             id_column,
@@ -125,7 +143,22 @@ impl Shape {
             statuses: statuses.clone(),
             words,
             sql,
+            absent,
         })
+    }
+
+    /// Refuses a push that sets a column the table lacks, naming it.
+    pub fn check_columns(&self, update: &ProgressUpdate) -> Result<(), Error> {
+        let missing: Vec<String> = update
+            .optional_columns()
+            .filter(|name| self.absent.contains(name))
+            .map(|name| format!("column {name} (needed by a push that sets {name})"))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::SchemaMissing { missing })
+        }
     }
 
     /// The word to store for `status`, or why the column cannot hold it.
@@ -164,22 +197,62 @@ fn id_kind(column: &Column) -> Result<IdKind, Error> {
 }
 
 /// The columns read into a `StoredRow`, each in a form that cannot fail; `t` prefixes them.
-fn read_columns(t: &str) -> String {
+/// An optional column the table lacks (in `absent`) reads as `NULL`.
+fn read_columns(t: &str, absent: &[&str]) -> String {
+    let optional = |name: &str| {
+        if absent.contains(&name) {
+            "NULL::text".to_string()
+        } else if name == "preview_url" {
+            format!("left({t}{name}::text, {})", MAX_IMAGE_URL_CHARS + 1)
+        } else {
+            format!("{t}{name}::text")
+        }
+    };
     format!(
         "{t}id::text, {t}progress::text, left({t}stage::text, {stage}), {t}status::text, \
          {t}taskcast_version::int8, date_part('epoch', {t}updated_at), \
          left({t}image_url::text, {url}), left({t}error::text, {error}), \
-         {t}taskcast_seq::int8, {t}user_id::text",
+         {t}taskcast_seq::int8, {t}user_id::text, {step}, {total_steps}, {preview_url}",
         stage = MAX_STAGE_CHARS + 1,
         url = MAX_IMAGE_URL_CHARS + 1,
         error = MAX_ERROR_CHARS + 1,
+        step = optional("step"),
+        total_steps = optional("total_steps"),
+        preview_url = optional("preview_url"),
     )
 }
 
+/// The SET clauses for the optional columns the table has (`present`), from the update's
+/// `u.step`, `u.total_steps` and `u.preview_url` (`''` clears the preview), each cast to
+/// the column's own type.
+fn set_optional(present: &[Column]) -> String {
+    present
+        .iter()
+        .map(|column| {
+            let (name, type_name) = (&column.name, &column.type_name);
+            if name == "preview_url" {
+                format!(
+                    "{name} = CASE WHEN u.{name} = '' THEN NULL \
+                     ELSE COALESCE(u.{name}::{type_name}, t.{name}) END, "
+                )
+            } else {
+                format!("{name} = COALESCE(u.{name}::{type_name}, t.{name}), ")
+            }
+        })
+        .collect()
+}
+
 impl Statements {
-    fn new(id: &Column, status: &Column, user: &Column, words: &StatusWords) -> Self {
+    fn new(
+        id: &Column,
+        status: &Column,
+        user: &Column,
+        words: &StatusWords,
+        (absent, present): (&[&str], &[Column]),
+    ) -> Self {
         let (id_type, status_type, user_type) = (&id.type_name, &status.type_name, &user.type_name);
-        let columns = read_columns("");
+        let columns = read_columns("", absent);
+        let optional = set_optional(present);
         let from = "FROM public.image_tasks";
         let one = format!("id = $1::text::{id_type}");
         let many = format!("id = ANY($1::text[]::{id_type}[])");
@@ -202,15 +275,16 @@ impl Statements {
                    status = COALESCE(u.status::{status_type}, t.status), \
                    image_url = COALESCE(u.image_url, t.image_url), \
                    error = COALESCE(u.error, t.error), \
-                   taskcast_seq = COALESCE(u.seq, t.taskcast_seq), \
+                   taskcast_seq = COALESCE(u.seq, t.taskcast_seq), {optional}\
                    taskcast_version = t.taskcast_version + 1, \
                    updated_at = now() \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], \
-                             $6::text[], $7::text[]) \
-                   AS u(id, progress, stage, status, seq, image_url, error) \
+                             $6::text[], $7::text[], $8::int8[], $9::int8[], $10::text[]) \
+                   AS u(id, progress, stage, status, seq, image_url, error, step, \
+                        total_steps, preview_url) \
                  WHERE t.id = u.id::{id_type} AND t.{many}{extra} \
                  RETURNING {}",
-                read_columns("t.")
+                read_columns("t.", absent)
             )
         };
         Statements {
@@ -224,7 +298,7 @@ impl Statements {
             // to be open (anything else, NULL included, takes the locked path), the version
             // can grow, and the push's seq is new.
             apply_open: apply(
-                " AND lower(t.status::text) = ANY($8::text[]) \
+                " AND lower(t.status::text) = ANY($11::text[]) \
                   AND t.taskcast_version < 9223372036854775807 \
                   AND (u.seq IS NULL OR t.taskcast_seq IS NULL OR u.seq > t.taskcast_seq)",
             ),

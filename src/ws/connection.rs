@@ -287,10 +287,7 @@ impl Connection {
         let (version, snapshot) = match current {
             Some(frame) => (frame.version(), frame.snapshot_json()),
             None => match self.ctx.store.get(task).await {
-                Ok(Some(state)) => {
-                    self.ctx.hub.publish(&state);
-                    (state.version, state.to_json(true, None))
-                }
+                Ok(Some(state)) => (state.version, self.ctx.hub.publish_snapshot(&state)),
                 Ok(None) => return self.send_error(&Error::NotFound(task), Some(task)).await,
                 Err(e) => return self.send_error(&e, Some(task)).await,
             },

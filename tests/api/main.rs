@@ -25,6 +25,7 @@ mod reporter;
 mod reporter_tls;
 mod schema;
 mod sse;
+mod steps;
 mod tables;
 mod tls;
 mod websocket;
