@@ -7,8 +7,8 @@ export type TaskStatus = "pending" | "processing" | "completed" | "failed" | "ca
 /** The statuses after which a task never changes again (a push gets 409). */
 export type TerminalStatus = "completed" | "failed" | "cancelled";
 
-/** Text fields cut (or, for `image_url`, left out) because the row held more than a push may send. */
-export type TruncatedField = "stage" | "error" | "image_url";
+/** Text fields cut (or, for the URLs, left out) because the row held more than a push may send. */
+export type TruncatedField = "stage" | "error" | "image_url" | "preview_url";
 
 /**
  * A task's state: the same object in WebSocket messages, SSE events and HTTP answers.
@@ -33,6 +33,18 @@ export interface TaskState {
   /** The generator's error text (usually with `status: "failed"`). */
   error?: string;
   truncated?: TruncatedField[];
+  /** "step 12 of 30": whole numbers from 0 to 1,000,000, as the generator reported them. */
+  step?: number;
+  total_steps?: number;
+  /** The latest in-progress preview (an http(s) URL); absent once the task is finished. */
+  preview_url?: string;
+  /**
+   * Processing tasks only: estimated milliseconds left at `eta_at`, absent when there is
+   * nothing to go on. Time left now is `eta_ms - (now - Date.parse(eta_at))`.
+   */
+  eta_ms?: number;
+  /** RFC 3339 time the estimate was made for (the change's `updated_at`). */
+  eta_at?: string;
   /** `true` in the first message of a (re)subscription and in GET and create answers. */
   snapshot: boolean;
   /** Only in answers to a push: whether it changed anything (`false` for a stale `seq`). */

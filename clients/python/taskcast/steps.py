@@ -24,12 +24,13 @@ class _Reports(Protocol):
 class StepReporter:
     """Reports step `n` of `total` as `progress` (scaled into `progress_range`).
 
-    - `send_steps`: also send `step` and `total_steps`. Off by default: a taskcast that does
-      not know these fields refuses the whole push with 400. Turn it on once the server
-      accepts them; `progress` is sent either way, so older browsers keep working.
+    - `send_steps`: also send `step` and `total_steps` (browsers show "step 12 of 30").
+      On by default; turn it off for a taskcast from before steps (it refuses the whole
+      push with 400) or a table without the columns (422 until `taskcast migrate`).
+      `progress` is sent either way.
     - `preview(step, latents)`: an upload function returning the URL of a preview picture
-      (or None); called every `preview_every` steps, and its URL is pushed as `image_url`
-      (the final push replaces it). It runs in the sampling loop, so keep it quick or hand
+      (or None); called every `preview_every` steps, and its URL is pushed as
+      `preview_url` (the latest wins; taskcast clears it when the task finishes). It runs in the sampling loop, so keep it quick or hand
       the work to a thread; an exception in it is reported to stderr and ignored.
     - Cancellation: the loop stops when `should_cancel()` returns True (then `cancelled` is
       pushed) or when taskcast has refused this task's pushes as finished (409: someone
@@ -44,7 +45,7 @@ class StepReporter:
         stage: str = "generating",
         total_steps: Optional[int] = None,
         progress_range: Tuple[float, float] = (0.0, 100.0),
-        send_steps: bool = False,
+        send_steps: bool = True,
         preview: Optional[Callable[[int, Any], Optional[str]]] = None,
         preview_every: int = 5,
         should_cancel: Optional[Callable[[], bool]] = None,
@@ -66,10 +67,11 @@ class StepReporter:
             low, high = self.progress_range
             fields["progress"] = round(low + (high - low) * min(step, total) / total, 2)
             if self.send_steps:
-                fields.update(step=step, total_steps=total)
+                # taskcast refuses a step past total_steps.
+                fields.update(step=min(step, total), total_steps=total)
         if self.preview is not None and (step % self.preview_every == 0 or step == total):
             try:
-                fields["image_url"] = self.preview(step, latents)
+                fields["preview_url"] = self.preview(step, latents)
             except Exception as e:
                 from ._delivery import note
 

@@ -65,20 +65,23 @@ def test_each_step_is_reported_as_progress_and_the_pipeline_is_untouched(server)
     assert reporter.flush(10)
     assert pipe.steps_run == 20
     assert [f["progress"] for f in reporter.asked] == [round(90 * (i + 1) / 20, 2) for i in range(20)]
-    assert all("step" not in f and "total_steps" not in f for f in reporter.asked)
     state = server.state(task)
     assert (state["progress"], state["stage"], state["status"]) == (90.0, "generating", "processing")
+    assert (state["step"], state["total_steps"]) == (20, 20)
 
 
-def test_send_steps_adds_step_and_total_steps_to_each_update():
+def test_step_and_total_steps_are_sent_unless_turned_off():
     reporter = RecordingReporter("http://127.0.0.1:9", "key", attempts=1)
-    StandInPipeline()(num_inference_steps=3, callback_on_step_end=StepReporter(
-        reporter, "t", send_steps=True))
+    StandInPipeline()(num_inference_steps=3, callback_on_step_end=StepReporter(reporter, "t"))
     assert [(f["step"], f["total_steps"], f["progress"]) for f in reporter.asked] == [
         (1, 3, 33.33), (2, 3, 66.67), (3, 3, 100.0)]
+    older = RecordingReporter("http://127.0.0.1:9", "key", attempts=1)
+    StandInPipeline()(num_inference_steps=3, callback_on_step_end=StepReporter(
+        older, "t", send_steps=False))
+    assert all("step" not in f and "total_steps" not in f for f in older.asked)
 
 
-def test_previews_are_uploaded_every_n_steps_and_pushed_as_image_url(server):
+def test_previews_are_uploaded_every_n_steps_and_pushed_as_preview_url(server):
     task = server.create_task()
     reporter = Reporter(server.url, server.key)
     uploads = []
@@ -92,7 +95,9 @@ def test_previews_are_uploaded_every_n_steps_and_pushed_as_image_url(server):
         reporter, task, preview=upload, preview_every=5))
     assert reporter.flush(10)
     assert uploads == [(5, 5.0), (10, 10.0), (12, 12.0)]
-    assert server.state(task)["image_url"] == f"https://cdn.example.com/preview/{task}/12.png"
+    state = server.state(task)
+    assert state["preview_url"] == f"https://cdn.example.com/preview/{task}/12.png"
+    assert "image_url" not in state
 
 
 def test_should_cancel_interrupts_the_pipeline_and_pushes_cancelled(server):

@@ -33,7 +33,10 @@ const handle: WatchHandle = watchTask("0b6f1c5e-3f0e-4d7a-9a57-3c1f6c2d9e10", {
     const stage: string = state.stage ?? "queued";
     const when: string | null = state.updated_at;
     const version: number = state.version;
-    const cut: ("stage" | "error" | "image_url")[] = state.truncated ?? [];
+    const cut: ("stage" | "error" | "image_url" | "preview_url")[] = state.truncated ?? [];
+    const steps: string = `${state.step ?? 0}/${state.total_steps ?? "?"}`;
+    const left: number | undefined = state.eta_at ? state.eta_ms : undefined;
+    console.log(steps, left, state.preview_url?.length);
     if (isTerminal(state.status)) {
       const final: "completed" | "failed" | "cancelled" = state.status;
       console.log(final, state.image_url?.toUpperCase(), state.error?.length);
