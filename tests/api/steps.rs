@@ -16,6 +16,7 @@ both_stores!(
     preview_url_latest_wins_and_is_cleared_at_the_terminal_state,
     processing_states_carry_eta_and_pending_and_finished_ones_do_not,
     a_new_subscribers_snapshot_carries_eta_ms,
+    a_finished_task_teaches_the_node_so_the_next_has_eta_ms_from_its_first_push,
 );
 
 async fn post_batch(app: &TestApp, body: Value) -> Value {
@@ -203,6 +204,34 @@ async fn a_new_subscribers_snapshot_carries_eta_ms(kind: StoreKind) {
     assert_eq!(again["eta_ms"], snapshot["eta_ms"], "{again}");
 }
 
+async fn a_finished_task_teaches_the_node_so_the_next_has_eta_ms_from_its_first_push(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    // With nothing learned, a first running push has nothing to go on.
+    let first = app.create_task().await;
+    let answer = app
+        .push_ok(first, json!({"status": "processing", "progress": 0}))
+        .await;
+    let mut sub = app.subscribe(first).await;
+    let snapshot = sub.next_state().await;
+    assert_eq!(snapshot["version"], answer["version"]);
+    assert!(snapshot.get("eta_ms").is_none(), "{snapshot}");
+    later().await;
+    app.push_ok(first, json!({"progress": 50})).await;
+    later().await;
+    app.push_ok(first, json!({"status": "completed", "progress": 100}))
+        .await;
+    // The next task's first running push is estimated from the finished one.
+    let next = app.create_task().await;
+    let mut sub = app.subscribe(next).await;
+    sub.next_state().await;
+    app.push_ok(next, json!({"status": "processing", "progress": 10}))
+        .await;
+    let state = sub.next_state().await;
+    assert!(state["eta_ms"].as_u64().is_some_and(|ms| ms > 0), "{state}");
+}
+
 /// A database migrated, then without the step and preview columns (a table from before
 /// them, or the app dropped them).
 async fn table_without_step_columns() -> TestDb {
@@ -285,4 +314,60 @@ async fn a_plain_sql_update_of_step_is_delivered() {
         (json!(7), json!(20))
     );
     assert_eq!(state["preview_url"], "https://cdn.example.com/sql.jpg");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_another_node_gets_steps_and_eta_ms() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    let url = db.url.clone();
+    let pusher = spawn_app_on(url.clone(), Some(db)).await;
+    let watcher = spawn_app_on(url, None).await;
+    let task = pusher.create_task().await;
+    let mut sub = watcher.subscribe(task).await;
+    sub.next_state().await;
+    pusher
+        .push_ok(
+            task,
+            json!({"status": "processing", "step": 1, "total_steps": 10}),
+        )
+        .await;
+    assert_eq!(sub.next_state().await["step"], 1);
+    later().await;
+    let answer = pusher
+        .push_ok(task, json!({"step": 4, "total_steps": 10}))
+        .await;
+    // The watcher's estimator learns from what its listener reads.
+    let state = sub.next_state().await;
+    assert_eq!(state["version"], answer["version"]);
+    assert_eq!(state["progress"], 40.0);
+    assert!(state["eta_ms"].as_u64().is_some(), "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_sql_progress_of_a_processing_task_gets_eta_ms() {
+    let app = spawn_app(StoreKind::Postgres).await;
+    let task = app.create_task().await;
+    let mut sub = app.subscribe(task).await;
+    sub.next_state().await;
+    let client = app.db.as_ref().unwrap().client().await;
+    let set = async |progress: &str| {
+        client
+            .execute(
+                &format!(
+                    "UPDATE public.image_tasks SET status = 'processing', progress = {progress} \
+                     WHERE id = $1::text::uuid"
+                ),
+                &[&task.to_string()],
+            )
+            .await
+            .unwrap();
+    };
+    set("10").await;
+    sub.next_state().await;
+    later().await;
+    set("30").await;
+    let state = sub.next_state().await;
+    assert_eq!(state["progress"], 30.0);
+    assert!(state["eta_ms"].as_u64().is_some(), "{state}");
 }
