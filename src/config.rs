@@ -5,12 +5,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
 use crate::domain::StatusMap;
 use crate::store::connect::{PgTarget, SslMode, Verification};
+use crate::telemetry::LogFormat;
 use crate::writer::WriteMode;
 
 #[derive(Parser, Debug)]
@@ -93,12 +94,6 @@ pub struct MigrateArgs {
     /// The app's status words (as for `serve`), for the report on the table.
     #[arg(long, env = "TASKCAST_STATUS_MAP", default_value = "")]
     pub status_map: String,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -19,9 +19,10 @@ use warp::http::header::{self, HeaderValue};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
+use crate::auth::subscribe::SubscribeAuth;
 use crate::domain::{IdKind, NewTask, ProgressUpdate, TaskId};
 use crate::error::{Error, json_response};
-use crate::routes::AppState;
+use crate::store::Store;
 use crate::writer::Writer;
 
 const CLIENT_JS: &str = include_str!("../static/client.js");
@@ -55,13 +56,25 @@ struct StartQuery {
     failures: Option<bool>,
 }
 
-/// `GET /client.js`, and the demo routes when `state.demo` is set.
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+/// What the demo uses. Cloning is shallow.
+#[derive(Clone)]
+pub struct Demo {
+    /// Serve the demo page at `/` and `POST /api/demo/tasks` (`--demo`).
+    pub enabled: bool,
+    pub store: Store,
+    pub writer: Writer,
+    pub subscribe: SubscribeAuth,
+    pub token_ttl: Duration,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// `GET /client.js`, and the demo routes when `state.enabled` is set.
+pub fn routes(state: Demo) -> BoxedFilter<(Response,)> {
     let client = warp::path!("client.js")
         .and(warp::get())
         .map(|| asset(CLIENT_JS, "text/javascript; charset=utf-8"));
 
-    let enabled = state.demo;
+    let enabled = state.enabled;
     let demo_on = warp::any()
         .and_then(move || async move {
             if enabled {
@@ -117,7 +130,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
 /// `POST /api/demo/tasks`: creates a task, starts its simulated generation, and answers
 /// 201 `{"task_id","token","prompt"}`. No push key: the demo is public by choice.
 async fn start(
-    state: AppState,
+    state: Demo,
     running: Arc<Semaphore>,
     headers: &HeaderMap,
     failures: bool,
@@ -141,7 +154,7 @@ async fn start(
     let token = state.subscribe.mint(&[task], state.token_ttl);
     let generation = Generation {
         writer: state.writer.clone(),
-        shutdown: state.ws.shutdown.clone(),
+        shutdown: state.shutdown.clone(),
         task,
         result_url: result_url(headers, task),
         fail: failures && rng.below(FAILURE_ODDS) == 0,

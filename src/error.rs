@@ -11,7 +11,6 @@ use serde::Serialize;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
-use crate::domain::{TaskId, TaskStatus};
 use crate::telemetry::{self, Refusal};
 
 /// A boxed error source, kept for the log line of a 5xx and never shown to clients.
@@ -43,14 +42,15 @@ pub enum Error {
          NEXT_PUBLIC_APP_URL or TASKCAST_PUBLIC_URL to it)"
     )]
     OriginRefused { origin: String },
+    /// Task ids and statuses are held as text: this module sits below `domain`.
     #[error("task {0} does not exist")]
-    NotFound(TaskId),
+    NotFound(String),
     #[error("no such route")]
     RouteNotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
-    #[error("task {task} is already {status}; a finished task accepts no more pushes", status = status.as_str())]
-    Conflict { task: TaskId, status: TaskStatus },
+    #[error("task {task} is already {status}; a finished task accepts no more pushes")]
+    Conflict { task: String, status: &'static str },
     /// A per-connection bound was reached (subscriptions, subscribe rate).
     #[error("{0}")]
     RateLimited(String),
@@ -67,17 +67,20 @@ pub enum Error {
     UpgradeRequired,
     /// The task's `taskcast_version` is at the bigint maximum: no newer version exists.
     #[error("task {0} has reached the largest taskcast_version; it cannot change any more")]
-    VersionExhausted(TaskId),
+    VersionExhausted(String),
     /// The status column cannot hold this status (an enum without a label for it).
-    #[error("image_tasks.status is {column}, which has no value for {status}", status = status.as_str())]
-    StatusNotStorable { status: TaskStatus, column: String },
+    #[error("image_tasks.status is {column}, which has no value for {status}")]
+    StatusNotStorable {
+        status: &'static str,
+        column: String,
+    },
     /// The table's shape is one taskcast cannot serve (say, an id of type `numeric`).
     #[error("{0}")]
     TableUnsupported(String),
     /// The task's row has no usable id or version (see `domain::StoredRow`).
     #[error("task {task}'s row cannot be read: image_tasks.{column} is {held}")]
     UnreadableRow {
-        task: TaskId,
+        task: String,
         column: &'static str,
         held: &'static str,
     },
@@ -329,13 +332,13 @@ impl Error {
     }
 
     /// The WebSocket form: `{"type":"error","code":...,"message":...,"hint":...}`.
-    pub fn to_ws_json(&self, task_id: Option<TaskId>) -> String {
+    pub fn to_ws_json(&self, task_id: Option<&str>) -> String {
         #[derive(Serialize)]
         struct WsError<'a> {
             #[serde(rename = "type")]
             kind: &'static str,
             #[serde(skip_serializing_if = "Option::is_none")]
-            task_id: Option<TaskId>,
+            task_id: Option<&'a str>,
             code: &'static str,
             message: &'a str,
             hint: &'a str,

@@ -28,9 +28,11 @@ pub mod origin;
 pub mod query;
 pub mod reporter;
 pub mod routes;
+pub mod secret;
 pub mod server;
 pub mod sse;
 pub mod store;
+pub mod subscribers;
 pub mod telemetry;
 pub mod writer;
 pub mod ws;
@@ -50,7 +52,8 @@ use crate::hub::Hub;
 use crate::listener::Listener;
 use crate::origin::OriginPolicy;
 use crate::routes::AppState;
-use crate::store::{MemoryStore, PgStore, Store};
+use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
+use crate::subscribers::SubscriberLimits;
 use crate::writer::Writer;
 use crate::ws::WsContext;
 
@@ -66,6 +69,7 @@ pub struct App {
     max_connections: usize,
     http: server::HttpOptions,
     shutdown_timeout: Duration,
+    demo: bool,
 }
 
 impl App {
@@ -75,8 +79,11 @@ impl App {
         let limits = config.limits.clone();
         let store = match &config.database_url {
             Some(url) => {
-                let pg =
-                    Store::Postgres(PgStore::connect(url, &limits, config.status_map.clone())?);
+                let pool = PoolOptions {
+                    size: limits.db_pool_size,
+                    timeout: limits.db_timeout,
+                };
+                let pg = Store::Postgres(PgStore::connect(url, pool, config.status_map.clone())?);
                 match pg.check_ready().await {
                     Ok(()) => {
                         tracing::info!("store: postgres, table can be served");
@@ -143,14 +150,21 @@ impl App {
             body_timeout: limits.body_timeout,
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,
-            demo: config.demo,
             metrics_token: config.metrics_token.clone(),
             ws: Arc::new(WsContext {
                 hub: hub.clone(),
                 store,
                 subscribe: config.subscribe.clone(),
                 connections: Arc::new(Semaphore::new(limits.max_connections)),
-                limits: limits.clone(),
+                limits: SubscriberLimits {
+                    max_connections: limits.max_connections,
+                    max_subscriptions: limits.max_subscriptions,
+                    max_subscribes_per_sec: limits.max_subscribes_per_sec,
+                    max_ws_message_bytes: limits.max_ws_message_bytes,
+                    idle_timeout: limits.idle_timeout,
+                    ping_interval: limits.ping_interval,
+                    pong_timeout: limits.pong_timeout,
+                },
                 shutdown,
                 closing: Notify::new(),
             }),
@@ -171,6 +185,7 @@ impl App {
                 max_header_bytes: limits.max_header_bytes,
             },
             shutdown_timeout: config.shutdown_timeout,
+            demo: config.demo,
         })
     }
 
@@ -196,13 +211,22 @@ impl App {
             max_connections,
             http,
             shutdown_timeout,
+            demo,
             ..
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
         tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
         let connections = state.ws.connections.clone();
         let ws = state.ws.clone();
-        let routes = routes::routes(state);
+        let demo = demo::routes(demo::Demo {
+            enabled: demo,
+            store: state.store.clone(),
+            writer: state.writer.clone(),
+            subscribe: state.subscribe.clone(),
+            token_ttl: state.token_ttl,
+            shutdown: state.ws.shutdown.clone(),
+        });
+        let routes = routes::routes(state, demo);
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down");

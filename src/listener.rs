@@ -241,13 +241,13 @@ impl Listener {
             );
         }
         let error = Error::UnreadableRow {
-            task,
+            task: task.to_string(),
             column: unreadable.column,
             held: unreadable.held,
         };
         let seen = seen.get(&task).copied().unwrap_or(i64::MIN);
         self.hub
-            .publish_notice(task, error.to_ws_json(Some(task)), seen);
+            .publish_notice(task, error.to_ws_json(Some(task.as_str())), seen);
     }
 
     /// Re-reads every task that has local subscribers.

@@ -11,13 +11,14 @@ use warp::http::{HeaderMap, Method, StatusCode};
 use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
+use crate::auth::PushKey;
 use crate::auth::subscribe::SubscribeAuth;
-use crate::auth::{PushKey, may_watch};
 use crate::domain::{NewTask, Outcome, ProgressUpdate};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
 use crate::query::{Query, query};
 use crate::store::Store;
+use crate::subscribers::may_watch;
 use crate::telemetry;
 use crate::writer::Writer;
 use crate::ws::{self, WsContext};
@@ -38,13 +39,12 @@ pub struct AppState {
     pub max_batch_items: usize,
     /// Bearer token required by GET /metrics, when set.
     pub metrics_token: Option<crate::auth::Secret>,
-    /// Serve the demo page at `/` and `POST /api/demo/tasks`.
-    pub demo: bool,
     pub ws: Arc<WsContext>,
 }
 
-/// The whole API as one filter, with rejections mapped by [`error::recover`].
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+/// The whole API as one filter, with rejections mapped by [`error::recover`]. `more` are
+/// routes mounted beside the API (the demo's), under the same origin check.
+pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(Response,)> {
     // One Arc per request, not a deep copy of keys, origins and limits per request.
     let with_state = {
         let shared = Arc::new(state.clone());
@@ -149,7 +149,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .unify()
         .or(socket)
         .unify()
-        .or(crate::demo::routes(state.clone()))
+        .or(more)
         .unify();
     // The origin check runs first, so a foreign page is refused before any route (and
     // before a WebSocket upgrade); allowed cross-origin responses carry CORS headers.
@@ -404,7 +404,11 @@ async fn get_task(
                 let token = query.token.as_deref().or(bearer);
                 may_watch(&state.subscribe, &state.store, token, task).await?;
             }
-            let current = state.store.get(task).await?.ok_or(Error::NotFound(task))?;
+            let current = state
+                .store
+                .get(task)
+                .await?
+                .ok_or(Error::NotFound(task.to_string()))?;
             Ok(json_response(StatusCode::OK, current.to_json(true, None)))
         }
         .await,

@@ -12,8 +12,8 @@ use futures::{StreamExt, stream};
 use warp::Reply;
 use warp::reply::Response;
 
-use crate::auth::may_watch;
 use crate::error::Error;
+use crate::subscribers::may_watch;
 use crate::ws::WsContext;
 
 /// How often an idle stream sends a comment, so proxies keep it open.
@@ -39,7 +39,11 @@ pub async fn events(
     let (version, snapshot) = match current {
         Some(frame) => (frame.version(), frame.snapshot_json()),
         None => {
-            let state = ctx.store.get(task).await?.ok_or(Error::NotFound(task))?;
+            let state = ctx
+                .store
+                .get(task)
+                .await?
+                .ok_or(Error::NotFound(task.to_string()))?;
             ctx.hub.publish(&state);
             (state.version, state.to_json(true, None))
         }

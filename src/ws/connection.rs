@@ -21,11 +21,11 @@ use warp::hyper::upgrade::Upgraded;
 
 use super::WsContext;
 use super::protocol::{self, ClientMessage};
-use crate::auth::may_watch;
 use crate::auth::subscribe::now_unix;
 use crate::domain::TaskId;
 use crate::error::Error;
 use crate::hub::Subscription;
+use crate::subscribers::may_watch;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -216,7 +216,10 @@ impl Connection {
     }
 
     async fn send_error(&mut self, error: &Error, task: Option<TaskId>) -> Result<(), End> {
-        self.send(Message::text(error.to_ws_json(task))).await
+        self.send(Message::text(
+            error.to_ws_json(task.as_ref().map(TaskId::as_str)),
+        ))
+        .await
     }
 
     async fn on_client_message(&mut self, text: &str) -> Result<(), End> {
@@ -291,7 +294,11 @@ impl Connection {
                     self.ctx.hub.publish(&state);
                     (state.version, state.to_json(true, None))
                 }
-                Ok(None) => return self.send_error(&Error::NotFound(task), Some(task)).await,
+                Ok(None) => {
+                    return self
+                        .send_error(&Error::NotFound(task.to_string()), Some(task))
+                        .await;
+                }
                 Err(e) => return self.send_error(&e, Some(task)).await,
             },
         };

@@ -24,10 +24,10 @@ use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
 use crate::auth::subscribe::SubscribeAuth;
-use crate::config::Limits;
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::store::Store;
+use crate::subscribers::SubscriberLimits;
 use connection::Connection;
 
 /// What every connection needs, shared by all of them behind one `Arc`.
@@ -35,7 +35,7 @@ pub struct WsContext {
     pub hub: Hub,
     pub store: Store,
     pub subscribe: SubscribeAuth,
-    pub limits: Limits,
+    pub limits: SubscriberLimits,
     /// Permits for open connections; the server waits for all of them at shutdown.
     pub connections: Arc<Semaphore>,
     /// Becomes `true` when the server shuts down.
@@ -165,7 +165,7 @@ async fn open(
 /// subscribe message without a token in one read; a longer message grows the buffer to
 /// fit (tungstenite reserves a frame's whole length), so 512 would end at 1 KiB for the
 /// same message while costing every idle connection 256 bytes more.
-fn socket_config(limits: &Limits) -> WebSocketConfig {
+fn socket_config(limits: &SubscriberLimits) -> WebSocketConfig {
     let max = limits.max_ws_message_bytes;
     WebSocketConfig::default()
         .read_buffer_size(max.min(256))

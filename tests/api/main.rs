@@ -14,6 +14,7 @@ mod errors;
 mod frames;
 mod fuzz;
 mod http_limits;
+mod layout;
 mod operations;
 mod partition;
 mod process;
