@@ -53,9 +53,8 @@ use crate::listener::Listener;
 use crate::origin::OriginPolicy;
 use crate::routes::AppState;
 use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
-use crate::subscribers::SubscriberLimits;
+use crate::subscribers::{SubscriberLimits, Subscribers};
 use crate::writer::Writer;
-use crate::ws::WsContext;
 
 /// A bound, not yet serving, server: the one seam shared by the binary and the tests.
 pub struct App {
@@ -151,10 +150,10 @@ impl App {
             max_batch_body_bytes: limits.max_batch_body_bytes,
             max_batch_items: limits.max_batch_items,
             metrics_token: config.metrics_token.clone(),
-            ws: Arc::new(WsContext {
+            subscribers: Arc::new(Subscribers {
                 hub: hub.clone(),
                 store,
-                subscribe: config.subscribe.clone(),
+                auth: config.subscribe.clone(),
                 connections: Arc::new(Semaphore::new(limits.max_connections)),
                 limits: SubscriberLimits {
                     max_connections: limits.max_connections,
@@ -216,22 +215,22 @@ impl App {
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
         tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
-        let connections = state.ws.connections.clone();
-        let ws = state.ws.clone();
+        let connections = state.subscribers.connections.clone();
+        let subscribers = state.subscribers.clone();
         let demo = demo::routes(demo::Demo {
             enabled: demo,
             store: state.store.clone(),
             writer: state.writer.clone(),
             subscribe: state.subscribe.clone(),
             token_ttl: state.token_ttl,
-            shutdown: state.ws.shutdown.clone(),
+            shutdown: state.subscribers.shutdown.clone(),
         });
         let routes = routes::routes(state, demo);
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down");
             stop.send_replace(true);
-            ws.close_all();
+            subscribers.close_all();
         };
         server::serve(listener, routes, http, signal, shutdown_timeout).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so

@@ -18,10 +18,10 @@ use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
 use crate::query::{Query, query};
 use crate::store::Store;
-use crate::subscribers::may_watch;
+use crate::subscribers::Subscribers;
 use crate::telemetry;
 use crate::writer::Writer;
-use crate::ws::{self, WsContext};
+use crate::ws;
 
 /// Everything the handlers share. Cloning is shallow.
 #[derive(Clone)]
@@ -39,7 +39,7 @@ pub struct AppState {
     pub max_batch_items: usize,
     /// Bearer token required by GET /metrics, when set.
     pub metrics_token: Option<crate::auth::Secret>,
-    pub ws: Arc<WsContext>,
+    pub subscribers: Arc<Subscribers>,
 }
 
 /// The whole API as one filter, with rejections mapped by [`error::recover`]. `more` are
@@ -84,7 +84,7 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         .and(query())
         .then(
             |raw_id: String, state: Arc<AppState>, query: Query| async move {
-                respond(crate::sse::events(state.ws.clone(), raw_id, query.token).await)
+                respond(crate::sse::events(state.subscribers.clone(), raw_id, query.token).await)
             },
         );
 
@@ -121,7 +121,7 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         .then(
             |state: Arc<AppState>, query: Query, headers: HeaderMap, on_upgrade| async move {
                 ws::upgrade(
-                    state.ws.clone(),
+                    state.subscribers.clone(),
                     query.task_id,
                     query.token,
                     &headers,
@@ -402,7 +402,7 @@ async fn get_task(
             if state.push_key.verify(authorization.as_deref()).is_err() {
                 let bearer = authorization.as_deref().and_then(crate::auth::bearer);
                 let token = query.token.as_deref().or(bearer);
-                may_watch(&state.subscribe, &state.store, token, task).await?;
+                state.subscribers.may_watch(token, task).await?;
             }
             let current = state
                 .store
@@ -429,9 +429,10 @@ fn render_metrics(state: &AppState, authorization: Option<&str>) -> Result<Respo
             ));
         }
     }
-    let open = state.ws.limits.max_connections - state.ws.connections.available_permits();
+    let open = state.subscribers.limits.max_connections
+        - state.subscribers.connections.available_permits();
     metrics::gauge!(telemetry::CONNECTIONS).set(open as f64);
-    metrics::gauge!(telemetry::HUB_TASKS).set(state.ws.hub.len() as f64);
+    metrics::gauge!(telemetry::HUB_TASKS).set(state.subscribers.hub.len() as f64);
     let handle = telemetry::metrics();
     handle.run_upkeep();
     let mut response = Response::new(handle.render().into());

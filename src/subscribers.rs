@@ -1,10 +1,16 @@
-//! What every subscriber does, whatever its transport (WebSocket, SSE, a plain read).
+//! What every subscriber does, whatever its transport (WebSocket, SSE, a plain read):
+//! who may watch, the connection slots, and subscribe-then-snapshot.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::subscribe::{Access, SubscribeAuth};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::auth::subscribe::{Access, SubscribeAuth, now_unix};
 use crate::domain::TaskId;
 use crate::error::Error;
+use crate::hub::{Hub, Subscription};
 use crate::store::Store;
 
 /// The bounds on subscribers (WebSocket and SSE alike), from the configuration.
@@ -25,26 +31,103 @@ pub struct SubscriberLimits {
     pub pong_timeout: Duration,
 }
 
-/// Decides whether `token` lets its holder watch `task`, checking a Supabase user's
-/// ownership against the store. A task that does not exist is refused exactly like a task
-/// owned by someone else, so a refusal never tells whether the task exists.
-pub async fn may_watch(
-    auth: &SubscribeAuth,
-    store: &Store,
-    token: Option<&str>,
-    task: TaskId,
-) -> Result<Access, Error> {
-    let access = auth.authorize(token, task)?;
-    if let Access::Owner { user_id, .. } = access
-        && !store
-            .owner(task)
-            .await?
-            .flatten()
-            .is_some_and(|owner| owner.eq_ignore_ascii_case(&user_id.to_string()))
-    {
-        return Err(Error::Forbidden(format!(
-            "this Supabase user may not watch task {task}"
-        )));
+/// What every subscriber needs, shared by all of them behind one `Arc`.
+pub struct Subscribers {
+    pub hub: Hub,
+    pub store: Store,
+    pub auth: SubscribeAuth,
+    pub limits: SubscriberLimits,
+    /// Permits for open connections; the server waits for all of them at shutdown.
+    pub connections: Arc<Semaphore>,
+    /// Becomes `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Wakes every connection's loop at shutdown (see [`Subscribers::close_all`]).
+    pub closing: Notify,
+}
+
+/// A task being watched: registered with the hub, its snapshot read.
+pub struct Watch {
+    /// Newer versions than the snapshot's.
+    pub subscription: Subscription,
+    /// The snapshot message (`"snapshot": true`), and its version.
+    pub snapshot: String,
+    pub version: i64,
+    /// When the token that granted it expires, if it does.
+    pub expires_at: Option<Instant>,
+}
+
+impl Subscribers {
+    /// Completes once the server shuts down. Every connection's loop holds this future,
+    /// so it is one `Notified`, half the size of a wait on the watch receiver.
+    pub async fn stopped(&self) {
+        let notified = self.closing.notified();
+        // Checked after `notified` exists: a shutdown after this check still wakes it.
+        if *self.shutdown.borrow() {
+            return;
+        }
+        notified.await;
     }
-    Ok(access)
+
+    /// Wakes every [`Subscribers::stopped`]; call it after `shutdown` has become `true`.
+    pub fn close_all(&self) {
+        self.closing.notify_waiters();
+    }
+
+    /// A slot for one more WebSocket or SSE stream, held as long as it is open; `what`
+    /// names the slot in the 503.
+    pub fn admit(&self, what: &'static str) -> Result<OwnedSemaphorePermit, Error> {
+        self.connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Unavailable { what, source: None })
+    }
+
+    /// Subscribe, then snapshot: registers with the hub first, then reads the current
+    /// state (the hub's, else the store's, which is then published), so nothing committed
+    /// after this call can be missed and only newer versions follow the snapshot.
+    pub async fn watch(&self, task: TaskId, access: &Access) -> Result<Watch, Error> {
+        let (mut subscription, current) = self.hub.subscribe(task);
+        let (version, snapshot) = match current {
+            Some(frame) => (frame.version(), frame.snapshot_json()),
+            None => {
+                let state = self
+                    .store
+                    .get(task)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(task.to_string()))?;
+                self.hub.publish(&state);
+                (state.version, state.to_json(true, None))
+            }
+        };
+        subscription.mark_delivered(version);
+        let expires_at = access
+            .expires_at()
+            .map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now_unix())));
+        Ok(Watch {
+            subscription,
+            snapshot,
+            version,
+            expires_at,
+        })
+    }
+
+    /// Decides whether `token` lets its holder watch `task`, checking a Supabase user's
+    /// ownership against the store. A task that does not exist is refused exactly like a task
+    /// owned by someone else, so a refusal never tells whether the task exists.
+    pub async fn may_watch(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
+        let access = self.auth.authorize(token, task)?;
+        if let Access::Owner { user_id, .. } = access
+            && !self
+                .store
+                .owner(task)
+                .await?
+                .flatten()
+                .is_some_and(|owner| owner.eq_ignore_ascii_case(&user_id.to_string()))
+        {
+            return Err(Error::Forbidden(format!(
+                "this Supabase user may not watch task {task}"
+            )));
+        }
+        Ok(access)
+    }
 }

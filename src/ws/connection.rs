@@ -19,18 +19,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use warp::hyper::upgrade::Upgraded;
 
-use super::WsContext;
 use super::protocol::{self, ClientMessage};
-use crate::auth::subscribe::now_unix;
 use crate::domain::TaskId;
 use crate::error::Error;
 use crate::hub::Subscription;
-use crate::subscribers::may_watch;
+use crate::subscribers::Subscribers;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 pub struct Connection {
-    ctx: Arc<WsContext>,
+    ctx: Arc<Subscribers>,
     socket: Socket,
     subscriptions: StreamMap<TaskId, Subscription>,
     /// The `?token=` of the URL, used when a subscribe message carries none.
@@ -63,7 +61,7 @@ enum End {
 
 impl Connection {
     pub fn new(
-        ctx: Arc<WsContext>,
+        ctx: Arc<Subscribers>,
         socket: Socket,
         permit: OwnedSemaphorePermit,
         default_token: Option<String>,
@@ -266,16 +264,15 @@ impl Connection {
         *count > self.ctx.limits.max_subscribes_per_sec
     }
 
-    /// Authorize, then subscribe, then snapshot: register with the hub first, then read the
-    /// current state (hub, else store), send it, and from then on forward only newer
-    /// versions. A refusal is an error message; the connection stays usable.
+    /// Authorize, then [`Subscribers::watch`] (subscribe, then snapshot), send the
+    /// snapshot, and from then on forward only newer versions. A refusal is an error
+    /// message; the connection stays usable.
     async fn subscribe(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
         let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
-        let access =
-            match may_watch(&self.ctx.subscribe, &self.ctx.store, token.as_deref(), task).await {
-                Ok(access) => access,
-                Err(e) => return self.send_error(&e, Some(task)).await,
-            };
+        let access = match self.ctx.may_watch(token.as_deref(), task).await {
+            Ok(access) => access,
+            Err(e) => return self.send_error(&e, Some(task)).await,
+        };
         // A repeated subscribe (say, with a fresh token) starts over with a fresh snapshot.
         self.remove(task);
         if self.subscriptions.len() >= self.ctx.limits.max_subscriptions {
@@ -286,30 +283,16 @@ impl Connection {
             ));
             return self.send_error(&e, Some(task)).await;
         }
-        let (mut subscription, current) = self.ctx.hub.subscribe(task);
-        let (version, snapshot) = match current {
-            Some(frame) => (frame.version(), frame.snapshot_json()),
-            None => match self.ctx.store.get(task).await {
-                Ok(Some(state)) => {
-                    self.ctx.hub.publish(&state);
-                    (state.version, state.to_json(true, None))
-                }
-                Ok(None) => {
-                    return self
-                        .send_error(&Error::NotFound(task.to_string()), Some(task))
-                        .await;
-                }
-                Err(e) => return self.send_error(&e, Some(task)).await,
-            },
+        let watch = match self.ctx.watch(task, &access).await {
+            Ok(watch) => watch,
+            Err(e) => return self.send_error(&e, Some(task)).await,
         };
-        subscription.mark_delivered(version);
-        self.subscriptions.insert(task, subscription);
-        if let Some(expires_at) = access.expires_at() {
-            let left = Duration::from_secs(expires_at.saturating_sub(now_unix()));
-            self.expiries.push((task, Instant::now() + left));
+        self.subscriptions.insert(task, watch.subscription);
+        if let Some(at) = watch.expires_at {
+            self.expiries.push((task, at));
             self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
         }
-        self.send(Message::text(snapshot)).await
+        self.send(Message::text(watch.snapshot)).await
     }
 
     fn remove(&mut self, task: TaskId) {
