@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::header::{self, HeaderValue};
@@ -22,6 +22,7 @@ use warp::reply::Response;
 use crate::auth::subscribe::SubscribeAuth;
 use crate::domain::{IdKind, NewTask, ProgressUpdate, TaskId};
 use crate::error::{Error, json_response};
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::writer::Writer;
 
@@ -65,7 +66,7 @@ pub struct Demo {
     pub writer: Writer,
     pub subscribe: SubscribeAuth,
     pub token_ttl: Duration,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: Shutdown,
 }
 
 /// `GET /client.js`, and the demo routes when `state.enabled` is set.
@@ -189,7 +190,7 @@ fn result_url(headers: &HeaderMap, task: TaskId) -> String {
 /// One simulated generation: queued, generating 0..100, uploading, completed (or failed).
 struct Generation {
     writer: Writer,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     task: TaskId,
     result_url: String,
     fail: bool,
@@ -246,7 +247,7 @@ impl Generation {
         match self.writer.push(self.task, update).await {
             Ok(_) => Ok(()),
             Err(Error::Conflict { .. }) => Err(Stop::Finished),
-            Err(_) if *self.shutdown.borrow() => Err(Stop::Shutdown),
+            Err(_) if self.shutdown.is_triggered() => Err(Stop::Shutdown),
             Err(e) => {
                 tracing::warn!(task = %self.task, error = %e.chain(), "demo push failed");
                 Ok(())
@@ -258,7 +259,7 @@ impl Generation {
         let wait = Duration::from_millis(min_ms + self.rng.below(max_ms - min_ms + 1));
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
-            _ = self.shutdown.wait_for(|stop| *stop) => Err(Stop::Shutdown),
+            _ = self.shutdown.wait() => Err(Stop::Shutdown),
         }
     }
 }

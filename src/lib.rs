@@ -30,6 +30,7 @@ pub mod reporter;
 pub mod routes;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod sse;
 pub mod store;
 pub mod subscribers;
@@ -43,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -52,6 +53,7 @@ use crate::hub::Hub;
 use crate::listener::Listener;
 use crate::origin::OriginPolicy;
 use crate::routes::AppState;
+use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
 use crate::subscribers::{SubscriberLimits, Subscribers};
 use crate::writer::Writer;
@@ -64,8 +66,7 @@ pub struct App {
     hub: Hub,
     writer_task: JoinHandle<()>,
     notify_listener: Option<Listener>,
-    stop: watch::Sender<bool>,
-    max_connections: usize,
+    shutdown: Shutdown,
     http: server::HttpOptions,
     shutdown_timeout: Duration,
     demo: bool,
@@ -120,7 +121,7 @@ impl App {
             }),
             _ => None,
         };
-        let (stop, shutdown) = watch::channel(false);
+        let shutdown = Shutdown::new();
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
@@ -164,8 +165,7 @@ impl App {
                     ping_interval: limits.ping_interval,
                     pong_timeout: limits.pong_timeout,
                 },
-                shutdown,
-                closing: Notify::new(),
+                shutdown: shutdown.clone(),
             }),
         };
         Ok(App {
@@ -175,8 +175,7 @@ impl App {
             hub,
             writer_task,
             notify_listener,
-            stop,
-            max_connections: limits.max_connections,
+            shutdown,
             http: server::HttpOptions {
                 max_connections: limits.max_http_connections,
                 header_timeout: limits.header_timeout,
@@ -206,17 +205,14 @@ impl App {
             state,
             writer_task,
             notify_listener,
-            stop,
-            max_connections,
+            shutdown: stop,
             http,
             shutdown_timeout,
             demo,
             ..
         } = self;
-        let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
+        let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
         tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
-        let connections = state.subscribers.connections.clone();
-        let subscribers = state.subscribers.clone();
         let demo = demo::routes(demo::Demo {
             enabled: demo,
             store: state.store.clone(),
@@ -226,17 +222,17 @@ impl App {
             shutdown: state.subscribers.shutdown.clone(),
         });
         let routes = routes::routes(state, demo);
+        let signal_stop = stop.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down");
-            stop.send_replace(true);
-            subscribers.close_all();
+            signal_stop.trigger();
         };
         server::serve(listener, routes, http, signal, shutdown_timeout).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so
-        // the writer drains its queue and ends. WebSockets got the signal through `stop`.
-        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(shutdown_timeout, connections.acquire_many(all))
+        // the writer drains its queue and ends. WebSockets and SSE streams got the signal
+        // through `stop`, and each holds a guard of it until it has closed.
+        if tokio::time::timeout(shutdown_timeout, stop.done())
             .await
             .is_err()
         {

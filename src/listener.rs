@@ -12,7 +12,7 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
 use tokio_postgres::AsyncMessage;
@@ -21,6 +21,7 @@ use crate::auth::Secret;
 use crate::domain::{TaskId, TaskState, Unreadable};
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::shutdown::Shutdown;
 use crate::store::PgStore;
 use crate::store::connect::PgTarget;
 
@@ -77,16 +78,16 @@ enum End {
 }
 
 impl Listener {
-    /// Runs until `shutdown` becomes true, reconnecting with capped exponential backoff.
-    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    /// Runs until `shutdown` is triggered, reconnecting with capped exponential backoff.
+    pub fn spawn(self, shutdown: Shutdown) -> JoinHandle<()> {
         tokio::spawn(self.run(shutdown))
     }
 
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    async fn run(self, shutdown: Shutdown) {
         let mut backoff = MIN_BACKOFF;
         let mut connections: u64 = 0;
         loop {
-            match self.session(&mut shutdown, connections).await {
+            match self.session(&shutdown, connections).await {
                 End::Shutdown => return,
                 End::Lost { listened, why } => {
                     if listened {
@@ -98,14 +99,14 @@ impl Listener {
                 }
             }
             tokio::select! {
-                _ = stopped(&mut shutdown) => return,
+                _ = shutdown.wait() => return,
                 _ = sleep(jitter(backoff)) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>, connections: u64) -> End {
+    async fn session(&self, shutdown: &Shutdown, connections: u64) -> End {
         let lost = |listened: bool| move |why: String| End::Lost { listened, why };
         let target = match PgTarget::parse(self.database_url.expose()) {
             Ok(target) => target,
@@ -162,7 +163,7 @@ impl Listener {
         liveness.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stopped(shutdown) => return End::Shutdown,
+                _ = shutdown.wait() => return End::Shutdown,
                 payload = notifications.recv() => match payload {
                     Some(payload) => {
                         if let Err(e) = self.apply(&payload).await {
@@ -291,10 +292,6 @@ fn jitter(base: Duration) -> Duration {
     let spread = base.as_millis() as u64 / 4;
     let random = uuid::Uuid::new_v4().as_u128() as u64;
     base + Duration::from_millis(if spread == 0 { 0 } else { random % spread })
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub async fn events(
         .map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
     // The stream ends at shutdown, or when the token expires: the client reconnects and
     // is asked for a fresh one (EventSource cannot receive an error status mid-stream).
-    let mut shutdown = ctx.shutdown.clone();
+    let shutdown = ctx.shutdown.clone();
     let expires_at = watch.expires_at;
     let stopped = async move {
         let expiry = async {
@@ -45,7 +45,7 @@ pub async fn events(
             }
         };
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = shutdown.wait() => {}
             _ = expiry => {}
         }
     };

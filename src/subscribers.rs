@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::auth::subscribe::{Access, SubscribeAuth, now_unix};
 use crate::domain::TaskId;
 use crate::error::Error;
 use crate::hub::{Hub, Subscription};
+use crate::shutdown::{DoneGuard, Shutdown};
 use crate::store::Store;
 
 /// The bounds on subscribers (WebSocket and SSE alike), from the configuration.
@@ -37,12 +38,17 @@ pub struct Subscribers {
     pub store: Store,
     pub auth: SubscribeAuth,
     pub limits: SubscriberLimits,
-    /// Permits for open connections; the server waits for all of them at shutdown.
+    /// Permits for open connections (`max_connections`).
     pub connections: Arc<Semaphore>,
-    /// Becomes `true` when the server shuts down.
-    pub shutdown: watch::Receiver<bool>,
-    /// Wakes every connection's loop at shutdown (see [`Subscribers::close_all`]).
-    pub closing: Notify,
+    /// Every connection's loop waits on it, and holds a guard of it until it has closed.
+    pub shutdown: Shutdown,
+}
+
+/// An open WebSocket or SSE stream's slot: a connection permit, and the guard the
+/// shutdown waits for. Dropping it frees both.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _done: DoneGuard,
 }
 
 /// A task being watched: registered with the hub, its snapshot read.
@@ -57,29 +63,18 @@ pub struct Watch {
 }
 
 impl Subscribers {
-    /// Completes once the server shuts down. Every connection's loop holds this future,
-    /// so it is one `Notified`, half the size of a wait on the watch receiver.
-    pub async fn stopped(&self) {
-        let notified = self.closing.notified();
-        // Checked after `notified` exists: a shutdown after this check still wakes it.
-        if *self.shutdown.borrow() {
-            return;
-        }
-        notified.await;
-    }
-
-    /// Wakes every [`Subscribers::stopped`]; call it after `shutdown` has become `true`.
-    pub fn close_all(&self) {
-        self.closing.notify_waiters();
-    }
-
     /// A slot for one more WebSocket or SSE stream, held as long as it is open; `what`
     /// names the slot in the 503.
-    pub fn admit(&self, what: &'static str) -> Result<OwnedSemaphorePermit, Error> {
-        self.connections
+    pub fn admit(&self, what: &'static str) -> Result<Slot, Error> {
+        let permit = self
+            .connections
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Error::Unavailable { what, source: None })
+            .map_err(|_| Error::Unavailable { what, source: None })?;
+        Ok(Slot {
+            _permit: permit,
+            _done: self.shutdown.guard(),
+        })
     }
 
     /// Subscribe, then snapshot: registers with the hub first, then reads the current

@@ -7,13 +7,14 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::domain::{Outcome, ProgressUpdate, TaskId};
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::telemetry;
 
@@ -46,7 +47,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer task. It ends once every `Writer` handle is dropped, or after
     /// shutdown, with the queue drained either way: every accepted push is answered.
-    /// Once `shutdown` turns true the queue closes: later pushes get 503, queued ones are
+    /// Once `shutdown` is triggered the queue closes: later pushes get 503, queued ones are
     /// still committed and answered, then the task ends.
     pub fn spawn(
         store: Store,
@@ -54,7 +55,7 @@ impl Writer {
         mode: WriteMode,
         max_batch: usize,
         queue: usize,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> (Writer, JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(queue);
         let task = tokio::spawn(run(store.clone(), hub.clone(), rx, max_batch, shutdown));
@@ -153,7 +154,7 @@ async fn run(
     hub: Hub,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     // Jobs received but not yet committed. Holds at most `max_batch` jobs.
     let mut pending: VecDeque<Job> = VecDeque::with_capacity(max_batch);
@@ -162,7 +163,7 @@ async fn run(
         if pending.is_empty() {
             let next = tokio::select! {
                 job = rx.recv() => job,
-                _ = shutdown.wait_for(|stop| *stop), if !closed => {
+                _ = shutdown.wait(), if !closed => {
                     // Refuse new pushes (503), but commit and answer every queued one.
                     rx.close();
                     closed = true;

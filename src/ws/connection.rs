@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_stream::StreamMap;
 use tokio_tungstenite::WebSocketStream;
@@ -23,7 +22,7 @@ use super::protocol::{self, ClientMessage};
 use crate::domain::TaskId;
 use crate::error::Error;
 use crate::hub::Subscription;
-use crate::subscribers::Subscribers;
+use crate::subscribers::{Slot, Subscribers};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -44,7 +43,7 @@ pub struct Connection {
     last_heard: Instant,
     /// Subscribe attempts in the current one-second window.
     rate_window: (Instant, u32),
-    _permit: OwnedSemaphorePermit,
+    _permit: Slot,
 }
 
 /// Why a connection loop ended.
@@ -63,7 +62,7 @@ impl Connection {
     pub fn new(
         ctx: Arc<Subscribers>,
         socket: Socket,
-        permit: OwnedSemaphorePermit,
+        permit: Slot,
         default_token: Option<String>,
     ) -> Self {
         let now = Instant::now();
@@ -119,7 +118,7 @@ impl Connection {
         // Created once: a fresh wait per loop turn would register with the shared shutdown
         // signal on every frame, a lock every connection contends on.
         let ctx = self.ctx.clone();
-        let stop = ctx.stopped();
+        let stop = ctx.shutdown.wait();
         tokio::pin!(stop);
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);

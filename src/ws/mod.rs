@@ -15,7 +15,6 @@ pub mod protocol;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -24,7 +23,7 @@ use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
 use crate::error::Error;
-use crate::subscribers::{SubscriberLimits, Subscribers};
+use crate::subscribers::{Slot, SubscriberLimits, Subscribers};
 use connection::Connection;
 
 /// Answers the upgrade request with 101 and starts the connection task, or refuses with
@@ -102,7 +101,7 @@ pub async fn upgrade(
 async fn open(
     ctx: Arc<Subscribers>,
     on_upgrade: OnUpgrade,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
     token: Option<String>,
 ) -> Option<Box<Connection>> {
     let upgraded = match on_upgrade.await {
