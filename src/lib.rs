@@ -52,7 +52,7 @@ use crate::error::Error;
 use crate::hub::Hub;
 use crate::listener::Listener;
 use crate::origin::OriginPolicy;
-use crate::routes::AppState;
+use crate::routes::{AppState, BodyLimits};
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
 use crate::subscribers::{SubscriberLimits, Subscribers};
@@ -63,7 +63,6 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: AppState,
-    hub: Hub,
     writer_task: JoinHandle<()>,
     notify_listener: Option<Listener>,
     shutdown: Shutdown,
@@ -110,17 +109,6 @@ impl App {
             }
         };
         let hub = Hub::new();
-        let notify_listener = match (&store, &config.database_url) {
-            (Store::Postgres(pg), Some(url)) => Some(Listener {
-                database_url: url.clone(),
-                channel: config.notify_channel.clone(),
-                store: pg.clone(),
-                hub: hub.clone(),
-                connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
-                reported: Default::default(),
-            }),
-            _ => None,
-        };
         let shutdown = Shutdown::new();
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
@@ -130,6 +118,18 @@ impl App {
             limits.writer_queue,
             shutdown.clone(),
         );
+        let notify_listener = match (&store, &config.database_url) {
+            (Store::Postgres(pg), Some(url)) => Some(Listener {
+                database_url: url.clone(),
+                channel: config.notify_channel.clone(),
+                store: pg.clone(),
+                hub: hub.clone(),
+                commits: writer.commits(),
+                connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
+                reported: Default::default(),
+            }),
+            _ => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::unavailable("the listen address (TASKCAST_LISTEN)", e))?;
@@ -137,19 +137,19 @@ impl App {
             .local_addr()
             .map_err(|e| Error::internal("reading the bound address", e))?;
         let state = AppState {
-            store: store.clone(),
             writer,
             push_key: config.push_key.clone(),
-            subscribe: config.subscribe.clone(),
             token_ttl: config.token_ttl,
             origins: OriginPolicy::new(
                 config.allowed_origins.clone(),
                 config.allow_loopback_origins,
             ),
-            max_body_bytes: limits.max_body_bytes,
-            body_timeout: limits.body_timeout,
-            max_batch_body_bytes: limits.max_batch_body_bytes,
-            max_batch_items: limits.max_batch_items,
+            bodies: BodyLimits {
+                max_body_bytes: limits.max_body_bytes,
+                body_timeout: limits.body_timeout,
+                max_batch_body_bytes: limits.max_batch_body_bytes,
+                max_batch_items: limits.max_batch_items,
+            },
             metrics_token: config.metrics_token.clone(),
             subscribers: Arc::new(Subscribers {
                 hub: hub.clone(),
@@ -172,7 +172,6 @@ impl App {
             listener,
             local_addr,
             state,
-            hub,
             writer_task,
             notify_listener,
             shutdown,
@@ -193,7 +192,7 @@ impl App {
 
     /// The hub, for observing subscriptions (tests, metrics).
     pub fn hub(&self) -> Hub {
-        self.hub.clone()
+        self.state.subscribers.hub.clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, answers every push already
@@ -212,12 +211,12 @@ impl App {
             ..
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
-        tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
+        tracing::info!(%local_addr, store = state.subscribers.store.kind(), "taskcast listening");
         let demo = demo::routes(demo::Demo {
             enabled: demo,
-            store: state.store.clone(),
+            store: state.subscribers.store.clone(),
             writer: state.writer.clone(),
-            subscribe: state.subscribe.clone(),
+            subscribe: state.subscribers.auth.clone(),
             token_ttl: state.token_ttl,
             shutdown: state.subscribers.shutdown.clone(),
         });

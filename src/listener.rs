@@ -24,6 +24,7 @@ use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::store::PgStore;
 use crate::store::connect::PgTarget;
+use crate::writer::LocalCommits;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Capped low: one connect attempt a second is cheap, and recovery after an outage is
@@ -44,6 +45,8 @@ pub struct Listener {
     pub channel: String,
     pub store: PgStore,
     pub hub: Hub,
+    /// The writer's commits in flight, waited for before reading rows back.
+    pub commits: LocalCommits,
     pub connect_timeout: Duration,
     /// Unreadable rows already logged, so a row is warned about once, not per change.
     pub reported: Reported,
@@ -193,7 +196,7 @@ impl Listener {
         }
         // This node's own commits are published by its writer; when the notification got
         // here first, wait for that rather than read the rows back.
-        self.hub.local_commits_settled(self.connect_timeout).await;
+        self.commits.settled(self.connect_timeout).await;
         let wanted: Vec<TaskId> = wanted
             .into_iter()
             .filter(|&(task, version)| self.hub.wants(task, version))

@@ -12,12 +12,10 @@ use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
 use crate::auth::PushKey;
-use crate::auth::subscribe::SubscribeAuth;
 use crate::domain::{NewTask, Outcome, ProgressUpdate};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
 use crate::query::{Query, query};
-use crate::store::Store;
 use crate::subscribers::Subscribers;
 use crate::telemetry;
 use crate::writer::Writer;
@@ -26,20 +24,25 @@ use crate::ws;
 /// Everything the handlers share. Cloning is shallow.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Store,
     pub writer: Writer,
     pub push_key: PushKey,
-    pub subscribe: SubscribeAuth,
     pub token_ttl: std::time::Duration,
     pub origins: OriginPolicy,
+    pub bodies: BodyLimits,
+    /// Bearer token required by GET /metrics, when set.
+    pub metrics_token: Option<crate::auth::Secret>,
+    /// The store and subscribe auth too: each is held once, there.
+    pub subscribers: Arc<Subscribers>,
+}
+
+/// Bounds on request bodies, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
     pub max_body_bytes: usize,
     /// From the end of the request header to the end of its body; slower gets 408.
     pub body_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
-    /// Bearer token required by GET /metrics, when set.
-    pub metrics_token: Option<crate::auth::Secret>,
-    pub subscribers: Arc<Subscribers>,
 }
 
 /// The whole API as one filter, with rejections mapped by [`error::recover`]. `more` are
@@ -50,8 +53,8 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         let shared = Arc::new(state.clone());
         warp::any().map(move || shared.clone())
     };
-    let limit = state.max_body_bytes;
-    let within = state.body_timeout;
+    let limit = state.bodies.max_body_bytes;
+    let within = state.bodies.body_timeout;
 
     let push = warp::path!("api" / "tasks" / String / "progress")
         .and(warp::post())
@@ -72,7 +75,7 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
         .and(json_body(
-            state.max_batch_body_bytes,
+            state.bodies.max_batch_body_bytes,
             MAX_BATCH_BODY,
             within,
         ))
@@ -270,7 +273,7 @@ async fn push(raw_id: String, state: Arc<AppState>, body: bytes::Bytes) -> Respo
     respond(
         async {
             let pushed = async {
-                let task = state.store.parse_id(&raw_id).await?;
+                let task = state.subscribers.store.parse_id(&raw_id).await?;
                 let update = ProgressUpdate::from_json(&body)?;
                 state.writer.push(task, update).await
             };
@@ -298,8 +301,8 @@ fn count(result: Result<Outcome, Error>) -> Result<Outcome, Error> {
 async fn push_batch(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
-            let items = parse_batch(&body, state.max_batch_items)?;
-            let kind = state.store.id_kind().await?;
+            let items = parse_batch(&body, state.bodies.max_batch_items)?;
+            let kind = state.subscribers.store.id_kind().await?;
             let mut slots: Vec<Result<usize, Error>> = Vec::with_capacity(items.len());
             let mut valid = Vec::with_capacity(items.len());
             for item in items {
@@ -379,8 +382,11 @@ async fn create(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
             let task = NewTask::from_json(&body)?;
-            let created = state.store.create(task).await?;
-            let token = state.subscribe.mint(&[created.task_id], state.token_ttl);
+            let created = state.subscribers.store.create(task).await?;
+            let token = state
+                .subscribers
+                .auth
+                .mint(&[created.task_id], state.token_ttl);
             let body = created.to_created_json(token.as_deref());
             Ok(json_response(StatusCode::CREATED, body))
         }
@@ -398,13 +404,14 @@ async fn get_task(
 ) -> Response {
     respond(
         async {
-            let task = state.store.parse_id(&raw_id).await?;
+            let task = state.subscribers.store.parse_id(&raw_id).await?;
             if state.push_key.verify(authorization.as_deref()).is_err() {
                 let bearer = authorization.as_deref().and_then(crate::auth::bearer);
                 let token = query.token.as_deref().or(bearer);
                 state.subscribers.may_watch(token, task).await?;
             }
             let current = state
+                .subscribers
                 .store
                 .get(task)
                 .await?
@@ -444,8 +451,11 @@ fn render_metrics(state: &AppState, authorization: Option<&str>) -> Result<Respo
 }
 
 async fn readyz(state: Arc<AppState>) -> Response {
-    respond(state.store.check_ready().await.map(|()| {
-        let body = format!(r#"{{"status":"ready","store":"{}"}}"#, state.store.kind());
+    respond(state.subscribers.store.check_ready().await.map(|()| {
+        let body = format!(
+            r#"{{"status":"ready","store":"{}"}}"#,
+            state.subscribers.store.kind()
+        );
         json_response(StatusCode::OK, body)
     }))
 }
