@@ -303,40 +303,30 @@ async fn push_batch(state: Arc<AppState>, body: bytes::Bytes) -> Response {
         async {
             let items = parse_batch(&body, state.bodies.max_batch_items)?;
             let kind = state.subscribers.store.id_kind().await?;
-            let mut slots: Vec<Result<usize, Error>> = Vec::with_capacity(items.len());
+            // The valid pushes go to the writer together; each item keeps its place, and
+            // takes the next outcome when it was sent.
             let mut valid = Vec::with_capacity(items.len());
-            for item in items {
-                slots.push(ProgressUpdate::from_batch_item(item, kind).map(|push| {
-                    valid.push(push);
-                    valid.len() - 1
-                }));
-            }
-            let mut outcomes: Vec<Option<Result<_, Error>>> = state
-                .writer
-                .push_many(valid)
-                .await
+            let sent: Vec<Result<(), Error>> = items
                 .into_iter()
-                .map(Some)
+                .map(|item| ProgressUpdate::from_batch_item(item, kind).map(|p| valid.push(p)))
                 .collect();
-            let mut out = String::from(r#"{"results":["#);
-            for (i, slot) in slots.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let result = count(
-                    slot.and_then(|index| outcomes[index].take().expect("each outcome used once")),
-                );
-                match result {
-                    Ok(outcome) => {
-                        let state_json = outcome.state().to_json(false, Some(outcome.applied()));
-                        out.push_str(r#"{"status":200,"state":"#);
-                        out.push_str(&state_json);
-                        out.push('}');
+            let mut outcomes = state.writer.push_many(valid).await.into_iter();
+            let results: Vec<String> = sent
+                .into_iter()
+                .map(|item| {
+                    let outcome =
+                        item.and_then(|()| outcomes.next().expect("one outcome per push sent"));
+                    match count(outcome) {
+                        Ok(outcome) => format!(
+                            r#"{{"status":200,"state":{}}}"#,
+                            outcome.state().to_json(false, Some(outcome.applied()))
+                        ),
+                        Err(e) => e.to_item_json(),
                     }
-                    Err(e) => out.push_str(&e.to_item_json()),
-                }
-            }
-            out.push_str("]}");
+                })
+                .collect();
+            // Each item is JSON already (a state is encoded once, by `to_json`).
+            let out = format!(r#"{{"results":[{}]}}"#, results.join(","));
             Ok(json_response(StatusCode::OK, out))
         }
         .await,
