@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::jwks::{Jwks, JwksOptions};
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
 use crate::domain::StatusMap;
@@ -143,6 +144,10 @@ pub struct ServeArgs {
     /// whose image_tasks.user_id is their `sub`.
     #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
     pub supabase_jwt_secret: Option<String>,
+    /// The Supabase project URL (https://<project-ref>.supabase.co): verifies the project's
+    /// ES256/RS256 session tokens with the keys it publishes (its JWKS). https in production.
+    #[arg(long, env = "SUPABASE_URL")]
+    pub supabase_url: Option<String>,
     /// Development only: anyone may subscribe without a token. Refused in production.
     #[arg(
         long,
@@ -407,6 +412,7 @@ impl Config {
         let subscribe = subscribe_auth(
             args.subscribe_secret,
             args.supabase_jwt_secret,
+            supabase_jwks(args.supabase_url, production)?,
             args.public_subscribe,
             production,
         )?;
@@ -605,9 +611,27 @@ fn report_push_key(key: &PushKey) {
     }
 }
 
+/// The JWKS cache for `SUPABASE_URL`, if set: an origin, https in production (the keys
+/// decide who may watch, so they must not be fetched in the clear).
+fn supabase_jwks(url: Option<String>, production: bool) -> Result<Option<Jwks>, String> {
+    let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let origin = parse_origin("SUPABASE_URL", &url)?;
+    if production && !origin.starts_with("https://") {
+        return Err(format!(
+            "refusing to start in production with SUPABASE_URL={origin}: the signing keys \
+             must be fetched over https (https://<project-ref>.supabase.co)"
+        ));
+    }
+    tracing::info!(supabase_url = %origin, "Supabase sessions verified with the project's JWKS");
+    Ok(Some(Jwks::new(&origin, JwksOptions::default())))
+}
+
 fn subscribe_auth(
     secret: Option<String>,
     supabase: Option<String>,
+    jwks: Option<Jwks>,
     public: bool,
     production: bool,
 ) -> Result<SubscribeAuth, String> {
@@ -621,11 +645,11 @@ fn subscribe_auth(
                         set TASKCAST_SUBSCRIBE_SECRET"
                 .to_string());
         }
-        if secret.is_none() && supabase.is_none() {
+        if secret.is_none() && supabase.is_none() && jwks.is_none() {
             return Err(
                 "refusing to start in production without subscriber auth: set \
                         TASKCAST_SUBSCRIBE_SECRET (e.g. `openssl rand -hex 32`) and/or \
-                        SUPABASE_JWT_SECRET"
+                        SUPABASE_URL or SUPABASE_JWT_SECRET"
                     .to_string(),
             );
         }
@@ -658,16 +682,16 @@ fn subscribe_auth(
         }
     };
     tracing::info!(
-        supabase_sessions = supabase.is_some(),
+        supabase_sessions = supabase.is_some() || jwks.is_some(),
         public = public,
         subscribe_tokens = tokens.is_some(),
         "subscriber auth"
     );
-    Ok(SubscribeAuth::new(
-        tokens,
-        supabase.map(Secret::new),
-        public,
-    ))
+    let auth = SubscribeAuth::new(tokens, supabase.map(Secret::new), public);
+    Ok(match jwks {
+        Some(jwks) => auth.with_jwks(jwks),
+        None => auth,
+    })
 }
 
 fn random_secret() -> Secret {

@@ -1,4 +1,5 @@
-//! The browser client and the demo: `GET /client.js` always; with `--demo` (on by default
+//! The browser client, the API's OpenAPI document and the demo: `GET /client.js` and
+//! `GET /openapi.json` always; with `--demo` (on by default
 //! with the in-memory store) also the page at `/`, `POST /api/demo/tasks` and the result
 //! pictures at `GET /demo/result/{task_id}.svg`. Without `--demo` those are 404.
 //!
@@ -26,8 +27,14 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::writer::Writer;
 
-const CLIENT_JS: &str = include_str!("../static/client.js");
+/// The npm package's own module (clients/js), so `/client.js` and the package cannot drift.
+const CLIENT_JS: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/clients/js/src/index.js"
+));
 const INDEX_HTML: &str = include_str!("../static/index.html");
+/// The HTTP API as OpenAPI 3.1; `tests/api/openapi.rs` holds it to the router's routes.
+const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
 
 /// Simulated generations running at once; one more gets 503.
 const MAX_RUNNING: usize = 20;
@@ -69,11 +76,14 @@ pub struct Demo {
     pub shutdown: Shutdown,
 }
 
-/// `GET /client.js`, and the demo routes when `state.enabled` is set.
+/// `GET /client.js`, `GET /openapi.json`, and the demo routes when `state.enabled` is set.
 pub fn routes(state: Demo) -> BoxedFilter<(Response,)> {
     let client = warp::path!("client.js")
         .and(warp::get())
         .map(|| asset(CLIENT_JS, "text/javascript; charset=utf-8"));
+    let openapi = warp::path!("openapi.json")
+        .and(warp::get())
+        .map(|| asset(OPENAPI_JSON, "application/json"));
 
     let enabled = state.enabled;
     let demo_on = warp::any()
@@ -110,6 +120,8 @@ pub fn routes(state: Demo) -> BoxedFilter<(Response,)> {
         .map(|file: String| result_picture(&file).unwrap_or_else(Error::into_response));
 
     client
+        .or(openapi)
+        .unify()
         .or(demo_on.and(page.or(start).unify().or(result).unify()))
         .unify()
         .boxed()

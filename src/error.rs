@@ -229,6 +229,10 @@ impl Error {
 
     fn hint(&self) -> &'static str {
         match self {
+            Error::Invalid { field: "body", .. } => {
+                "send a JSON object with the fields README.md lists for this route, with \
+                 Content-Type: application/json"
+            }
             Error::Invalid { .. } => "fix the named field and send the request again",
             Error::Unauthorized => {
                 "send Authorization: Bearer <key>, and check that TASK_PROCESS_SECRET_KEY is \

@@ -22,6 +22,8 @@ pub mod demo;
 pub mod doctor;
 pub mod domain;
 pub mod error;
+pub mod eta;
+pub mod http_client;
 pub mod hub;
 pub mod listener;
 pub mod origin;
@@ -110,6 +112,10 @@ impl App {
         };
         let hub = Hub::new();
         let shutdown = Shutdown::new();
+        if let Some(jwks) = config.subscribe.jwks() {
+            // Ends with the shutdown; a fetch in flight then is dropped.
+            jwks.spawn_refresher(shutdown.clone());
+        }
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
@@ -212,6 +218,9 @@ impl App {
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
         tracing::info!(%local_addr, store = state.subscribers.store.kind(), "taskcast listening");
+        if demo {
+            tracing::info!("demo: {}", demo_url(local_addr));
+        }
         let demo = demo::routes(demo::Demo {
             enabled: demo,
             store: state.subscribers.store.clone(),
@@ -248,5 +257,34 @@ impl App {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+/// The demo page's address as a browser opens it: an unspecified listen address
+/// (`0.0.0.0`, `[::]`) is shown as loopback.
+fn demo_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}/", SocketAddr::new(ip, addr.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::demo_url;
+
+    #[test]
+    fn the_demo_url_is_one_a_browser_can_open() {
+        assert_eq!(
+            demo_url("0.0.0.0:8080".parse().unwrap()),
+            "http://127.0.0.1:8080/"
+        );
+        assert_eq!(demo_url("[::]:80".parse().unwrap()), "http://[::1]:80/");
+        assert_eq!(
+            demo_url("10.0.0.5:8080".parse().unwrap()),
+            "http://10.0.0.5:8080/"
+        );
     }
 }

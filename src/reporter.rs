@@ -49,6 +49,8 @@ use tokio::time::Instant;
 
 use crate::auth::Secret;
 use crate::domain::{MAX_ERROR_CHARS, MAX_STAGE_CHARS, TaskId, TaskStatus};
+pub use crate::http_client::RootCa;
+use crate::http_client::{CallError, HttpClient, request};
 
 /// Tuning for a [`Reporter`]; the defaults suit a generator near its taskcast.
 #[derive(Clone, Debug)]
@@ -66,6 +68,9 @@ pub struct Options {
     pub backoff_max: Duration,
     /// How long queued updates still go out after the last clone is dropped. Default 5 s.
     pub drain_timeout: Duration,
+    /// Certificate authorities trusted besides the public ones (Mozilla's list), for an
+    /// `https://` taskcast behind a private CA: `RootCa::from_pem(&std::fs::read(path)?)?`.
+    pub extra_root_cas: Vec<RootCa>,
 }
 
 impl Default for Options {
@@ -78,9 +83,13 @@ impl Default for Options {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            extra_root_cas: Vec::new(),
         }
     }
 }
+
+/// The most of an answer's body read (for the server's error message).
+const MAX_REPLY_BYTES: usize = 64 * 1024;
 
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -269,7 +278,7 @@ struct Shared {
     wake: Notify,
     /// Wakes `flush`: a request finished.
     settled: Notify,
-    client: reqwest::Client,
+    client: HttpClient,
     base: String,
     key: Secret,
     options: Options,
@@ -290,8 +299,9 @@ impl Drop for Handle {
 }
 
 impl Reporter {
-    /// Starts the background task that pushes to `base_url` (`http://`: this build has no
-    /// TLS) with `push_key` (trimmed, as the server trims its own).
+    /// Starts the background task that pushes to `base_url` (`http://` or `https://`,
+    /// verified against the public roots and [`Options::extra_root_cas`]) with `push_key`
+    /// (trimmed, as the server trims its own).
     ///
     /// # Panics
     /// Outside a Tokio runtime, like `tokio::spawn`.
@@ -302,11 +312,8 @@ impl Reporter {
             max_attempts: options.max_attempts.max(1),
             ..options
         };
-        let client = reqwest::Client::builder()
-            .timeout(options.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("a client with no TLS and no proxies or headers set always builds");
+        // Redirects are not followed: a push is answered by taskcast itself or not at all.
+        let client = HttpClient::new(&options.extra_root_cas);
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             wake: Notify::new(),
@@ -482,23 +489,35 @@ impl Shared {
     }
 
     async fn attempt(&self, url: &str, pending: &Pending) -> Verdict {
-        let request = self.client.post(url).bearer_auth(self.key.expose());
-        let response = match request.json(pending).send().await {
-            Ok(response) => response,
-            // A builder error (a bad URL, https without TLS) would fail the same way again.
-            Err(e) if e.is_builder() => return Verdict::Refused(chain(&e)),
-            Err(e) => return Verdict::Retry(chain(&e), None),
+        let body = serde_json::to_vec(pending).expect("an update serializes to JSON");
+        let bearer = format!("Bearer {}", self.key.expose());
+        let headers = [
+            (hyper::header::AUTHORIZATION, bearer.as_str()),
+            (hyper::header::CONTENT_TYPE, "application/json"),
+        ];
+        let sent = match request(hyper::Method::POST, url, &headers, body.into()) {
+            Ok(request) => {
+                let timeout = self.options.request_timeout;
+                self.client.call(request, timeout, MAX_REPLY_BYTES).await
+            }
+            Err(e) => Err(e),
         };
-        let status = response.status();
+        let reply = match sent {
+            Ok(reply) => reply,
+            // A bad URL (or key) would fail the same way again.
+            Err(e @ CallError::Invalid(_)) => return Verdict::Refused(e.to_string()),
+            Err(e) => return Verdict::Retry(e.to_string(), None),
+        };
+        let status = reply.status;
         if status.is_success() {
             return Verdict::Delivered;
         }
-        let retry_after = (response.headers().get(reqwest::header::RETRY_AFTER))
+        let retry_after = (reply.headers.get(hyper::header::RETRY_AFTER))
             .and_then(|v| v.to_str().ok()?.trim().parse().ok())
             .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
-        let message = server_message(&response.text().await.unwrap_or_default());
+        let message = server_message(&String::from_utf8_lossy(&reply.body));
         let why = format!("{status}: {message}");
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        if status.is_server_error() || status == hyper::StatusCode::TOO_MANY_REQUESTS {
             Verdict::Retry(why, retry_after)
         } else {
             Verdict::Refused(why)
@@ -527,18 +546,6 @@ fn server_message(body: &str) -> String {
         Some((Some(message), Some(hint))) => format!("{message} ({hint})"),
         _ => body.chars().take(200).collect(),
     }
-}
-
-/// An error and its causes on one line ("error sending request for url (...): client
-/// error (Connect): tcp connect error: Connection refused (os error 111)").
-fn chain(error: &reqwest::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        out.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -335,8 +335,7 @@ async fn push_batch(state: Arc<AppState>, body: bytes::Bytes) -> Response {
 
 /// The batch body: `{"updates":[...]}` or a bare array, with at most `max` items.
 fn parse_batch(body: &[u8], max: usize) -> Result<Vec<serde_json::Value>, Error> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Error::invalid("body", format!("the body is not valid JSON: {e}")))?;
+    let value = crate::domain::json_body(body)?;
     let items = match value {
         serde_json::Value::Array(items) => items,
         serde_json::Value::Object(mut fields) => match fields.remove("updates") {

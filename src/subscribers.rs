@@ -110,7 +110,7 @@ impl Subscribers {
     /// ownership against the store. A task that does not exist is refused exactly like a task
     /// owned by someone else, so a refusal never tells whether the task exists.
     pub async fn may_watch(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
-        let access = self.auth.authorize(token, task)?;
+        let access = self.auth.authorize(token, task).await?;
         if let Access::Owner { user_id, .. } = access
             && !self
                 .store

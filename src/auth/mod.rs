@@ -1,5 +1,6 @@
 //! Who may push (the push key) and who may watch (subscribe tokens, Supabase sessions).
 
+pub mod jwks;
 mod push_key;
 pub mod subscribe;
 

@@ -1,10 +1,12 @@
 //! Who may watch a task: subscribe tokens, Supabase sessions, or (development) anyone.
 //!
 //! A subscribe token is a JWT signed with HS256 and `TASKCAST_SUBSCRIBE_SECRET`, with
-//! claims `task_id` (or `task_ids`) and `exp`. A Supabase access token (HS256 with
-//! `SUPABASE_JWT_SECRET`, `role: authenticated`) grants the tasks whose `user_id` is its
-//! `sub`; the caller checks that against the store. Only HS256 is accepted: `alg: none`
-//! and algorithm swaps fail verification. A token used before its `nbf`, or whose header
+//! claims `task_id` (or `task_ids`) and `exp`. A Supabase access token (`role:
+//! authenticated`) grants the tasks whose `user_id` is its `sub`; the caller checks that
+//! against the store. Supabase tokens are either HS256 with `SUPABASE_JWT_SECRET` (legacy)
+//! or ES256/RS256 with a key of the project's JWKS (`SUPABASE_URL`, see [`super::jwks`]),
+//! which must also carry `iss: <SUPABASE_URL>/auth/v1`. Each key has one algorithm:
+//! `alg: none` and algorithm swaps fail verification. A token used before its `nbf`, or whose header
 //! lists any `crit` extension (taskcast understands none), is refused; a Supabase token
 //! must carry `aud: authenticated`, and a subscribe token (which taskcast mints without
 //! one) must carry no `aud`.
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Secret;
+use super::jwks::Jwks;
 use crate::domain::TaskId;
 use crate::error::Error;
 
@@ -61,6 +64,7 @@ struct SupabaseClaims {
 pub struct SubscribeAuth {
     tokens: Option<Secret>,
     supabase: Option<Secret>,
+    jwks: Option<Jwks>,
     public: bool,
 }
 
@@ -69,6 +73,7 @@ impl std::fmt::Debug for SubscribeAuth {
         f.debug_struct("SubscribeAuth")
             .field("tokens", &self.tokens.is_some())
             .field("supabase", &self.supabase.is_some())
+            .field("jwks", &self.jwks)
             .field("public", &self.public)
             .finish()
     }
@@ -95,16 +100,37 @@ fn supabase_validation() -> Validation {
     v
 }
 
-/// Verifies `token` and returns its claims. jsonwebtoken ignores the `crit` header, so it
-/// is checked here: RFC 7515 says a receiver that does not understand a listed extension
-/// must reject the token, and taskcast understands none.
+/// Verifies `token` with an HMAC `secret` and returns its claims.
 fn verify<T: serde::de::DeserializeOwned>(
     token: &str,
     secret: &Secret,
     validation: &Validation,
 ) -> Result<T, ErrorKind> {
     let key = DecodingKey::from_secret(secret.expose().as_bytes());
-    let data = jsonwebtoken::decode::<T>(token, &key, validation).map_err(|e| e.into_kind())?;
+    verify_with(token, &key, validation)
+}
+
+/// Verifies a Supabase token against the project's JWKS: the key its `kid` names, that
+/// key's algorithm only, and `iss` the project's auth URL.
+async fn verify_jwks(token: &str, jwks: &Jwks) -> Result<SupabaseClaims, ErrorKind> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| e.into_kind())?;
+    let key = jwks.key(&header).await.ok_or(ErrorKind::InvalidToken)?;
+    let mut validation = supabase_validation();
+    validation.algorithms = vec![key.algorithm];
+    validation.set_issuer(&[jwks.issuer()]);
+    validation.set_required_spec_claims(&["exp", "aud", "iss"]);
+    verify_with(token, &key.decoding, &validation)
+}
+
+/// Verifies `token` with `key` and returns its claims. jsonwebtoken ignores the `crit`
+/// header, so it is checked here: RFC 7515 says a receiver that does not understand a
+/// listed extension must reject the token, and taskcast understands none.
+fn verify_with<T: serde::de::DeserializeOwned>(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+) -> Result<T, ErrorKind> {
+    let data = jsonwebtoken::decode::<T>(token, key, validation).map_err(|e| e.into_kind())?;
     if data.header.crit.is_some() {
         return Err(ErrorKind::InvalidToken);
     }
@@ -123,8 +149,20 @@ impl SubscribeAuth {
         SubscribeAuth {
             tokens,
             supabase,
+            jwks: None,
             public,
         }
+    }
+
+    /// Also accepts Supabase sessions signed with a key of `jwks` (ES256, RS256).
+    pub fn with_jwks(mut self, jwks: Jwks) -> Self {
+        self.jwks = Some(jwks);
+        self
+    }
+
+    /// The JWKS cache, for the server to keep refreshed.
+    pub fn jwks(&self) -> Option<&Jwks> {
+        self.jwks.as_ref()
     }
 
     pub fn is_public(&self) -> bool {
@@ -132,7 +170,7 @@ impl SubscribeAuth {
     }
 
     pub fn has_supabase(&self) -> bool {
-        self.supabase.is_some()
+        self.supabase.is_some() || self.jwks.is_some()
     }
 
     /// Mints a token for `tasks`, valid for `ttl`; `None` without a subscribe secret.
@@ -142,7 +180,7 @@ impl SubscribeAuth {
 
     /// Decides whether `token` lets its holder watch `task`. Ownership of an
     /// [`Access::Owner`] grant is for the caller to check against the store.
-    pub fn authorize(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
+    pub async fn authorize(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
         if self.public {
             return Ok(Access::Public);
         }
@@ -170,21 +208,13 @@ impl SubscribeAuth {
         }
         if let Some(secret) = &self.supabase {
             match verify::<SupabaseClaims>(token, secret, &supabase_validation()) {
-                Ok(claims) if claims.role == "authenticated" => {
-                    let user_id = Uuid::parse_str(&claims.sub).map_err(|_| {
-                        Error::Forbidden("the Supabase token's sub is not a user id".to_string())
-                    })?;
-                    return Ok(Access::Owner {
-                        user_id,
-                        expires_at: claims.exp,
-                    });
-                }
-                Ok(_) => {
-                    return Err(Error::Forbidden(
-                        "only signed-in Supabase users (role `authenticated`) may subscribe"
-                            .to_string(),
-                    ));
-                }
+                Ok(claims) => return owner(claims),
+                Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
+            }
+        }
+        if let Some(jwks) = &self.jwks {
+            match verify_jwks(token, jwks).await {
+                Ok(claims) => return owner(claims),
                 Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
             }
         }
@@ -194,6 +224,21 @@ impl SubscribeAuth {
             Error::TokenInvalid
         })
     }
+}
+
+/// The grant of a verified Supabase session: its user's own tasks, if signed in.
+fn owner(claims: SupabaseClaims) -> Result<Access, Error> {
+    if claims.role != "authenticated" {
+        return Err(Error::Forbidden(
+            "only signed-in Supabase users (role `authenticated`) may subscribe".to_string(),
+        ));
+    }
+    let user_id = Uuid::parse_str(&claims.sub)
+        .map_err(|_| Error::Forbidden("the Supabase token's sub is not a user id".to_string()))?;
+    Ok(Access::Owner {
+        user_id,
+        expires_at: claims.exp,
+    })
 }
 
 /// Whether a token's `task_id` claim names `task`: the same text, or the same UUID in
@@ -224,33 +269,33 @@ mod tests {
         SubscribeAuth::new(Some(Secret::new("s".repeat(32))), None, false)
     }
 
-    #[test]
-    fn a_token_grants_exactly_its_tasks() {
+    #[tokio::test]
+    async fn a_token_grants_exactly_its_tasks() {
         let (a, b) = (TaskId::random(), TaskId::random());
         let token = auth().mint(&[a], Duration::from_secs(60)).unwrap();
         assert!(matches!(
-            auth().authorize(Some(&token), a),
+            auth().authorize(Some(&token), a).await,
             Ok(Access::Granted { .. })
         ));
         assert!(matches!(
-            auth().authorize(Some(&token), b),
+            auth().authorize(Some(&token), b).await,
             Err(Error::Forbidden(_))
         ));
         let both = auth().mint(&[a, b], Duration::from_secs(60)).unwrap();
-        assert!(auth().authorize(Some(&both), b).is_ok());
+        assert!(auth().authorize(Some(&both), b).await.is_ok());
     }
 
-    #[test]
-    fn missing_forged_and_unsigned_tokens_are_refused() {
+    #[tokio::test]
+    async fn missing_forged_and_unsigned_tokens_are_refused() {
         let task = TaskId::random();
         assert!(matches!(
-            auth().authorize(None, task),
+            auth().authorize(None, task).await,
             Err(Error::TokenRequired)
         ));
         let other = SubscribeAuth::new(Some(Secret::new("x".repeat(32))), None, false);
         let forged = other.mint(&[task], Duration::from_secs(60)).unwrap();
         assert!(matches!(
-            auth().authorize(Some(&forged), task),
+            auth().authorize(Some(&forged), task).await,
             Err(Error::TokenInvalid)
         ));
         // alg: none, with the same claims.
@@ -258,7 +303,7 @@ mod tests {
         let payload = real.split('.').nth(1).unwrap();
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
         assert!(matches!(
-            auth().authorize(Some(&none), task),
+            auth().authorize(Some(&none), task).await,
             Err(Error::TokenInvalid)
         ));
     }
@@ -272,8 +317,8 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn tokens_before_their_nbf_or_with_a_crit_header_are_refused() {
+    #[tokio::test]
+    async fn tokens_before_their_nbf_or_with_a_crit_header_are_refused() {
         let task = TaskId::random();
         let secret = "s".repeat(32);
         let hs256 = Header::new(Algorithm::HS256);
@@ -286,7 +331,7 @@ mod tests {
         };
         let plain = sign(&secret, &hs256, claims(serde_json::json!({})));
         assert!(
-            auth().authorize(Some(&plain), task).is_ok(),
+            auth().authorize(Some(&plain), task).await.is_ok(),
             "the control case"
         );
         let past = sign(
@@ -294,14 +339,14 @@ mod tests {
             &hs256,
             claims(serde_json::json!({"nbf": now_unix() - 5})),
         );
-        assert!(auth().authorize(Some(&past), task).is_ok());
+        assert!(auth().authorize(Some(&past), task).await.is_ok());
         let future = sign(
             &secret,
             &hs256,
             claims(serde_json::json!({"nbf": now_unix() + 300})),
         );
         assert!(matches!(
-            auth().authorize(Some(&future), task),
+            auth().authorize(Some(&future), task).await,
             Err(Error::TokenInvalid)
         ));
         let mut critical = Header::new(Algorithm::HS256);
@@ -309,7 +354,7 @@ mod tests {
         critical.extras.insert("exp-ext", "must-understand");
         let crit = sign(&secret, &critical, claims(serde_json::json!({})));
         assert!(matches!(
-            auth().authorize(Some(&crit), task),
+            auth().authorize(Some(&crit), task).await,
             Err(Error::TokenInvalid)
         ));
         // A subscribe token never carries an audience; one that does was minted elsewhere.
@@ -319,13 +364,13 @@ mod tests {
             claims(serde_json::json!({"aud": "authenticated"})),
         );
         assert!(matches!(
-            auth().authorize(Some(&aud), task),
+            auth().authorize(Some(&aud), task).await,
             Err(Error::TokenInvalid)
         ));
     }
 
-    #[test]
-    fn supabase_tokens_must_be_for_the_authenticated_audience() {
+    #[tokio::test]
+    async fn supabase_tokens_must_be_for_the_authenticated_audience() {
         let secret = "supabase-secret-0123456789abcdefghij";
         let supabase = SubscribeAuth::new(None, Some(Secret::new(secret)), false);
         let user = Uuid::new_v4();
@@ -340,13 +385,13 @@ mod tests {
         };
         let task = TaskId::random();
         assert!(matches!(
-            supabase.authorize(Some(&token(Some("authenticated"))), task),
+            supabase.authorize(Some(&token(Some("authenticated"))), task).await,
             Ok(Access::Owner { user_id, .. }) if user_id == user
         ));
         for aud in [Some("anon"), Some("another-project"), None] {
             assert!(
                 matches!(
-                    supabase.authorize(Some(&token(aud)), task),
+                    supabase.authorize(Some(&token(aud)), task).await,
                     Err(Error::TokenInvalid)
                 ),
                 "aud {aud:?} must be refused"
@@ -354,11 +399,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn public_mode_needs_no_token() {
+    #[tokio::test]
+    async fn public_mode_needs_no_token() {
         let public = SubscribeAuth::new(None, None, true);
         assert_eq!(
-            public.authorize(None, TaskId::random()).unwrap(),
+            public.authorize(None, TaskId::random()).await.unwrap(),
             Access::Public
         );
     }

@@ -20,7 +20,7 @@ type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 /// The variables the guide and taskcast read; doctor says which are set, never a value.
 const RELEVANT_VARS: &str = "TASK_PROCESS_SECRET_KEY TASK_PROCESS_SECRET_KEY_PREVIOUS \
     INTERNAL_API_KEY API_SECRET_KEY OPENAI_API_KEY NEXT_PUBLIC_APP_URL DATABASE_URL \
-    TASKCAST_SUBSCRIBE_SECRET SUPABASE_JWT_SECRET TASKCAST_PUBLIC_SUBSCRIBE \
+    TASKCAST_SUBSCRIBE_SECRET SUPABASE_JWT_SECRET SUPABASE_URL TASKCAST_PUBLIC_SUBSCRIBE \
     TASKCAST_ALLOWED_ORIGINS TASKCAST_PUBLIC_URL TASKCAST_STATUS_MAP NODE_ENV APP_ENV";
 const NEW_KEY: &str = "set TASK_PROCESS_SECRET_KEY to at least 32 random characters \
     (`openssl rand -hex 16`), the same value in the generator and in taskcast";
@@ -156,7 +156,10 @@ fn config_checks(env: Env, out: &mut Checks) {
         true => "production; set: ".to_string(),
         false => "development (NODE_ENV/APP_ENV is not production); set: ".to_string(),
     };
-    message += &set.join(", ");
+    match set.is_empty() {
+        true => message += "none of the variables taskcast reads",
+        false => message += &set.join(", "),
+    }
     if !blank.is_empty() {
         let _ = write!(message, "; blank, so unset: {}", blank.join(", "));
     }
@@ -166,8 +169,8 @@ fn config_checks(env: Env, out: &mut Checks) {
     subscribers(env, production, out);
 }
 
-const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (the guide: it must be); browsers get \
-    403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
+const NO_APP_URL: &str = "NEXT_PUBLIC_APP_URL is not set (docs/deployment.md: it must be); \
+    browsers get 403 unless TASKCAST_ALLOWED_ORIGINS lists their origin";
 const SET_APP_URL: &str = "set NEXT_PUBLIC_APP_URL=https://your-app-domain.com";
 
 /// NEXT_PUBLIC_APP_URL, validated as serve does; an invalid value is not echoed, since a
@@ -185,7 +188,7 @@ const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them (a
     a generator presents), but a generator reading the same value may fail to send it: HTTP \
     clients refuse a header value with a newline";
 const TRIMMED_FIX: &str = "remove them where it is set, use the same value in every \
-    environment, and restart both services (the guide's 401 checklist)";
+    environment, and restart both services (docs/deployment.md, troubleshooting 401)";
 
 /// The push key: its source and strength, whitespace around it, and the rotation key.
 fn push_key(env: Env, production: bool, out: &mut Checks) {
@@ -209,7 +212,7 @@ fn push_key(env: Env, production: bool, out: &mut Checks) {
         }
         Some(why) => (weak, format!("{from}: it {why}{refusal}")),
         None if source != KeySource::TaskProcessSecretKey => {
-            let why = "the guide strongly recommends setting it";
+            let why = "docs/deployment.md strongly recommends setting it";
             let message = format!("{from}, {chars} characters; {unset}: {why}");
             (Level::Warn, message)
         }
@@ -240,10 +243,11 @@ fn truthy(raw: &str) -> bool {
     !matches!(raw.as_str(), "" | "false" | "f" | "no" | "n" | "off" | "0")
 }
 
-const NO_SUBSCRIBER_AUTH: &str = "neither TASKCAST_SUBSCRIBE_SECRET nor SUPABASE_JWT_SECRET is \
-    set: a random per-process secret signs tokens, which stop working on restart";
-const SET_SUBSCRIBE_SECRET: &str =
-    "set TASKCAST_SUBSCRIBE_SECRET (`openssl rand -hex 32`) and/or SUPABASE_JWT_SECRET";
+const NO_SUBSCRIBER_AUTH: &str = "none of TASKCAST_SUBSCRIBE_SECRET, SUPABASE_URL and \
+    SUPABASE_JWT_SECRET is set: a random per-process secret signs tokens, which stop working \
+    on restart";
+const SET_SUBSCRIBE_SECRET: &str = "set TASKCAST_SUBSCRIBE_SECRET (`openssl rand -hex 32`) \
+    and/or SUPABASE_URL (or the legacy SUPABASE_JWT_SECRET)";
 const PUBLIC_SUBSCRIBE: &str = "TASKCAST_PUBLIC_SUBSCRIBE is on: anyone who knows a task id \
     can watch it";
 const ONLY_SESSIONS: &str = "; tokens from POST /api/tasks are signed with a random \
@@ -254,8 +258,15 @@ const UNSET_PUBLIC: &str = "unset TASKCAST_PUBLIC_SUBSCRIBE";
 fn subscribers(env: Env, production: bool, out: &mut Checks) {
     let (weak, refusal) = refused(production);
     let tokens = value(env, "TASKCAST_SUBSCRIBE_SECRET").map(|s| s.chars().count());
-    let sessions =
-        value(env, "SUPABASE_JWT_SECRET").map(|_| "Supabase sessions (SUPABASE_JWT_SECRET)");
+    let sessions = match (
+        value(env, "SUPABASE_URL"),
+        value(env, "SUPABASE_JWT_SECRET"),
+    ) {
+        (Some(_), Some(_)) => Some("Supabase sessions (SUPABASE_URL and SUPABASE_JWT_SECRET)"),
+        (Some(_), None) => Some("Supabase sessions (SUPABASE_URL)"),
+        (None, Some(_)) => Some("Supabase sessions (SUPABASE_JWT_SECRET)"),
+        (None, None) => None,
+    };
     let (name, fix) = ("subscriber auth", SET_SUBSCRIBE_SECRET);
     match (tokens, sessions) {
         (None, None) => out.fix(name, weak, format!("{NO_SUBSCRIBER_AUTH}{refusal}"), fix),
@@ -299,6 +310,22 @@ mod tests {
             .iter()
             .find(|c| c.name == name)
             .expect("the check ran")
+    }
+
+    #[test]
+    fn with_no_variable_set_the_environment_line_says_so_instead_of_an_empty_list() {
+        let checks = config(&[]);
+        let message = &find(&checks, "environment").message;
+        assert!(
+            message.ends_with("set: none of the variables taskcast reads"),
+            "{message}"
+        );
+        let checks = config(&[("DATABASE_URL", "postgres://x")]);
+        assert!(
+            find(&checks, "environment")
+                .message
+                .ends_with("set: DATABASE_URL")
+        );
     }
 
     #[test]
@@ -378,6 +405,14 @@ mod tests {
         assert_eq!(
             find(&config(&production), "subscriber auth").level,
             Level::Fail
+        );
+        let jwks_only = [("SUPABASE_URL", "https://abcd.supabase.co"), production[1]];
+        let checks = config(&jwks_only);
+        let auth = find(&checks, "subscriber auth");
+        assert_eq!(
+            auth.level,
+            Level::Ok,
+            "SUPABASE_URL alone is subscriber auth"
         );
         assert!(!truthy("false") && !truthy(" ") && truthy("1"));
     }

@@ -120,6 +120,19 @@ impl TaskStatus {
     }
 }
 
+/// A request body as JSON. An empty body is named as such, not as serde's "EOF while
+/// parsing a value".
+pub fn json_body(body: &[u8]) -> Result<Value, Error> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::invalid(
+            "body",
+            "the body is empty; send a JSON object (see README.md, HTTP API)".to_string(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| Error::invalid("body", format!("the body is not valid JSON: {e}")))
+}
+
 /// A client's value for an error message, cut short: a huge bad value must not come back
 /// as a huge error.
 pub(crate) fn shown(value: &Value) -> String {

@@ -5,7 +5,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{
-    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, Progress, Stage, TaskId, TaskStatus, shown,
+    IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, Progress, Stage, TaskId, TaskStatus, json_body,
+    shown,
 };
 use crate::error::Error;
 
@@ -67,8 +68,7 @@ fn error_text(value: Value) -> Result<String, Error> {
 impl ProgressUpdate {
     /// Parses a push body. Every message names the offending field and the accepted form.
     pub fn from_json(body: &[u8]) -> Result<Self, Error> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| Error::invalid("body", format!("the body is not valid JSON: {e}")))?;
+        let value = json_body(body)?;
         let Value::Object(fields) = value else {
             return Err(Error::invalid(
                 "body",
@@ -226,8 +226,7 @@ impl NewTask {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(NewTask::default());
         }
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| Error::invalid("body", format!("the body is not valid JSON: {e}")))?;
+        let value = json_body(body)?;
         let Value::Object(fields) = value else {
             return Err(Error::invalid(
                 "body",

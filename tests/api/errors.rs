@@ -303,3 +303,35 @@ async fn the_demo_is_off_with_postgres_unless_asked_for_but_client_js_is_always_
         200
     );
 }
+
+/// An empty body was "EOF while parsing a value" with a hint about "the named field".
+#[tokio::test]
+async fn an_empty_push_or_batch_body_is_a_400_that_says_the_body_is_empty() {
+    let app = spawn_app(StoreKind::Memory).await;
+    let task = app.create_task().await;
+    for path in [
+        format!("/api/tasks/{task}/progress"),
+        "/api/progress".to_string(),
+    ] {
+        let response = app
+            .http
+            .post(app.url(&path))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let body = error_body(response).await;
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("the body is empty"),
+            "{path}: {message}"
+        );
+        assert!(!message.contains("EOF"), "{path}: {message}");
+        assert!(
+            body["hint"].as_str().unwrap().contains("JSON object"),
+            "{path}: {body}"
+        );
+    }
+}

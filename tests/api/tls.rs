@@ -15,13 +15,13 @@ use taskcast::store::connect::PgTarget;
 use crate::helpers::{WAIT, spawn_app_on_with};
 
 /// A certificate authority and a server certificate it signed for `db.test` and 127.0.0.1.
-struct Pki {
-    ca_pem: String,
-    server_pem: String,
-    server_key_pem: String,
+pub struct Pki {
+    pub ca_pem: String,
+    pub server_pem: String,
+    pub server_key_pem: String,
 }
 
-fn pki(ca_name: &str) -> Pki {
+pub fn pki(ca_name: &str) -> Pki {
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, ca_name);

@@ -1,7 +1,10 @@
-// taskcast browser client: watch tasks live, with no dependencies.
+// taskcast client: watch tasks live, with no dependencies. This one file is both the npm
+// package @taskcast/client (clients/js; types in index.d.ts, React hook in react.js) and
+// what the server serves at GET /client.js (compiled in with include_str!).
 //
-//   import { watchTask } from "https://taskcast.example.com/client.js";
+//   import { watchTask } from "@taskcast/client";  // or "https://taskcast.example.com/client.js"
 //   const handle = watchTask(taskId, {
+//     url: "https://taskcast.example.com", // needed unless loaded from the server's /client.js
 //     token,                             // from POST /api/tasks (minted by your server)
 //     getToken: () => fetchFreshToken(), // optional; may return a Promise
 //     onState: (state) => render(state), // {task_id, progress, stage, status, version, ...}
@@ -18,8 +21,8 @@
 // Server-Sent Events (GET /api/tasks/{id}/events) instead.
 //
 // `url` defaults to the folder this module was loaded from (so a page that imports
-// https://host/client.js talks to https://host). A copy bundled into an app must pass
-// `url` explicitly, as "https://host" or "wss://host".
+// https://host/client.js talks to https://host). A copy bundled into an app (the npm
+// package included) must pass `url` explicitly, as "https://host" or "wss://host".
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 // Errors a fresh token (getToken) may cure.
@@ -37,6 +40,11 @@ export const settings = {
 };
 
 const connections = new Map(); // http base URL -> Connection
+
+/** Whether a status is final: completed, failed or cancelled. */
+export function isTerminal(status) {
+  return TERMINAL.has(status);
+}
 
 /** An error from the server (code, message, hint) or from the client itself. */
 export class TaskcastError extends Error {
@@ -296,9 +304,12 @@ class Connection {
       }
       this.onMessage(message);
     };
-    socket.onclose = () => {
-      if (this.socket !== socket) return; // closed on purpose
+    // Browsers fire error then close; Node 20's WebSocket fires only error when it cannot
+    // connect. Whichever comes first ends this socket; the other is ignored.
+    socket.onerror = socket.onclose = () => {
+      if (this.socket !== socket) return; // closed on purpose, or already handled
       this.socket = null;
+      socket.close();
       this.open = false;
       for (const sub of this.subs.values()) sub.sent = false;
       if (this.subs.size === 0) return;

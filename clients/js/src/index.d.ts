@@ -1,0 +1,186 @@
+// Types for index.js. The wire shapes follow the server: src/domain/state.rs (the state
+// object), src/error.rs (error codes) and src/ws/protocol.rs (client messages).
+
+/** taskcast's five statuses; the last three are final. */
+export type TaskStatus = "pending" | "processing" | "completed" | "failed" | "cancelled";
+
+/** The statuses after which a task never changes again (a push gets 409). */
+export type TerminalStatus = "completed" | "failed" | "cancelled";
+
+/** Text fields cut (or, for `image_url`, left out) because the row held more than a push may send. */
+export type TruncatedField = "stage" | "error" | "image_url";
+
+/**
+ * A task's state: the same object in WebSocket messages, SSE events and HTTP answers.
+ * Optional fields are absent (not `null`) when there is nothing to say.
+ */
+export interface TaskState {
+  type: "state";
+  /** The task's id as text (a UUID, or the decimal text of an integer id). */
+  task_id: string;
+  /** 0 to 100, fractions kept; `null` until set. */
+  progress: number | null;
+  /** At most 256 characters; `null` until set. */
+  stage: string | null;
+  status: TaskStatus;
+  /** The word the table holds, when it is not `status` itself (an alias or the app's word). */
+  status_raw?: string;
+  /** Grows by one with every applied change, from any writer. */
+  version: number;
+  /** RFC 3339 time of the last change; `null` when the stored time cannot be shown. */
+  updated_at: string | null;
+  image_url?: string;
+  /** The generator's error text (usually with `status: "failed"`). */
+  error?: string;
+  truncated?: TruncatedField[];
+  /** `true` in the first message of a (re)subscription and in GET and create answers. */
+  snapshot: boolean;
+  /** Only in answers to a push: whether it changed anything (`false` for a stale `seq`). */
+  applied?: boolean;
+  /** Only in the answer to `POST /api/tasks`: a subscribe token for the new task. */
+  token?: string;
+}
+
+/** Error codes the server sends (HTTP bodies and WebSocket error messages). */
+export type ServerErrorCode =
+  | "invalid_input"
+  | "unauthorized"
+  | "token_required"
+  | "token_invalid"
+  | "token_expired"
+  | "forbidden"
+  | "not_found"
+  | "route_not_found"
+  | "method_not_allowed"
+  | "task_finished"
+  | "limit_exceeded"
+  | "payload_too_large"
+  | "request_timeout"
+  | "unsupported_media_type"
+  | "upgrade_required"
+  | "schema_missing"
+  | "version_exhausted"
+  | "status_not_storable"
+  | "schema_unsupported"
+  | "unreadable_row"
+  | "unavailable"
+  | "internal";
+
+/** Error codes the client makes itself. */
+export type ClientErrorCode =
+  /** `getToken()` threw or rejected; it is retried with backoff. */
+  | "token_refresh_failed"
+  /** Neither WebSocket nor EventSource exists here. */
+  | "unsupported";
+
+export type ErrorCode = ServerErrorCode | ClientErrorCode;
+
+/** A WebSocket error message; `task_id` is set when it concerns one subscription. */
+export interface ErrorMessage {
+  type: "error";
+  task_id?: string;
+  code: ServerErrorCode;
+  message: string;
+  hint: string;
+}
+
+/** An HTTP error body. */
+export interface ErrorBody {
+  error: ServerErrorCode;
+  message: string;
+  hint: string;
+}
+
+/** Every message the server sends on a WebSocket. */
+export type ServerMessage = TaskState | ErrorMessage;
+
+/** Watch a task; `token` overrides the connection URL's `?token=` for this task. */
+export interface SubscribeMessage {
+  type: "subscribe";
+  task_id: string;
+  token?: string;
+}
+
+export interface UnsubscribeMessage {
+  type: "unsubscribe";
+  task_id: string;
+}
+
+/** Every message a client may send on a WebSocket. */
+export type ClientMessage = SubscribeMessage | UnsubscribeMessage;
+
+export type Transport = "websocket" | "sse";
+
+/** What `onConnection` gets: whether the transport to the server is up, and which one. */
+export interface ConnectionInfo {
+  connected: boolean;
+  transport: Transport;
+}
+
+/** An error from the server (code, message, hint) or from the client itself. */
+export class TaskcastError extends Error {
+  constructor(code: ErrorCode, message: string, options?: { hint?: string; taskId?: string | null; fatal?: boolean });
+  readonly name: "TaskcastError";
+  code: ErrorCode;
+  hint: string;
+  taskId: string | null;
+  /** `true` when the watch has ended because of it; otherwise the client retries by itself. */
+  fatal: boolean;
+}
+
+/**
+ * Returns a subscribe token for the task. Called when the watch starts without a token and
+ * after `token_expired`, `token_invalid`, `token_required` or `forbidden` (then `cause` is
+ * that error). A throw or rejection is reported as `token_refresh_failed` and retried.
+ */
+export type GetToken = (
+  taskId: string,
+  cause: TaskcastError | null,
+) => string | null | undefined | Promise<string | null | undefined>;
+
+export interface WatchOptions {
+  /**
+   * The server, as "https://host" or "wss://host" (a path prefix is kept). Defaults to the
+   * folder this module was loaded from, which is right only for the server's own /client.js.
+   */
+  url?: string | URL;
+  /** A subscribe token for this task. */
+  token?: string | null;
+  getToken?: GetToken;
+  /** Every state, in version order: the snapshot first, then each newer one. */
+  onState?: (state: TaskState) => void;
+  /** Errors; the watch goes on unless `error.fatal`. */
+  onError?: (error: TaskcastError) => void;
+  /** The shared transport went up or down (called again after each change). */
+  onConnection?: (info: ConnectionInfo) => void;
+}
+
+export interface WatchHandle {
+  readonly taskId: string;
+  /** The last state delivered to this watch, or `null` before the first. */
+  readonly state: TaskState | null;
+  /** Stops watching (idempotent). A watch also ends by itself on a final status or a fatal error. */
+  close(): void;
+}
+
+/** Backoff and fallback settings, shared by every watch; apps and tests may tune them. */
+export interface Settings {
+  /** The first reconnect waits 0.5x to 1x of this. */
+  minDelayMs: number;
+  /** The cap of the exponential backoff. */
+  maxDelayMs: number;
+  /** Failed WebSocket opens, while the server answers HTTP, before switching to SSE. */
+  wsFailuresBeforeSse: number;
+  /** Consecutive token refreshes that did not help before the watch gives up. */
+  maxTokenRefreshes: number;
+  /** How long an unused socket is kept for the next `watchTask`. */
+  lingerMs: number;
+}
+
+export const settings: Settings;
+
+/** Whether a status is final: completed, failed or cancelled. */
+export function isTerminal(status: string): status is TerminalStatus;
+
+/** Watches one task. Throws a `TypeError` for an empty `taskId` or a `url` that is not http(s) or ws(s). */
+export function watchTask(taskId: string, options?: WatchOptions): WatchHandle;

@@ -1,0 +1,205 @@
+"""What both reporters share: the queue of waiting updates (one per task) and the HTTP
+exchange that sends them. Neither blocks nor raises; the reporters add the waiting.
+
+One exchange sends the updates of one task to `POST /api/tasks/{id}/progress`, or those of
+several tasks, in one request, to `POST /api/progress` (each item gets its own status).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+#: Statuses after which taskcast accepts no more pushes for a task (409).
+FINAL = frozenset({"completed", "failed", "cancelled"})
+
+Update = Dict[str, Any]
+
+
+@dataclass
+class Entry:
+    """The merged update waiting for one task, and how often it was sent already."""
+
+    update: Update
+    sends: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What happened to one task's update in one exchange."""
+
+    ok: bool
+    status: int = 0  # 0: no HTTP answer (refused, reset, timed out)
+    code: str = ""
+    why: str = ""
+    after: float = 0.0  # Retry-After, seconds
+
+    @property
+    def retry(self) -> bool:
+        return not self.ok and (self.status == 0 or self.status >= 500 or self.status == 429)
+
+
+class Queue:
+    """Waiting updates, oldest task first; not thread-safe (the reporters hold a lock)."""
+
+    def __init__(self, capacity: int, attempts: int, backoff: float, backoff_max: float):
+        self.capacity, self.attempts = max(1, capacity), max(1, attempts)
+        self.backoff, self.backoff_max = backoff, backoff_max
+        self.waiting: Dict[str, Entry] = {}
+        self.in_flight = 0
+        self.finished: Dict[str, str] = {}
+        self.stats: Dict[str, int] = dict(
+            sent=0, retried=0, dropped=0, failed=0, conflated=0, batches=0
+        )
+        self._seq = 0
+        self._lost_at_flush = 0
+
+    def add(self, task: str, fields: Mapping[str, Any]) -> bool:
+        """Merges `fields` (None values left out) into the task's waiting update."""
+        update = {k: v for k, v in fields.items() if v is not None}
+        if not update:
+            return False
+        # Microseconds since the epoch: still increasing after a generator restart.
+        self._seq = update["seq"] = max(self._seq + 1, time.time_ns() // 1000)
+        entry = self.waiting.get(task)
+        if entry is not None:
+            entry.update.update(update)
+            entry.sends = 0  # a new update gets its own attempts
+            self.stats["conflated"] += 1
+            return True
+        if len(self.waiting) >= self.capacity:
+            open_tasks = (t for t, e in self.waiting.items() if e.update.get("status") not in FINAL)
+            del self.waiting[next(open_tasks, next(iter(self.waiting)))]
+            self.stats["dropped"] += 1
+        self.waiting[task] = Entry(update)
+        return True
+
+    def take(self, now: float, limit: int) -> Tuple[List[Tuple[str, Entry]], Optional[float]]:
+        """Removes up to `limit` entries that are due, oldest first. When none is due:
+        no entries and the seconds until one is (None when nothing waits)."""
+        due: List[str] = []
+        soonest: Optional[float] = None
+        for task, entry in self.waiting.items():
+            if entry.not_before <= now:
+                due.append(task)
+                if len(due) >= limit:
+                    break
+            else:
+                wait = entry.not_before - now
+                soonest = wait if soonest is None else min(soonest, wait)
+        self.in_flight += len(due)
+        return [(task, self.waiting.pop(task)) for task in due], (None if due else soonest)
+
+    def settle(self, task: str, entry: Entry, outcome: Outcome, now: float) -> None:
+        """Records one outcome: sent, scheduled again (merged under any newer update), or
+        failed."""
+        self.in_flight -= 1
+        if outcome.ok:
+            self.stats["sent"] += 1
+            return
+        if outcome.code == "task_finished":
+            self.finished[task] = outcome.why
+        entry.sends += 1
+        if outcome.retry and entry.sends < self.attempts:
+            self.stats["retried"] += 1
+            newer = self.waiting.get(task)
+            if newer is not None:  # fold this one under the newer fields
+                newer.update = {**entry.update, **newer.update}
+                self.stats["conflated"] += 1
+                return
+            step = min(self.backoff * 2 ** (entry.sends - 1), self.backoff_max)
+            delay = max(step / 2 + random.random() * step / 2, min(outcome.after, 60.0))
+            entry.not_before = now + delay
+            self.waiting[task] = entry
+            return
+        self.stats["failed"] += 1
+        failed = self.stats["failed"]
+        if failed & (failed - 1) == 0:  # the 1st, 2nd, 4th... failure
+            note(
+                f"progress for task {task} not delivered ({entry.sends} attempts, "
+                f"{failed} failed so far): {outcome.why}"
+            )
+
+    def idle(self) -> bool:
+        return not self.waiting and self.in_flight == 0
+
+    def flush_result(self, drained: bool) -> bool:
+        """True if drained and nothing was dropped or failed since the previous flush."""
+        lost = self.stats["dropped"] + self.stats["failed"]
+        ok, self._lost_at_flush = drained and lost == self._lost_at_flush, lost
+        return ok
+
+
+class Client:
+    """Blocking HTTP with urllib; one call per exchange."""
+
+    def __init__(self, url: str, key: str, timeout: float):
+        self.url, self.key, self.timeout = url.rstrip("/"), key.strip(), timeout
+
+    def send(self, batch: List[Tuple[str, Entry]]) -> List[Outcome]:
+        """One outcome per entry, in order. Never raises."""
+        try:
+            if len(batch) == 1:
+                task, entry = batch[0]
+                path = f"/api/tasks/{urllib.parse.quote(task, safe='')}/progress"
+                return [self._post(path, entry.update)[0]]
+            updates = [{"task_id": task, **entry.update} for task, entry in batch]
+            whole, body = self._post("/api/progress", {"updates": updates})
+            if not whole.ok:
+                return [whole] * len(batch)
+            results = body.get("results") if isinstance(body, dict) else None
+            if not isinstance(results, list) or len(results) != len(batch):
+                return [Outcome(False, 500, "internal", "the batch answer has no results")] * len(batch)
+            return [item_outcome(item) for item in results]
+        except Exception as e:  # a bug here must not stop the sender
+            return [Outcome(False, 0, "", f"unexpected error: {e!r}")] * len(batch)
+
+    def _post(self, path: str, payload: Any) -> Tuple[Outcome, Any]:
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return Outcome(True, answer.status), json.loads(answer.read() or b"null")
+        except urllib.error.HTTPError as e:
+            try:
+                error = json.loads(e.read())
+            except Exception:
+                error = {}
+            after = (e.headers.get("Retry-After") or "").strip()
+            outcome = Outcome(
+                False,
+                e.code,
+                str(error.get("error", "")),
+                f"{e.code} {e.reason}: {error.get('message', '')}",
+                float(after) if after.isdigit() else 0.0,
+            )
+            return outcome, None
+        except Exception as e:  # refused, reset, timed out, DNS
+            return Outcome(False, 0, "", str(getattr(e, "reason", e))), None
+
+
+def item_outcome(item: Any) -> Outcome:
+    """One entry of `POST /api/progress`'s `results`."""
+    status = item.get("status", 0) if isinstance(item, dict) else 0
+    if status == 200:
+        return Outcome(True, 200)
+    code = str(item.get("error", "")) if isinstance(item, dict) else ""
+    message = item.get("message", "") if isinstance(item, dict) else ""
+    return Outcome(False, status, code, f"{status} {code}: {message}")
+
+
+def note(text: str) -> None:
+    """A failure worth knowing about, on stderr (never the key)."""
+    print(f"taskcast: {text}", file=sys.stderr, flush=True)

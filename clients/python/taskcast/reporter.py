@@ -1,0 +1,87 @@
+"""The thread-based reporter: `report()` queues and returns at once; a daemon thread sends."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from ._delivery import Client, Queue, note
+
+
+class Reporter:
+    """Fire-and-forget progress for any number of tasks.
+
+    `report()` never raises and never blocks. Updates waiting for one task merge (newest
+    field wins); at most `capacity` tasks wait (the oldest unfinished one is dropped);
+    every update carries a `seq`, so a retry is harmless. When several tasks have updates
+    waiting, up to `max_batch` of them go in one `POST /api/progress`. Network errors, 5xx
+    and 429 are retried with backoff and jitter (honouring Retry-After), other refusals
+    (401 wrong key, 409 finished task) are not. Failures go to stderr and `stats`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        capacity: int = 1024,
+        timeout: float = 5.0,
+        attempts: int = 5,
+        backoff: float = 0.2,
+        backoff_max: float = 5.0,
+        max_batch: int = 100,
+    ) -> None:
+        self._client = Client(url, key, timeout)
+        self._queue = Queue(capacity, attempts, backoff, backoff_max)
+        self._max_batch = max(1, max_batch)
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="taskcast-reporter", daemon=True).start()
+        atexit.register(self.flush, 2.0)  # the daemon thread dies with the interpreter
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Counts: sent, retried, dropped, failed, conflated, batches (requests to
+        `POST /api/progress`)."""
+        with self._cond:
+            return dict(self._queue.stats)
+
+    def report(self, task_id: Any, **fields: Any) -> None:
+        """Queue an update (`progress`, `stage`, `status`, `image_url`, `error`) for
+        `task_id` and return at once. Never raises."""
+        try:
+            with self._cond:
+                if self._queue.add(str(task_id), fields):
+                    self._cond.notify_all()
+        except Exception as e:  # the generation must go on
+            note(f"report failed: {e!r}")
+
+    def finished(self, task_id: Any) -> Optional[str]:
+        """Why taskcast refused pushes for this task as finished (409: completed, failed or
+        cancelled, by this generator or by anyone else), or None."""
+        with self._cond:
+            return self._queue.finished.get(str(task_id))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until nothing is queued or in flight, at most `timeout` seconds. True if
+        drained and nothing was dropped or failed since the previous flush."""
+        with self._cond:
+            drained = self._cond.wait_for(self._queue.idle, timeout)
+            return self._queue.flush_result(drained)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    batch, wait = self._queue.take(time.monotonic(), self._max_batch)
+                    if batch:
+                        break
+                    self._cond.wait(wait)
+                if len(batch) > 1:
+                    self._queue.stats["batches"] += 1
+            outcomes = self._client.send(batch)
+            with self._cond:
+                now = time.monotonic()
+                for (task, entry), outcome in zip(batch, outcomes):
+                    self._queue.settle(task, entry, outcome, now)
+                self._cond.notify_all()

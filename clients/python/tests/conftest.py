@@ -1,0 +1,43 @@
+"""The suite runs against a live taskcast: scripts/py-test starts the real binary on a fresh
+Postgres database and passes its address and secrets in TASKCAST_URL, TASKCAST_PUSH_KEY and
+TASKCAST_SUBSCRIBE_SECRET. Without them every test fails at setup, never skips."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from typing import Any, Dict, Optional
+
+import pytest
+
+
+class Server:
+    """The taskcast under test, spoken to with plain urllib (not the code under test)."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url.rstrip("/"), key
+
+    def call(self, method: str, path: str, body: Optional[Any] = None) -> Dict[str, Any]:
+        request = urllib.request.Request(
+            self.url + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def create_task(self) -> str:
+        return self.call("POST", "/api/tasks", {"prompt": "pytest"})["task_id"]
+
+    def state(self, task: str) -> Dict[str, Any]:
+        return self.call("GET", f"/api/tasks/{task}")
+
+
+@pytest.fixture(scope="session")
+def server() -> Server:
+    url, key = os.environ.get("TASKCAST_URL"), os.environ.get("TASKCAST_PUSH_KEY")
+    if not url or not key:
+        pytest.fail("TASKCAST_URL and TASKCAST_PUSH_KEY are not set: run scripts/py-test")
+    return Server(url, key)
