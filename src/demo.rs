@@ -1,7 +1,7 @@
 //! The browser client, the API's OpenAPI document and the demo: `GET /client.js` and
 //! `GET /openapi.json` always; with `--demo` (on by default
 //! with the in-memory store) also the page at `/`, `POST /api/demo/tasks` and the result
-//! pictures at `GET /demo/result/{task_id}.svg`. Without `--demo` those are 404.
+//! pictures at `GET /demo/result/{task_id}.{prompt}.svg`. Without `--demo` those are 404.
 //!
 //! A simulated generation runs in-process but pushes through the same writer as
 //! `POST /api/tasks/{id}/progress`, so the page sees exactly what a real app's browser
@@ -62,6 +62,9 @@ const FAILURES: [&str; 3] = [
 struct StartQuery {
     /// `?failures=false` turns off the random failures (the browser test needs that).
     failures: Option<bool>,
+    /// `?fast=true`: a generation takes ~3 s instead of ~20 s (tests; the page passes it on
+    /// when opened as `/?fast`).
+    fast: Option<bool>,
 }
 
 /// What the demo uses. Cloning is shallow.
@@ -109,7 +112,8 @@ pub fn routes(state: Demo) -> BoxedFilter<(Response,)> {
         .and(warp::query::<StartQuery>())
         .then(
             |(state, running), headers: HeaderMap, query: StartQuery| async move {
-                start(state, running, &headers, query.failures.unwrap_or(true))
+                let failures = query.failures.unwrap_or(true);
+                start(state, running, &headers, failures, query.fast == Some(true))
                     .await
                     .unwrap_or_else(Error::into_response)
             },
@@ -147,6 +151,7 @@ async fn start(
     running: Arc<Semaphore>,
     headers: &HeaderMap,
     failures: bool,
+    fast: bool,
 ) -> Result<Response, Error> {
     let permit = running
         .try_acquire_owned()
@@ -155,7 +160,8 @@ async fn start(
             source: None,
         })?;
     let mut rng = Rng::new();
-    let prompt = PROMPTS[rng.below(PROMPTS.len() as u64) as usize];
+    let subject = rng.below(PROMPTS.len() as u64) as usize;
+    let prompt = PROMPTS[subject];
     let created = state
         .store
         .create(NewTask {
@@ -169,8 +175,9 @@ async fn start(
         writer: state.writer.clone(),
         shutdown: state.shutdown.clone(),
         task,
-        result_url: result_url(headers, task),
+        result_url: result_url(headers, task, subject),
         fail: failures && rng.below(FAILURE_ODDS) == 0,
+        pace: if fast { Pace::FAST } else { Pace::NORMAL },
         rng,
         seq: 0,
         _permit: permit,
@@ -182,7 +189,7 @@ async fn start(
 
 /// Where the finished picture is, as the browser reached us. Pushes accept only http(s)
 /// URLs, so the page's origin is rebuilt from `Host` (and `X-Forwarded-Proto`).
-fn result_url(headers: &HeaderMap, task: TaskId) -> String {
+fn result_url(headers: &HeaderMap, task: TaskId, subject: usize) -> String {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let host = header("host")
         .filter(|h| {
@@ -196,7 +203,7 @@ fn result_url(headers: &HeaderMap, task: TaskId) -> String {
         Some(proto) if proto.trim().eq_ignore_ascii_case("https") => "https",
         _ => "http",
     };
-    format!("{scheme}://{host}/demo/result/{task}.svg")
+    format!("{scheme}://{host}/demo/result/{task}.{subject}.svg")
 }
 
 /// One simulated generation: queued, generating 0..100, uploading, completed (or failed).
@@ -206,10 +213,41 @@ struct Generation {
     task: TaskId,
     result_url: String,
     fail: bool,
+    pace: Pace,
     rng: Rng,
     seq: i64,
     /// Holds a slot of the bound until the generation ends.
     _permit: OwnedSemaphorePermit,
+}
+
+/// How long a simulated generation takes: pauses in milliseconds and progress per step.
+#[derive(Clone, Copy)]
+struct Pace {
+    queued_ms: (u64, u64),
+    step_ms: (u64, u64),
+    /// Progress added per step: `step_min + below(step_spread)`.
+    step_min: u32,
+    step_spread: u64,
+    upload_ms: (u64, u64),
+}
+
+impl Pace {
+    /// About 20 s: slow enough to restart the server mid-generation and watch it carry on.
+    const NORMAL: Pace = Pace {
+        queued_ms: (1_000, 2_000),
+        step_ms: (500, 900),
+        step_min: 2,
+        step_spread: 5,
+        upload_ms: (800, 1_500),
+    };
+    /// About 3 s, for tests.
+    const FAST: Pace = Pace {
+        queued_ms: (300, 700),
+        step_ms: (100, 300),
+        step_min: 3,
+        step_spread: 9,
+        upload_ms: (300, 600),
+    };
 }
 
 /// Why a generation stops early.
@@ -226,7 +264,8 @@ impl Generation {
     async fn steps(&mut self) -> Result<(), Stop> {
         self.push(json!({"status": "pending", "stage": "queued", "progress": 0}))
             .await?;
-        self.pause(300, 700).await?;
+        let pace = self.pace;
+        self.pause(pace.queued_ms).await?;
         let fail_at = self.fail.then(|| 15 + self.rng.below(60) as u32);
         let mut progress: u32 = 0;
         loop {
@@ -240,11 +279,12 @@ impl Generation {
             if progress == 100 {
                 break;
             }
-            self.pause(100, 300).await?;
-            progress = (progress + 3 + self.rng.below(9) as u32).min(100);
+            self.pause(pace.step_ms).await?;
+            let step = pace.step_min + self.rng.below(pace.step_spread) as u32;
+            progress = (progress + step).min(100);
         }
         self.push(json!({"stage": "uploading"})).await?;
-        self.pause(300, 600).await?;
+        self.pause(pace.upload_ms).await?;
         let done = json!({"status": "completed", "stage": "done", "image_url": self.result_url});
         self.push(done).await
     }
@@ -267,7 +307,7 @@ impl Generation {
         }
     }
 
-    async fn pause(&mut self, min_ms: u64, max_ms: u64) -> Result<(), Stop> {
+    async fn pause(&mut self, (min_ms, max_ms): (u64, u64)) -> Result<(), Stop> {
         let wait = Duration::from_millis(min_ms + self.rng.below(max_ms - min_ms + 1));
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
@@ -304,33 +344,132 @@ fn spread(id: TaskId) -> [u8; 16] {
     std::array::from_fn(|_| rng.below(256) as u8)
 }
 
-/// `GET /demo/result/{task_id}.svg`: the "generated image", a small landscape whose
-/// colours and shapes are derived from the task id. Only numbers are interpolated.
+/// `GET /demo/result/{task_id}.{prompt}.svg`: the "generated image", a small scene showing
+/// the prompt's subject (`prompt` is its index in [`PROMPTS`]; without it, one follows from
+/// the id), with colours and shapes varied by the task id. Only numbers are interpolated.
 fn result_picture(file: &str) -> Result<Response, Error> {
     let raw = file.strip_suffix(".svg").ok_or(Error::RouteNotFound)?;
+    let (raw, subject) = match raw.rsplit_once('.') {
+        Some((id, digit)) if digit.len() == 1 && digit.as_bytes()[0].is_ascii_digit() => {
+            (id, usize::from(digit.as_bytes()[0] - b'0'))
+        }
+        _ => (raw, usize::MAX),
+    };
     // Any id a table may have (a UUID, an integer, text): a UUID's own bytes, else a hash.
     let id = IdKind::Text.parse(raw)?;
     let bytes = uuid::Uuid::parse_str(id.as_str()).map_or_else(|_| spread(id), |u| u.into_bytes());
     let n = |i: usize| u32::from(bytes[i]);
-    // Skies from cyan through violet to pink, a warm sun, muted green-to-teal land.
-    // (Bytes 6 and 8 hold the UUID's version and variant bits, so they are not used.)
-    let sky = 180 + n(0) * 150 / 256;
+    let subject = if subject < PROMPTS.len() {
+        subject
+    } else {
+        n(11) as usize % PROMPTS.len()
+    };
+    // Skies from cyan through violet to pink, a warm sun, muted green-to-teal land; night
+    // and snow scenes change the palette. (Bytes 6 and 8 hold the UUID's version and
+    // variant bits, so they are not used.)
+    let night = matches!(subject, 3 | 4);
+    let sky = if night {
+        225 + n(0) % 40
+    } else {
+        180 + n(0) * 150 / 256
+    };
+    let (sky_l, sky2_l) = if night { (12, 30) } else { (60, 85) };
     let sun = 25 + n(1) % 30;
-    let land = 90 + n(9) * 110 / 256;
+    let (land, land_s, land_l) = match subject {
+        0 => (210, 20, 92),
+        4 => (0, 0, 62),
+        6 => (200 + n(9) % 20, 55, 45),
+        _ => (90 + n(9) * 110 / 256, 25, 45),
+    };
     let (sun_x, sun_y, sun_r) = (60 + n(2) * 140 / 256, 40 + n(3) % 40, 14 + n(4) % 14);
     let (peak_a, peak_b, peak_c) = (50 + n(5) % 40, 40 + n(7) % 50, 60 + n(10) % 40);
+    let x = 70 + n(12) % 110;
+    let hue = n(13) * 360 / 256;
+    let subject_svg = match subject {
+        // a red fox in fresh snow
+        0 => format!(
+            r##"<ellipse cx="{x}" cy="128" rx="26" ry="14" fill="hsl(22,85%,50%)"/><circle cx="{hx}" cy="112" r="11" fill="hsl(22,85%,50%)"/><path d="M{e1} 104 l4 -14 l6 12 Z M{e2} 104 l4 -14 l6 12 Z" fill="hsl(22,85%,40%)"/><path d="M{tx} 128 q-26 -4 -30 -22 q14 10 30 14 Z" fill="hsl(22,85%,55%)"/>"##,
+            hx = x + 24,
+            e1 = x + 15,
+            e2 = x + 25,
+            tx = x - 22,
+        ),
+        // a lighthouse at dusk
+        1 => format!(
+            r##"<path d="M{x} 150 l6 -80 h12 l6 80 Z" fill="#f4f1ea"/><path d="M{x1} 110 h17 v10 h-18 Z M{x2} 130 h21 v10 h-22 Z" fill="#c0392b"/><rect x="{x3}" y="58" width="14" height="12" fill="hsl(50,100%,70%)"/><path d="M{x4} 64 L256 40 L256 88 Z" fill="hsla(50,100%,80%,0.45)"/>"##,
+            x1 = x + 3,
+            x2 = x + 1,
+            x3 = x + 5,
+            x4 = x + 12,
+        ),
+        // a tiny robot watering plants
+        2 => format!(
+            r##"<rect x="{x}" y="100" width="30" height="34" rx="4" fill="hsl({hue},15%,70%)"/><rect x="{hx}" y="82" width="22" height="18" rx="3" fill="hsl({hue},15%,80%)"/><circle cx="{e1}" cy="91" r="3" fill="#2b6cb0"/><circle cx="{e2}" cy="91" r="3" fill="#2b6cb0"/><path d="M{px} 150 v-18 M{px2} 150 v-12" stroke="#2f855a" stroke-width="3"/><circle cx="{px}" cy="128" r="7" fill="#48bb78"/><circle cx="{px2}" cy="136" r="6" fill="#68d391"/>"##,
+            hx = x + 4,
+            e1 = x + 10,
+            e2 = x + 20,
+            px = x + 48,
+            px2 = x + 62,
+        ),
+        // a neon city street in the rain
+        3 => {
+            let mut city = String::new();
+            for i in 0..8u32 {
+                let height = 40 + (n(i as usize % 16) + i * 37) % 70;
+                let neon = (hue + i * 47) % 360;
+                city.push_str(&format!(
+                    r##"<rect x="{bx}" y="{by}" width="28" height="{height}" fill="#1a1b2e"/><rect x="{wx}" y="{wy}" width="16" height="4" fill="hsl({neon},100%,60%)"/>"##,
+                    bx = i * 32,
+                    by = 160 - height,
+                    wx = i * 32 + 6,
+                    wy = 170 - height,
+                ));
+            }
+            city.push_str(r##"<path d="M20 10 l-6 24 M70 20 l-6 24 M130 5 l-6 24 M190 18 l-6 24 M240 8 l-6 24" stroke="hsla(200,80%,80%,0.6)" stroke-width="1.5"/>"##);
+            city
+        }
+        // an astronaut cat on the moon
+        4 => format!(
+            r##"<circle cx="200" cy="40" r="18" fill="hsl(210,70%,55%)"/><rect x="{x}" y="108" width="26" height="28" rx="8" fill="#f7fafc"/><circle cx="{hx}" cy="96" r="16" fill="hsla(200,60%,85%,0.5)" stroke="#f7fafc" stroke-width="3"/><circle cx="{hx}" cy="98" r="9" fill="hsl(30,60%,55%)"/><path d="M{e1} 92 l3 -8 l4 7 Z M{e2} 92 l3 -8 l4 7 Z" fill="hsl(30,60%,45%)"/>"##,
+            hx = x + 13,
+            e1 = x + 5,
+            e2 = x + 14,
+        ),
+        // a bowl of ramen, studio lighting
+        5 => format!(
+            r##"<path d="M{x0} 100 a50 40 0 0 0 100 0 Z" fill="hsl({hue},55%,45%)"/><ellipse cx="{cx}" cy="100" rx="50" ry="8" fill="hsl(40,70%,75%)"/><path d="M{n1} 100 q10 -30 20 0 M{n2} 100 q10 -30 20 0" stroke="hsl(45,80%,85%)" stroke-width="3" fill="none"/><circle cx="{egg}" cy="98" r="8" fill="#fff"/><circle cx="{egg}" cy="98" r="4" fill="hsl(40,95%,55%)"/>"##,
+            x0 = x - 20,
+            cx = x + 30,
+            n1 = x,
+            n2 = x + 14,
+            egg = x + 52,
+        ),
+        // a paper boat on a quiet lake
+        6 => format!(
+            r##"<path d="M{x} 120 h50 l-10 14 h-30 Z" fill="#fdfdfd"/><path d="M{m} 120 l12 -26 l12 26 Z" fill="#edf2f7"/><path d="M{w1} 140 h40 M{w2} 148 h30" stroke="hsla(0,0%,100%,0.6)" stroke-width="2"/>"##,
+            m = x + 13,
+            w1 = x - 10,
+            w2 = x + 20,
+        ),
+        // mountains at sunrise, watercolor: the landscape alone
+        _ => String::new(),
+    };
     let svg = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 256 160" width="512" height="320">
 <defs><linearGradient id="sky" x1="0" y1="0" x2="0" y2="1">
-<stop offset="0" stop-color="hsl({sky},60%,60%)"/><stop offset="1" stop-color="hsl({sky2},75%,85%)"/>
+<stop offset="0" stop-color="hsl({sky},60%,{sky_l}%)"/><stop offset="1" stop-color="hsl({sky2},75%,{sky2_l}%)"/>
 </linearGradient></defs>
 <rect width="256" height="160" fill="url(#sky)"/>
-<circle cx="{sun_x}" cy="{sun_y}" r="{sun_r}" fill="hsl({sun},95%,70%)"/>
-<path d="M0 160 L0 {a} L60 {b} L120 {c} L190 {d} L256 {e} L256 160 Z" fill="hsl({land},25%,45%)"/>
-<path d="M0 160 L0 130 L70 112 L150 128 L256 108 L256 160 Z" fill="hsl({land},30%,28%)"/>
+<circle cx="{sun_x}" cy="{sun_y}" r="{sun_r}" fill="hsl({sun},95%,{sun_l}%)"/>
+<path d="M0 160 L0 {a} L60 {b} L120 {c} L190 {d} L256 {e} L256 160 Z" fill="hsl({land},{land_s}%,{land_l}%)"/>
+<path d="M0 160 L0 130 L70 112 L150 128 L256 108 L256 160 Z" fill="hsl({land},{land_s2}%,{land_l2}%)"/>
+{subject_svg}
 </svg>
 "##,
         sky2 = (sky + 25) % 360,
+        sun_l = if night { 92 } else { 70 },
+        land_s2 = land_s + 5,
+        land_l2 = land_l * 2 / 3,
         a = 160 - peak_a,
         b = 160 - peak_b - 20,
         c = 160 - peak_c,
@@ -363,16 +502,19 @@ mod tests {
         let task = TaskId::random();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("127.0.0.1:8080"));
-        let url = result_url(&headers, task);
-        assert_eq!(url, format!("http://127.0.0.1:8080/demo/result/{task}.svg"));
+        let url = result_url(&headers, task, 3);
+        assert_eq!(
+            url,
+            format!("http://127.0.0.1:8080/demo/result/{task}.3.svg")
+        );
         let body = json!({"image_url": url}).to_string();
         assert!(ProgressUpdate::from_json(body.as_bytes()).is_ok());
 
         headers.insert("host", HeaderValue::from_static("evil.example\"><x"));
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         assert_eq!(
-            result_url(&headers, task),
-            format!("https://127.0.0.1/demo/result/{task}.svg")
+            result_url(&headers, task, 0),
+            format!("https://127.0.0.1/demo/result/{task}.0.svg")
         );
     }
 
@@ -388,6 +530,31 @@ mod tests {
             result_picture("42.svg").is_ok(),
             "integer ids have pictures too"
         );
+    }
+
+    #[test]
+    fn each_prompt_gets_a_picture_of_its_own_subject() {
+        let task = TaskId::random();
+        let body = |file: String| {
+            let response = result_picture(&file).unwrap();
+            let bytes =
+                futures::executor::block_on(http_body_util::BodyExt::collect(response.into_body()))
+                    .unwrap()
+                    .to_bytes();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        let pictures: Vec<String> = (0..PROMPTS.len())
+            .map(|i| body(format!("{task}.{i}.svg")))
+            .collect();
+        for (i, a) in pictures.iter().enumerate() {
+            for b in &pictures[i + 1..] {
+                assert_ne!(a, b, "two prompts drew the same picture for one task");
+            }
+        }
+        // Without a prompt index the subject follows from the id, and a text id that ends
+        // in ".<digit>" is still a picture.
+        assert!(body(format!("{task}.svg")).starts_with("<svg"));
+        assert!(result_picture("job.7.svg").is_ok());
     }
 
     /// The in-memory store turns the demo on; the whole path runs through `App`.
@@ -413,7 +580,7 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..MAX_RUNNING {
             let response = http
-                .post(format!("{base}/api/demo/tasks?failures=false"))
+                .post(format!("{base}/api/demo/tasks?failures=false&fast=true"))
                 .send()
                 .await
                 .unwrap();

@@ -101,20 +101,15 @@ async function psql(sql) {
 }
 
 async function buildBinary() {
-  const args = ["build", "--locked", "--bin", "taskcast", "--message-format=json-render-diagnostics"];
-  if (process.env.TASKCAST_BROWSER_PROFILE === "release") args.push("--release");
-  const child = spawn("cargo", args, { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] });
+  // scripts/build-bin builds it as `cargo test` does, so nothing is rebuilt after that step.
+  const child = spawn(path.join(REPO, "scripts", "build-bin"), [], { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] });
   let out = "";
   child.stdout.on("data", (chunk) => (out += chunk));
   const code = await new Promise((resolve) => child.on("close", resolve));
-  check(code === 0, `cargo ${args.join(" ")} failed (exit ${code})`);
-  const artifact = out
-    .split("\n")
-    .filter((line) => line.startsWith("{"))
-    .map((line) => JSON.parse(line))
-    .find((m) => m.reason === "compiler-artifact" && m.target?.name === "taskcast" && m.executable);
-  check(artifact, "cargo build reported no taskcast executable");
-  return artifact.executable;
+  check(code === 0, `scripts/build-bin failed (exit ${code})`);
+  const executable = out.trim();
+  check(executable, "scripts/build-bin printed no taskcast executable");
+  return executable;
 }
 
 async function freePort() {
@@ -267,6 +262,8 @@ async function openPage(browser, { webSocket = "real" } = {}) {
   const page = await context.newPage();
   page.errors = [];
   page.sockets = [];
+  page.notFound = [];
+  page.on("response", (r) => r.status() === 404 && page.notFound.push(r.url()));
   page.on("pageerror", (e) => page.errors.push(`pageerror: ${e.message}`));
   page.on("console", (m) => {
     if (m.type() === "error" && !/Failed to load resource|ERR_CONNECTION_REFUSED|WebSocket connection/.test(m.text())) {
@@ -299,7 +296,7 @@ async function openPage(browser, { webSocket = "real" } = {}) {
       };
     });
   }
-  await page.goto(`${server.base}/`);
+  await page.goto(`${server.base}/?fast`);
   await page.evaluate(installRecorder);
   return page;
 }
@@ -392,6 +389,8 @@ step(
     page = await openPage(browser);
     check((await page.title()) === "taskcast demo", "the page's title");
     await page.waitForSelector("#start-one:not([disabled])");
+    const pill = await page.$eval("#connection", (el) => [el.dataset.state, el.textContent]);
+    check(pill.join(" ") === "idle ready · nothing to watch", `with nothing to watch the pill reads "${pill.join(" ")}"`);
   },
   { required: true },
 );
@@ -576,6 +575,17 @@ step("screenshot of the page with generations in every state", async () => {
       return pushes;
     };
     const error = "out of GPU memory at 1024x1024 (simulated failure)";
+    // src/demo.rs's PROMPTS, in order.
+    const DEMO_PROMPTS = [
+      "a red fox in fresh snow",
+      "a lighthouse at dusk, oil painting",
+      "a tiny robot watering plants",
+      "a neon city street in the rain",
+      "an astronaut cat on the moon",
+      "a bowl of ramen, studio lighting",
+      "a paper boat on a quiet lake",
+      "mountains at sunrise, watercolor",
+    ];
     // Oldest first: the page shows the newest card first.
     const scenes = [
       ["a lighthouse at dusk, oil painting", "completed", 100],
@@ -591,7 +601,10 @@ step("screenshot of the page with generations in every state", async () => {
       const { task_id: taskId, token } = await server.createTask();
       await shot.evaluate(({ taskId, token, prompt }) => window.taskcastDemo.watch(taskId, token, prompt), { taskId, token, prompt });
       await waitForCard(shot, taskId, (el) => el.dataset.version === "0");
-      const image = { image_url: `${server.base}/demo/result/${taskId}.svg` };
+      // The picture of the prompt's own subject: its index in src/demo.rs's PROMPTS.
+      const subject = DEMO_PROMPTS.indexOf(prompt);
+      check(subject >= 0, `"${prompt}" is not one of the demo's prompts`);
+      const image = { image_url: `${server.base}/demo/result/${taskId}.${subject}.svg` };
       let state;
       let seq = 0;
       for (const fields of journey(to, progress, to === "completed" ? image : extra)) {
@@ -601,6 +614,12 @@ step("screenshot of the page with generations in every state", async () => {
     }
     await shot.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0), null, { timeout: WAIT });
     await shot.waitForSelector('#connection[data-state="live"]', { timeout: WAIT });
+    // Each prompt its own picture; a failed card says it stopped, not the stage it was in.
+    const pictures = await shot.evaluate(() => Promise.all([...document.images].map(async (i) => (await fetch(i.src)).text())));
+    check(pictures.length === 3 && new Set(pictures).size === 3, `3 different pictures expected, got ${pictures.length} (${new Set(pictures).size} different)`);
+    const failedLine = await shot.$eval('.card[data-status="failed"]', (el) => [el.querySelector(".stage").textContent, el.querySelector(".percent").textContent]);
+    check(failedLine.join(" ") === "failed stopped at 41%", `the failed card reads "${failedLine.join(" ")}"`);
+    check(shot.notFound.length === 0, `404s while loading the page: ${shot.notFound.join(", ")}`);
     const file = path.join(OUT, "demo.png");
     await shot.screenshot({ path: file });
     log(`     saved ${path.relative(REPO, file)}`);
