@@ -5,13 +5,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::auth::jwks::{Jwks, JwksOptions};
 use crate::auth::subscribe::SubscribeAuth;
 use crate::auth::{MIN_KEY_CHARS, PushKey, Secret};
 use crate::domain::StatusMap;
 use crate::store::connect::{PgTarget, SslMode, Verification};
+use crate::telemetry::LogFormat;
 use crate::writer::WriteMode;
 
 #[derive(Parser, Debug)]
@@ -96,10 +97,28 @@ pub struct MigrateArgs {
     pub status_map: String,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// The default of every numeric `serve` setting: one definition, read by the flags and by
+/// [`Limits::default`].
+pub mod defaults {
+    pub const TOKEN_TTL_SECS: u64 = 3600;
+    pub const MAX_BODY_BYTES: usize = 16 * 1024;
+    pub const MAX_WS_MESSAGE_BYTES: usize = 4 * 1024;
+    pub const MAX_SUBSCRIPTIONS: usize = 64;
+    pub const HEADER_TIMEOUT_SECS: u64 = 10;
+    pub const BODY_TIMEOUT_SECS: u64 = 30;
+    pub const KEEP_ALIVE_TIMEOUT_SECS: u64 = 60;
+    pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+    pub const MAX_SUBSCRIBES_PER_SEC: u32 = 20;
+    pub const IDLE_TIMEOUT_SECS: u64 = 30;
+    pub const MAX_BATCH: usize = 500;
+    pub const WRITER_QUEUE: usize = 8192;
+    pub const DB_POOL_SIZE: usize = 8;
+    pub const DB_TIMEOUT_MS: u64 = 2_000;
+    pub const PING_INTERVAL_SECS: u64 = 20;
+    pub const PONG_TIMEOUT_SECS: u64 = 40;
+    pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+    pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
+    pub const MAX_BATCH_ITEMS: usize = 1000;
 }
 
 #[derive(Args, Debug, Clone)]
@@ -140,7 +159,7 @@ pub struct ServeArgs {
     )]
     pub public_subscribe: bool,
     /// Lifetime of the subscribe token returned by POST /api/tasks, in seconds.
-    #[arg(long, env = "TASKCAST_TOKEN_TTL_SECS", default_value_t = 3600)]
+    #[arg(long, env = "TASKCAST_TOKEN_TTL_SECS", default_value_t = defaults::TOKEN_TTL_SECS)]
     pub token_ttl_secs: u64,
     /// More browser origins allowed besides NEXT_PUBLIC_APP_URL's (comma-separated).
     #[arg(long, env = "TASKCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -153,13 +172,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKCAST_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "TASKCAST_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    #[arg(long, env = "TASKCAST_MAX_BODY_BYTES", default_value_t = defaults::MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// Largest accepted WebSocket message from a client, in bytes.
-    #[arg(long, env = "TASKCAST_MAX_WS_MESSAGE_BYTES", default_value_t = 4 * 1024)]
+    #[arg(long, env = "TASKCAST_MAX_WS_MESSAGE_BYTES", default_value_t = defaults::MAX_WS_MESSAGE_BYTES)]
     pub max_ws_message_bytes: usize,
     /// Tasks one WebSocket connection may subscribe to at once.
-    #[arg(long, env = "TASKCAST_MAX_SUBSCRIPTIONS", default_value_t = 64)]
+    #[arg(long, env = "TASKCAST_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
     /// Open WebSocket connections and SSE streams the server accepts; more get 503.
     /// Default: the open-file limit less TASKCAST_MAX_HTTP_CONNECTIONS' default and 256.
@@ -171,47 +190,47 @@ pub struct ServeArgs {
     pub max_http_connections: usize,
     /// Seconds a client has to send a whole request header (from connect, or from the
     /// first byte of a later request on a kept-alive connection).
-    #[arg(long, env = "TASKCAST_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "TASKCAST_HEADER_TIMEOUT_SECS", default_value_t = defaults::HEADER_TIMEOUT_SECS)]
     pub header_timeout_secs: u64,
     /// Seconds a client has to send a whole request body; slower gets 408.
-    #[arg(long, env = "TASKCAST_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "TASKCAST_BODY_TIMEOUT_SECS", default_value_t = defaults::BODY_TIMEOUT_SECS)]
     pub body_timeout_secs: u64,
     /// Seconds a kept-alive HTTP connection may wait for its next request.
-    #[arg(long, env = "TASKCAST_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 60)]
+    #[arg(long, env = "TASKCAST_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = defaults::KEEP_ALIVE_TIMEOUT_SECS)]
     pub keep_alive_timeout_secs: u64,
     /// Largest request line plus headers, in bytes (at least 8192); more gets 431.
-    #[arg(long, env = "TASKCAST_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    #[arg(long, env = "TASKCAST_MAX_HEADER_BYTES", default_value_t = defaults::MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
     /// Subscribe messages one connection may send per second; more get an error.
-    #[arg(long, env = "TASKCAST_MAX_SUBSCRIBES_PER_SEC", default_value_t = 20)]
+    #[arg(long, env = "TASKCAST_MAX_SUBSCRIBES_PER_SEC", default_value_t = defaults::MAX_SUBSCRIBES_PER_SEC)]
     pub max_subscribes_per_sec: u32,
     /// Seconds a WebSocket connection may stay open without any subscription.
-    #[arg(long, env = "TASKCAST_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "TASKCAST_IDLE_TIMEOUT_SECS", default_value_t = defaults::IDLE_TIMEOUT_SECS)]
     pub idle_timeout_secs: u64,
     /// Most pushes committed in one statement.
-    #[arg(long, env = "TASKCAST_MAX_BATCH", default_value_t = 500)]
+    #[arg(long, env = "TASKCAST_MAX_BATCH", default_value_t = defaults::MAX_BATCH)]
     pub max_batch: usize,
     /// Pushes waiting for the writer; when full, pushes get 503 with Retry-After.
-    #[arg(long, env = "TASKCAST_WRITER_QUEUE", default_value_t = 8192)]
+    #[arg(long, env = "TASKCAST_WRITER_QUEUE", default_value_t = defaults::WRITER_QUEUE)]
     pub writer_queue: usize,
     /// Postgres connections in the pool.
-    #[arg(long, env = "TASKCAST_DB_POOL_SIZE", default_value_t = 8)]
+    #[arg(long, env = "TASKCAST_DB_POOL_SIZE", default_value_t = defaults::DB_POOL_SIZE)]
     pub db_pool_size: usize,
     /// How long to wait for a database connection before answering 503, in milliseconds.
-    #[arg(long, env = "TASKCAST_DB_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(long, env = "TASKCAST_DB_TIMEOUT_MS", default_value_t = defaults::DB_TIMEOUT_MS)]
     pub db_timeout_ms: u64,
     /// Seconds between WebSocket pings.
-    #[arg(long, env = "TASKCAST_PING_INTERVAL_SECS", default_value_t = 20)]
+    #[arg(long, env = "TASKCAST_PING_INTERVAL_SECS", default_value_t = defaults::PING_INTERVAL_SECS)]
     pub ping_interval_secs: u64,
     /// Seconds without a pong after which a WebSocket connection is closed.
-    #[arg(long, env = "TASKCAST_PONG_TIMEOUT_SECS", default_value_t = 40)]
+    #[arg(long, env = "TASKCAST_PONG_TIMEOUT_SECS", default_value_t = defaults::PONG_TIMEOUT_SECS)]
     pub pong_timeout_secs: u64,
     /// Bearer token that GET /metrics requires; unset: /metrics is open.
     #[arg(long, env = "TASKCAST_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
     /// Bound on each of the three phases of a graceful shutdown (requests in flight,
     /// sockets and streams, the writer's drain), in seconds.
-    #[arg(long, env = "TASKCAST_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "TASKCAST_SHUTDOWN_TIMEOUT_SECS", default_value_t = defaults::SHUTDOWN_TIMEOUT_SECS)]
     pub shutdown_timeout_secs: u64,
     /// Serve the demo page at / and its simulated generations (on by default with the
     /// in-memory store outside production; refused in production).
@@ -229,10 +248,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TASKCAST_WRITE_MODE", value_enum, default_value = "group")]
     pub write_mode: WriteMode,
     /// Largest accepted body of the batch endpoint POST /api/progress, in bytes.
-    #[arg(long, env = "TASKCAST_MAX_BATCH_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "TASKCAST_MAX_BATCH_BODY_BYTES", default_value_t = defaults::MAX_BATCH_BODY_BYTES)]
     pub max_batch_body_bytes: usize,
     /// Most updates in one POST /api/progress.
-    #[arg(long, env = "TASKCAST_MAX_BATCH_ITEMS", default_value_t = 1000)]
+    #[arg(long, env = "TASKCAST_MAX_BATCH_ITEMS", default_value_t = defaults::MAX_BATCH_ITEMS)]
     pub max_batch_items: usize,
     /// The Postgres NOTIFY channel nodes listen on (one per deployment, not per task).
     #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
@@ -307,25 +326,25 @@ pub fn default_max_connections() -> usize {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_body_bytes: 16 * 1024,
-            max_batch_body_bytes: 1024 * 1024,
-            max_batch_items: 1000,
-            max_ws_message_bytes: 4 * 1024,
-            max_subscriptions: 64,
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            max_batch_body_bytes: defaults::MAX_BATCH_BODY_BYTES,
+            max_batch_items: defaults::MAX_BATCH_ITEMS,
+            max_ws_message_bytes: defaults::MAX_WS_MESSAGE_BYTES,
+            max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_connections: default_max_connections(),
             max_http_connections: default_max_http_connections(),
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(30),
-            keep_alive_timeout: Duration::from_secs(60),
-            max_header_bytes: 32 * 1024,
-            max_subscribes_per_sec: 20,
-            idle_timeout: Duration::from_secs(30),
-            max_batch: 500,
-            writer_queue: 8192,
-            db_pool_size: 8,
-            db_timeout: Duration::from_secs(2),
-            ping_interval: Duration::from_secs(20),
-            pong_timeout: Duration::from_secs(40),
+            header_timeout: Duration::from_secs(defaults::HEADER_TIMEOUT_SECS),
+            body_timeout: Duration::from_secs(defaults::BODY_TIMEOUT_SECS),
+            keep_alive_timeout: Duration::from_secs(defaults::KEEP_ALIVE_TIMEOUT_SECS),
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_subscribes_per_sec: defaults::MAX_SUBSCRIBES_PER_SEC,
+            idle_timeout: Duration::from_secs(defaults::IDLE_TIMEOUT_SECS),
+            max_batch: defaults::MAX_BATCH,
+            writer_queue: defaults::WRITER_QUEUE,
+            db_pool_size: defaults::DB_POOL_SIZE,
+            db_timeout: Duration::from_millis(defaults::DB_TIMEOUT_MS),
+            ping_interval: Duration::from_secs(defaults::PING_INTERVAL_SECS),
+            pong_timeout: Duration::from_secs(defaults::PONG_TIMEOUT_SECS),
         }
     }
 }

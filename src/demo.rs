@@ -13,16 +13,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::header::{self, HeaderValue};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
+use crate::auth::subscribe::SubscribeAuth;
 use crate::domain::{IdKind, NewTask, ProgressUpdate, TaskId};
 use crate::error::{Error, json_response};
-use crate::routes::AppState;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
 use crate::writer::Writer;
 
 /// The npm package's own module (clients/js), so `/client.js` and the package cannot drift.
@@ -65,8 +67,20 @@ struct StartQuery {
     fast: Option<bool>,
 }
 
-/// `GET /client.js`, `GET /openapi.json`, and the demo routes when `state.demo` is set.
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+/// What the demo uses. Cloning is shallow.
+#[derive(Clone)]
+pub struct Demo {
+    /// Serve the demo page at `/` and `POST /api/demo/tasks` (`--demo`).
+    pub enabled: bool,
+    pub store: Store,
+    pub writer: Writer,
+    pub subscribe: SubscribeAuth,
+    pub token_ttl: Duration,
+    pub shutdown: Shutdown,
+}
+
+/// `GET /client.js`, `GET /openapi.json`, and the demo routes when `state.enabled` is set.
+pub fn routes(state: Demo) -> BoxedFilter<(Response,)> {
     let client = warp::path!("client.js")
         .and(warp::get())
         .map(|| asset(CLIENT_JS, "text/javascript; charset=utf-8"));
@@ -74,7 +88,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .map(|| asset(OPENAPI_JSON, "application/json"));
 
-    let enabled = state.demo;
+    let enabled = state.enabled;
     let demo_on = warp::any()
         .and_then(move || async move {
             if enabled {
@@ -133,7 +147,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
 /// `POST /api/demo/tasks`: creates a task, starts its simulated generation, and answers
 /// 201 `{"task_id","token","prompt"}`. No push key: the demo is public by choice.
 async fn start(
-    state: AppState,
+    state: Demo,
     running: Arc<Semaphore>,
     headers: &HeaderMap,
     failures: bool,
@@ -159,7 +173,7 @@ async fn start(
     let token = state.subscribe.mint(&[task], state.token_ttl);
     let generation = Generation {
         writer: state.writer.clone(),
-        shutdown: state.ws.shutdown.clone(),
+        shutdown: state.shutdown.clone(),
         task,
         result_url: result_url(headers, task, subject),
         fail: failures && rng.below(FAILURE_ODDS) == 0,
@@ -195,7 +209,7 @@ fn result_url(headers: &HeaderMap, task: TaskId, subject: usize) -> String {
 /// One simulated generation: queued, generating 0..100, uploading, completed (or failed).
 struct Generation {
     writer: Writer,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     task: TaskId,
     result_url: String,
     fail: bool,
@@ -285,7 +299,7 @@ impl Generation {
         match self.writer.push(self.task, update).await {
             Ok(_) => Ok(()),
             Err(Error::Conflict { .. }) => Err(Stop::Finished),
-            Err(_) if *self.shutdown.borrow() => Err(Stop::Shutdown),
+            Err(_) if self.shutdown.is_triggered() => Err(Stop::Shutdown),
             Err(e) => {
                 tracing::warn!(task = %self.task, error = %e.chain(), "demo push failed");
                 Ok(())
@@ -297,7 +311,7 @@ impl Generation {
         let wait = Duration::from_millis(min_ms + self.rng.below(max_ms - min_ms + 1));
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
-            _ = self.shutdown.wait_for(|stop| *stop) => Err(Stop::Shutdown),
+            _ = self.shutdown.wait() => Err(Stop::Shutdown),
         }
     }
 }

@@ -11,7 +11,6 @@ use serde::Serialize;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
-use crate::domain::{TaskId, TaskStatus};
 use crate::telemetry::{self, Refusal};
 
 /// A boxed error source, kept for the log line of a 5xx and never shown to clients.
@@ -43,14 +42,15 @@ pub enum Error {
          NEXT_PUBLIC_APP_URL or TASKCAST_PUBLIC_URL to it)"
     )]
     OriginRefused { origin: String },
+    /// Task ids and statuses are held as text: this module sits below `domain`.
     #[error("task {0} does not exist")]
-    NotFound(TaskId),
+    NotFound(String),
     #[error("no such route")]
     RouteNotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
-    #[error("task {task} is already {status}; a finished task accepts no more pushes", status = status.as_str())]
-    Conflict { task: TaskId, status: TaskStatus },
+    #[error("task {task} is already {status}; a finished task accepts no more pushes")]
+    Conflict { task: String, status: &'static str },
     /// A per-connection bound was reached (subscriptions, subscribe rate).
     #[error("{0}")]
     RateLimited(String),
@@ -67,17 +67,20 @@ pub enum Error {
     UpgradeRequired,
     /// The task's `taskcast_version` is at the bigint maximum: no newer version exists.
     #[error("task {0} has reached the largest taskcast_version; it cannot change any more")]
-    VersionExhausted(TaskId),
+    VersionExhausted(String),
     /// The status column cannot hold this status (an enum without a label for it).
-    #[error("image_tasks.status is {column}, which has no value for {status}", status = status.as_str())]
-    StatusNotStorable { status: TaskStatus, column: String },
+    #[error("image_tasks.status is {column}, which has no value for {status}")]
+    StatusNotStorable {
+        status: &'static str,
+        column: String,
+    },
     /// The table's shape is one taskcast cannot serve (say, an id of type `numeric`).
     #[error("{0}")]
     TableUnsupported(String),
     /// The task's row has no usable id or version (see `domain::StoredRow`).
     #[error("task {task}'s row cannot be read: image_tasks.{column} is {held}")]
     UnreadableRow {
-        task: TaskId,
+        task: String,
         column: &'static str,
         held: &'static str,
     },
@@ -114,11 +117,25 @@ impl warp::reject::Reject for Error {}
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'static str,
-    message: &'a str,
-    hint: &'a str,
+/// Every JSON form of an error: the code, the public message and the hint, with the
+/// fields of the form around them. `None` fields are left out, and the order of the fields
+/// is each form's.
+#[derive(Serialize, Default)]
+struct Wire<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    /// The code, as HTTP bodies and batch items name it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    /// The code, as WebSocket messages name it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    message: String,
+    hint: &'static str,
 }
 
 impl Error {
@@ -293,67 +310,42 @@ impl Error {
 
     /// The whole cause chain on one line, for logs.
     pub fn chain(&self) -> String {
-        let mut out = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            let _ = write!(out, ": {cause}");
-            source = cause.source();
-        }
-        out
+        cause_chain(self)
     }
 
-    fn body(&self) -> String {
-        let message = self.public_message();
-        serde_json::to_string(&Body {
-            error: self.code(),
-            message: &message,
+    /// Encodes one form: `form` sets the fields around code, message and hint.
+    fn encode<'a>(&self, form: impl FnOnce(&mut Wire<'a>, &'static str)) -> String {
+        let mut wire = Wire {
+            message: self.public_message(),
             hint: self.hint(),
-        })
-        .expect("a struct of strings always serializes")
+            ..Wire::default()
+        };
+        form(&mut wire, self.code());
+        serde_json::to_string(&wire).expect("a struct of strings always serializes")
+    }
+
+    /// The HTTP body: `{"error":..,"message":..,"hint":..}`.
+    fn body(&self) -> String {
+        self.encode(|wire, code| wire.error = Some(code))
     }
 
     /// One failed item of a batch: `{"status":N,"error":..,"message":..,"hint":..}`.
     pub fn to_item_json(&self) -> String {
-        #[derive(Serialize)]
-        struct Item<'a> {
-            status: u16,
-            error: &'static str,
-            message: &'a str,
-            hint: &'a str,
-        }
         self.log();
-        let message = self.public_message();
-        serde_json::to_string(&Item {
-            status: self.status().as_u16(),
-            error: self.code(),
-            message: &message,
-            hint: self.hint(),
+        self.encode(|wire, code| {
+            wire.status = Some(self.status().as_u16());
+            wire.error = Some(code);
         })
-        .expect("a struct of strings always serializes")
     }
 
     /// The WebSocket form: `{"type":"error","code":...,"message":...,"hint":...}`.
-    pub fn to_ws_json(&self, task_id: Option<TaskId>) -> String {
-        #[derive(Serialize)]
-        struct WsError<'a> {
-            #[serde(rename = "type")]
-            kind: &'static str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            task_id: Option<TaskId>,
-            code: &'static str,
-            message: &'a str,
-            hint: &'a str,
-        }
+    pub fn to_ws_json(&self, task_id: Option<&str>) -> String {
         self.log();
-        let message = self.public_message();
-        serde_json::to_string(&WsError {
-            kind: "error",
-            task_id,
-            code: self.code(),
-            message: &message,
-            hint: self.hint(),
+        self.encode(|wire, code| {
+            wire.kind = Some("error");
+            wire.task_id = task_id;
+            wire.code = Some(code);
         })
-        .expect("a struct of strings always serializes")
     }
 
     /// 5xx at error with the cause chain; a refused push key or origin at warn (throttled,
@@ -460,6 +452,18 @@ fn clone_rejected(err: &Error) -> Error {
         Error::UpgradeRequired => Error::UpgradeRequired,
         other => Error::internal("routing", other.chain()),
     }
+}
+
+/// An error and its causes on one line, `error: cause: cause`: the one walker of a cause
+/// chain, for logs and for `taskcast doctor`.
+pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(out, ": {cause}");
+        source = cause.source();
+    }
+    out
 }
 
 /// warp's `recover` hook: every rejection goes through [`Error::into_response`].

@@ -14,10 +14,8 @@
 
 use std::borrow::Cow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::Stream;
@@ -98,9 +96,6 @@ pub struct Hub {
 #[derive(Default)]
 struct Inner {
     tasks: DashMap<TaskId, Slot>,
-    /// Local commits started, and finished (with their states published).
-    commits_started: AtomicU64,
-    commits_finished: watch::Sender<u64>,
     estimates: Estimates,
 }
 
@@ -140,18 +135,6 @@ impl Estimates {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .observe(state.task_id, observation)?;
         Some(Eta { ms, at })
-    }
-}
-
-/// Marks a local commit as in flight until dropped; drop it after publishing what the
-/// commit applied. See [`Hub::local_commits_settled`].
-pub struct CommitInFlight {
-    hub: Hub,
-}
-
-impl Drop for CommitInFlight {
-    fn drop(&mut self) {
-        self.hub.inner.commits_finished.send_modify(|n| *n += 1);
     }
 }
 
@@ -275,21 +258,6 @@ impl Hub {
                 .as_ref()
                 .is_none_or(|frame| frame.version() < version)
         })
-    }
-
-    /// Call before a local commit starts; keep the guard until its states are published.
-    pub fn commit_started(&self) -> CommitInFlight {
-        self.inner.commits_started.fetch_add(1, Ordering::SeqCst);
-        CommitInFlight { hub: self.clone() }
-    }
-
-    /// Waits, at most `limit`, until every local commit started before this call has
-    /// published. A notification of this node's own commit can overtake the writer's
-    /// publish; waiting for it first spares the listener a query per push.
-    pub async fn local_commits_settled(&self, limit: Duration) {
-        let target = self.inner.commits_started.load(Ordering::SeqCst);
-        let mut finished = self.inner.commits_finished.subscribe();
-        let _ = tokio::time::timeout(limit, finished.wait_for(|&done| done >= target)).await;
     }
 
     /// Tasks that currently have at least one subscriber.

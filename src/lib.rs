@@ -30,9 +30,12 @@ pub mod origin;
 pub mod query;
 pub mod reporter;
 pub mod routes;
+pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod sse;
 pub mod store;
+pub mod subscribers;
 pub mod telemetry;
 pub mod writer;
 pub mod ws;
@@ -43,7 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -51,23 +54,23 @@ use crate::error::Error;
 use crate::hub::Hub;
 use crate::listener::Listener;
 use crate::origin::OriginPolicy;
-use crate::routes::AppState;
-use crate::store::{MemoryStore, PgStore, Store};
+use crate::routes::{AppState, BodyLimits};
+use crate::shutdown::Shutdown;
+use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
+use crate::subscribers::{SubscriberLimits, Subscribers};
 use crate::writer::Writer;
-use crate::ws::WsContext;
 
 /// A bound, not yet serving, server: the one seam shared by the binary and the tests.
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: AppState,
-    hub: Hub,
     writer_task: JoinHandle<()>,
     notify_listener: Option<Listener>,
-    stop: watch::Sender<bool>,
-    max_connections: usize,
+    shutdown: Shutdown,
     http: server::HttpOptions,
     shutdown_timeout: Duration,
+    demo: bool,
 }
 
 impl App {
@@ -77,8 +80,11 @@ impl App {
         let limits = config.limits.clone();
         let store = match &config.database_url {
             Some(url) => {
-                let pg =
-                    Store::Postgres(PgStore::connect(url, &limits, config.status_map.clone())?);
+                let pool = PoolOptions {
+                    size: limits.db_pool_size,
+                    timeout: limits.db_timeout,
+                };
+                let pg = Store::Postgres(PgStore::connect(url, pool, config.status_map.clone())?);
                 match pg.check_ready().await {
                     Ok(()) => {
                         tracing::info!("store: postgres, table can be served");
@@ -105,20 +111,9 @@ impl App {
             }
         };
         let hub = Hub::new();
-        let notify_listener = match (&store, &config.database_url) {
-            (Store::Postgres(pg), Some(url)) => Some(Listener {
-                database_url: url.clone(),
-                channel: config.notify_channel.clone(),
-                store: pg.clone(),
-                hub: hub.clone(),
-                connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
-                reported: Default::default(),
-            }),
-            _ => None,
-        };
-        let (stop, shutdown) = watch::channel(false);
+        let shutdown = Shutdown::new();
         if let Some(jwks) = config.subscribe.jwks() {
-            // Ends with `stop`; a fetch in flight then is dropped.
+            // Ends with the shutdown; a fetch in flight then is dropped.
             jwks.spawn_refresher(shutdown.clone());
         }
         let (writer, writer_task) = Writer::spawn(
@@ -129,6 +124,18 @@ impl App {
             limits.writer_queue,
             shutdown.clone(),
         );
+        let notify_listener = match (&store, &config.database_url) {
+            (Store::Postgres(pg), Some(url)) => Some(Listener {
+                database_url: url.clone(),
+                channel: config.notify_channel.clone(),
+                store: pg.clone(),
+                hub: hub.clone(),
+                commits: writer.commits(),
+                connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
+                reported: Default::default(),
+            }),
+            _ => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::unavailable("the listen address (TASKCAST_LISTEN)", e))?;
@@ -136,40 +143,44 @@ impl App {
             .local_addr()
             .map_err(|e| Error::internal("reading the bound address", e))?;
         let state = AppState {
-            store: store.clone(),
             writer,
             push_key: config.push_key.clone(),
-            subscribe: config.subscribe.clone(),
             token_ttl: config.token_ttl,
             origins: OriginPolicy::new(
                 config.allowed_origins.clone(),
                 config.allow_loopback_origins,
             ),
-            max_body_bytes: limits.max_body_bytes,
-            body_timeout: limits.body_timeout,
-            max_batch_body_bytes: limits.max_batch_body_bytes,
-            max_batch_items: limits.max_batch_items,
-            demo: config.demo,
+            bodies: BodyLimits {
+                max_body_bytes: limits.max_body_bytes,
+                body_timeout: limits.body_timeout,
+                max_batch_body_bytes: limits.max_batch_body_bytes,
+                max_batch_items: limits.max_batch_items,
+            },
             metrics_token: config.metrics_token.clone(),
-            ws: Arc::new(WsContext {
+            subscribers: Arc::new(Subscribers {
                 hub: hub.clone(),
                 store,
-                subscribe: config.subscribe.clone(),
+                auth: config.subscribe.clone(),
                 connections: Arc::new(Semaphore::new(limits.max_connections)),
-                limits: limits.clone(),
-                shutdown,
-                closing: Notify::new(),
+                limits: SubscriberLimits {
+                    max_connections: limits.max_connections,
+                    max_subscriptions: limits.max_subscriptions,
+                    max_subscribes_per_sec: limits.max_subscribes_per_sec,
+                    max_ws_message_bytes: limits.max_ws_message_bytes,
+                    idle_timeout: limits.idle_timeout,
+                    ping_interval: limits.ping_interval,
+                    pong_timeout: limits.pong_timeout,
+                },
+                shutdown: shutdown.clone(),
             }),
         };
         Ok(App {
             listener,
             local_addr,
             state,
-            hub,
             writer_task,
             notify_listener,
-            stop,
-            max_connections: limits.max_connections,
+            shutdown,
             http: server::HttpOptions {
                 max_connections: limits.max_http_connections,
                 header_timeout: limits.header_timeout,
@@ -177,6 +188,7 @@ impl App {
                 max_header_bytes: limits.max_header_bytes,
             },
             shutdown_timeout: config.shutdown_timeout,
+            demo: config.demo,
         })
     }
 
@@ -186,7 +198,7 @@ impl App {
 
     /// The hub, for observing subscriptions (tests, metrics).
     pub fn hub(&self) -> Hub {
-        self.hub.clone()
+        self.state.subscribers.hub.clone()
     }
 
     /// Serves until `shutdown` completes, then stops accepting, answers every push already
@@ -198,31 +210,37 @@ impl App {
             state,
             writer_task,
             notify_listener,
-            stop,
-            max_connections,
+            shutdown: stop,
             http,
             shutdown_timeout,
+            demo,
             ..
         } = self;
-        let listener_task = notify_listener.map(|l| l.spawn(stop.subscribe()));
-        tracing::info!(%local_addr, store = state.store.kind(), "taskcast listening");
-        if state.demo {
+        let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
+        tracing::info!(%local_addr, store = state.subscribers.store.kind(), "taskcast listening");
+        if demo {
             tracing::info!("demo: {}", demo_url(local_addr));
         }
-        let connections = state.ws.connections.clone();
-        let ws = state.ws.clone();
-        let routes = routes::routes(state);
+        let demo = demo::routes(demo::Demo {
+            enabled: demo,
+            store: state.subscribers.store.clone(),
+            writer: state.writer.clone(),
+            subscribe: state.subscribers.auth.clone(),
+            token_ttl: state.token_ttl,
+            shutdown: state.subscribers.shutdown.clone(),
+        });
+        let routes = routes::routes(state, demo);
+        let signal_stop = stop.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down");
-            stop.send_replace(true);
-            ws.close_all();
+            signal_stop.trigger();
         };
         server::serve(listener, routes, http, signal, shutdown_timeout).await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so
-        // the writer drains its queue and ends. WebSockets got the signal through `stop`.
-        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(shutdown_timeout, connections.acquire_many(all))
+        // the writer drains its queue and ends. WebSockets and SSE streams got the signal
+        // through `stop`, and each holds a guard of it until it has closed.
+        if tokio::time::timeout(shutdown_timeout, stop.done())
             .await
             .is_err()
         {

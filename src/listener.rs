@@ -12,7 +12,7 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
 use tokio_postgres::AsyncMessage;
@@ -21,8 +21,10 @@ use crate::auth::Secret;
 use crate::domain::{TaskId, TaskState, Unreadable};
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::shutdown::Shutdown;
 use crate::store::PgStore;
 use crate::store::connect::PgTarget;
+use crate::writer::LocalCommits;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Capped low: one connect attempt a second is cheap, and recovery after an outage is
@@ -43,6 +45,8 @@ pub struct Listener {
     pub channel: String,
     pub store: PgStore,
     pub hub: Hub,
+    /// The writer's commits in flight, waited for before reading rows back.
+    pub commits: LocalCommits,
     pub connect_timeout: Duration,
     /// Unreadable rows already logged, so a row is warned about once, not per change.
     pub reported: Reported,
@@ -77,16 +81,16 @@ enum End {
 }
 
 impl Listener {
-    /// Runs until `shutdown` becomes true, reconnecting with capped exponential backoff.
-    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    /// Runs until `shutdown` is triggered, reconnecting with capped exponential backoff.
+    pub fn spawn(self, shutdown: Shutdown) -> JoinHandle<()> {
         tokio::spawn(self.run(shutdown))
     }
 
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    async fn run(self, shutdown: Shutdown) {
         let mut backoff = MIN_BACKOFF;
         let mut connections: u64 = 0;
         loop {
-            match self.session(&mut shutdown, connections).await {
+            match self.session(&shutdown, connections).await {
                 End::Shutdown => return,
                 End::Lost { listened, why } => {
                     if listened {
@@ -98,14 +102,14 @@ impl Listener {
                 }
             }
             tokio::select! {
-                _ = stopped(&mut shutdown) => return,
+                _ = shutdown.wait() => return,
                 _ = sleep(jitter(backoff)) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>, connections: u64) -> End {
+    async fn session(&self, shutdown: &Shutdown, connections: u64) -> End {
         let lost = |listened: bool| move |why: String| End::Lost { listened, why };
         let target = match PgTarget::parse(self.database_url.expose()) {
             Ok(target) => target,
@@ -162,7 +166,7 @@ impl Listener {
         liveness.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stopped(shutdown) => return End::Shutdown,
+                _ = shutdown.wait() => return End::Shutdown,
                 payload = notifications.recv() => match payload {
                     Some(payload) => {
                         if let Err(e) = self.apply(&payload).await {
@@ -192,7 +196,7 @@ impl Listener {
         }
         // This node's own commits are published by its writer; when the notification got
         // here first, wait for that rather than read the rows back.
-        self.hub.local_commits_settled(self.connect_timeout).await;
+        self.commits.settled(self.connect_timeout).await;
         let wanted: Vec<TaskId> = wanted
             .into_iter()
             .filter(|&(task, version)| self.hub.wants(task, version))
@@ -241,13 +245,13 @@ impl Listener {
             );
         }
         let error = Error::UnreadableRow {
-            task,
+            task: task.to_string(),
             column: unreadable.column,
             held: unreadable.held,
         };
         let seen = seen.get(&task).copied().unwrap_or(i64::MIN);
         self.hub
-            .publish_notice(task, error.to_ws_json(Some(task)), seen);
+            .publish_notice(task, error.to_ws_json(Some(task.as_str())), seen);
     }
 
     /// Re-reads every task that has local subscribers.
@@ -291,10 +295,6 @@ fn jitter(base: Duration) -> Duration {
     let spread = base.as_millis() as u64 / 4;
     let random = uuid::Uuid::new_v4().as_u128() as u64;
     base + Duration::from_millis(if spread == 0 { 0 } else { random % spread })
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 #[cfg(test)]

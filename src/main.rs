@@ -6,10 +6,11 @@ use clap::Parser;
 use taskcast::App;
 use taskcast::auth::Secret;
 use taskcast::auth::subscribe;
-use taskcast::config::{Cli, Command, Config, LogFormat};
+use taskcast::config::{Cli, Command, Config};
 use taskcast::domain::{IdKind, StatusMap};
 use taskcast::store::report::Severity;
 use taskcast::store::schema;
+use taskcast::telemetry::LogFormat;
 
 #[tokio::main]
 async fn main() -> ExitCode {

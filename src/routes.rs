@@ -11,47 +11,50 @@ use warp::http::{HeaderMap, Method, StatusCode};
 use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
-use crate::auth::subscribe::SubscribeAuth;
-use crate::auth::{PushKey, may_watch};
+use crate::auth::PushKey;
 use crate::domain::{NewTask, Outcome, ProgressUpdate};
 use crate::error::{self, Error, json_response};
 use crate::origin::{self, OriginPolicy};
 use crate::query::{Query, query};
-use crate::store::Store;
+use crate::subscribers::Subscribers;
 use crate::telemetry;
 use crate::writer::Writer;
-use crate::ws::{self, WsContext};
+use crate::ws;
 
 /// Everything the handlers share. Cloning is shallow.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Store,
     pub writer: Writer,
     pub push_key: PushKey,
-    pub subscribe: SubscribeAuth,
     pub token_ttl: std::time::Duration,
     pub origins: OriginPolicy,
+    pub bodies: BodyLimits,
+    /// Bearer token required by GET /metrics, when set.
+    pub metrics_token: Option<crate::auth::Secret>,
+    /// The store and subscribe auth too: each is held once, there.
+    pub subscribers: Arc<Subscribers>,
+}
+
+/// Bounds on request bodies, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
     pub max_body_bytes: usize,
     /// From the end of the request header to the end of its body; slower gets 408.
     pub body_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
-    /// Bearer token required by GET /metrics, when set.
-    pub metrics_token: Option<crate::auth::Secret>,
-    /// Serve the demo page at `/` and `POST /api/demo/tasks`.
-    pub demo: bool,
-    pub ws: Arc<WsContext>,
 }
 
-/// The whole API as one filter, with rejections mapped by [`error::recover`].
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+/// The whole API as one filter, with rejections mapped by [`error::recover`]. `more` are
+/// routes mounted beside the API (the demo's), under the same origin check.
+pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(Response,)> {
     // One Arc per request, not a deep copy of keys, origins and limits per request.
     let with_state = {
         let shared = Arc::new(state.clone());
         warp::any().map(move || shared.clone())
     };
-    let limit = state.max_body_bytes;
-    let within = state.body_timeout;
+    let limit = state.bodies.max_body_bytes;
+    let within = state.bodies.body_timeout;
 
     let push = warp::path!("api" / "tasks" / String / "progress")
         .and(warp::post())
@@ -72,7 +75,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(with_state.clone())
         .and(authorized(state.push_key.clone()))
         .and(json_body(
-            state.max_batch_body_bytes,
+            state.bodies.max_batch_body_bytes,
             MAX_BATCH_BODY,
             within,
         ))
@@ -84,7 +87,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(query())
         .then(
             |raw_id: String, state: Arc<AppState>, query: Query| async move {
-                respond(crate::sse::events(state.ws.clone(), raw_id, query.token).await)
+                respond(crate::sse::events(state.subscribers.clone(), raw_id, query.token).await)
             },
         );
 
@@ -121,7 +124,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .then(
             |state: Arc<AppState>, query: Query, headers: HeaderMap, on_upgrade| async move {
                 ws::upgrade(
-                    state.ws.clone(),
+                    state.subscribers.clone(),
                     query.task_id,
                     query.token,
                     &headers,
@@ -149,7 +152,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .unify()
         .or(socket)
         .unify()
-        .or(crate::demo::routes(state.clone()))
+        .or(more)
         .unify();
     // The origin check runs first, so a foreign page is refused before any route (and
     // before a WebSocket upgrade); allowed cross-origin responses carry CORS headers.
@@ -270,7 +273,7 @@ async fn push(raw_id: String, state: Arc<AppState>, body: bytes::Bytes) -> Respo
     respond(
         async {
             let pushed = async {
-                let task = state.store.parse_id(&raw_id).await?;
+                let task = state.subscribers.store.parse_id(&raw_id).await?;
                 let update = ProgressUpdate::from_json(&body)?;
                 state.writer.push(task, update).await
             };
@@ -298,42 +301,32 @@ fn count(result: Result<Outcome, Error>) -> Result<Outcome, Error> {
 async fn push_batch(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
-            let items = parse_batch(&body, state.max_batch_items)?;
-            let kind = state.store.id_kind().await?;
-            let mut slots: Vec<Result<usize, Error>> = Vec::with_capacity(items.len());
+            let items = parse_batch(&body, state.bodies.max_batch_items)?;
+            let kind = state.subscribers.store.id_kind().await?;
+            // The valid pushes go to the writer together; each item keeps its place, and
+            // takes the next outcome when it was sent.
             let mut valid = Vec::with_capacity(items.len());
-            for item in items {
-                slots.push(ProgressUpdate::from_batch_item(item, kind).map(|push| {
-                    valid.push(push);
-                    valid.len() - 1
-                }));
-            }
-            let mut outcomes: Vec<Option<Result<_, Error>>> = state
-                .writer
-                .push_many(valid)
-                .await
+            let sent: Vec<Result<(), Error>> = items
                 .into_iter()
-                .map(Some)
+                .map(|item| ProgressUpdate::from_batch_item(item, kind).map(|p| valid.push(p)))
                 .collect();
-            let mut out = String::from(r#"{"results":["#);
-            for (i, slot) in slots.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let result = count(
-                    slot.and_then(|index| outcomes[index].take().expect("each outcome used once")),
-                );
-                match result {
-                    Ok(outcome) => {
-                        let state_json = outcome.state().to_json(false, Some(outcome.applied()));
-                        out.push_str(r#"{"status":200,"state":"#);
-                        out.push_str(&state_json);
-                        out.push('}');
+            let mut outcomes = state.writer.push_many(valid).await.into_iter();
+            let results: Vec<String> = sent
+                .into_iter()
+                .map(|item| {
+                    let outcome =
+                        item.and_then(|()| outcomes.next().expect("one outcome per push sent"));
+                    match count(outcome) {
+                        Ok(outcome) => format!(
+                            r#"{{"status":200,"state":{}}}"#,
+                            outcome.state().to_json(false, Some(outcome.applied()))
+                        ),
+                        Err(e) => e.to_item_json(),
                     }
-                    Err(e) => out.push_str(&e.to_item_json()),
-                }
-            }
-            out.push_str("]}");
+                })
+                .collect();
+            // Each item is JSON already (a state is encoded once, by `to_json`).
+            let out = format!(r#"{{"results":[{}]}}"#, results.join(","));
             Ok(json_response(StatusCode::OK, out))
         }
         .await,
@@ -378,8 +371,11 @@ async fn create(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
             let task = NewTask::from_json(&body)?;
-            let created = state.store.create(task).await?;
-            let token = state.subscribe.mint(&[created.task_id], state.token_ttl);
+            let created = state.subscribers.store.create(task).await?;
+            let token = state
+                .subscribers
+                .auth
+                .mint(&[created.task_id], state.token_ttl);
             let body = created.to_created_json(token.as_deref());
             Ok(json_response(StatusCode::CREATED, body))
         }
@@ -397,13 +393,18 @@ async fn get_task(
 ) -> Response {
     respond(
         async {
-            let task = state.store.parse_id(&raw_id).await?;
+            let task = state.subscribers.store.parse_id(&raw_id).await?;
             if state.push_key.verify(authorization.as_deref()).is_err() {
                 let bearer = authorization.as_deref().and_then(crate::auth::bearer);
                 let token = query.token.as_deref().or(bearer);
-                may_watch(&state.subscribe, &state.store, token, task).await?;
+                state.subscribers.may_watch(token, task).await?;
             }
-            let current = state.store.get(task).await?.ok_or(Error::NotFound(task))?;
+            let current = state
+                .subscribers
+                .store
+                .get(task)
+                .await?
+                .ok_or(Error::NotFound(task.to_string()))?;
             Ok(json_response(StatusCode::OK, current.to_json(true, None)))
         }
         .await,
@@ -424,9 +425,10 @@ fn render_metrics(state: &AppState, authorization: Option<&str>) -> Result<Respo
             ));
         }
     }
-    let open = state.ws.limits.max_connections - state.ws.connections.available_permits();
+    let open = state.subscribers.limits.max_connections
+        - state.subscribers.connections.available_permits();
     metrics::gauge!(telemetry::CONNECTIONS).set(open as f64);
-    metrics::gauge!(telemetry::HUB_TASKS).set(state.ws.hub.len() as f64);
+    metrics::gauge!(telemetry::HUB_TASKS).set(state.subscribers.hub.len() as f64);
     let handle = telemetry::metrics();
     handle.run_upkeep();
     let mut response = Response::new(handle.render().into());
@@ -438,8 +440,11 @@ fn render_metrics(state: &AppState, authorization: Option<&str>) -> Result<Respo
 }
 
 async fn readyz(state: Arc<AppState>) -> Response {
-    respond(state.store.check_ready().await.map(|()| {
-        let body = format!(r#"{{"status":"ready","store":"{}"}}"#, state.store.kind());
+    respond(state.subscribers.store.check_ready().await.map(|()| {
+        let body = format!(
+            r#"{{"status":"ready","store":"{}"}}"#,
+            state.subscribers.store.kind()
+        );
         json_response(StatusCode::OK, body)
     }))
 }

@@ -12,55 +12,40 @@ use futures::{StreamExt, stream};
 use warp::Reply;
 use warp::reply::Response;
 
-use crate::auth::may_watch;
 use crate::error::Error;
-use crate::ws::WsContext;
+use crate::subscribers::Subscribers;
 
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// Authorizes, subscribes, then reads the snapshot, and answers with the event stream.
+/// Authorizes, takes a slot, subscribes then snapshots ([`Subscribers::watch`]), and
+/// answers with the event stream.
 pub async fn events(
-    ctx: Arc<WsContext>,
+    ctx: Arc<Subscribers>,
     raw_id: String,
     token: Option<String>,
 ) -> Result<Response, Error> {
     let task = ctx.store.parse_id(&raw_id).await?;
-    let access = may_watch(&ctx.subscribe, &ctx.store, token.as_deref(), task).await?;
-    let permit = ctx
-        .connections
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Error::Unavailable {
-            what: "a streaming slot (TASKCAST_MAX_CONNECTIONS reached)",
-            source: None,
-        })?;
-    let (mut subscription, current) = ctx.hub.subscribe(task);
-    let (version, snapshot) = match current {
-        Some(frame) => (frame.version(), frame.snapshot_json()),
-        None => {
-            let state = ctx.store.get(task).await?.ok_or(Error::NotFound(task))?;
-            (state.version, ctx.hub.publish_snapshot(&state))
-        }
-    };
-    subscription.mark_delivered(version);
-    let first = event(version, snapshot);
-    let updates = subscription.map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
+    let access = ctx.may_watch(token.as_deref(), task).await?;
+    let permit = ctx.admit("a streaming slot (TASKCAST_MAX_CONNECTIONS reached)")?;
+    let watch = ctx.watch(task, &access).await?;
+    let first = event(watch.version, watch.snapshot);
+    let updates = watch
+        .subscription
+        .map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
     // The stream ends at shutdown, or when the token expires: the client reconnects and
     // is asked for a fresh one (EventSource cannot receive an error status mid-stream).
-    let mut shutdown = ctx.shutdown.clone();
-    let expires_in = access
-        .expires_at()
-        .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::subscribe::now_unix())));
+    let shutdown = ctx.shutdown.clone();
+    let expires_at = watch.expires_at;
     let stopped = async move {
         let expiry = async {
-            match expires_in {
-                Some(left) => tokio::time::sleep(left).await,
+            match expires_at {
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = shutdown.wait() => {}
             _ = expiry => {}
         }
     };

@@ -4,12 +4,17 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
-
 /// Libraries that print payloads at trace, capped at debug whatever RUST_LOG says:
 /// tungstenite logs every WebSocket message and frame, and a subscribe message carries a
 /// token. A later directive for the same target replaces the user's.
 const PAYLOAD_LOGGERS: [&str; 2] = ["tungstenite=debug", "tokio_tungstenite=debug"];
+
+/// How log lines are written (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {

@@ -6,6 +6,9 @@
 //! states are then handed to the hub, which fans them out.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -14,6 +17,7 @@ use tokio::time::Instant;
 use crate::domain::{Outcome, ProgressUpdate, TaskId};
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::telemetry;
 
@@ -34,6 +38,51 @@ pub enum WriteMode {
     Naive,
 }
 
+/// This node's commits in flight, for the NOTIFY listener: a notification of this node's
+/// own commit can overtake the writer's publish, and waiting for that publish spares the
+/// listener a query per push. Cloning is shallow.
+#[derive(Clone, Default)]
+pub struct LocalCommits {
+    inner: Arc<CommitCounts>,
+}
+
+#[derive(Default)]
+struct CommitCounts {
+    /// Local commits started, and finished (with their states published).
+    started: AtomicU64,
+    finished: watch::Sender<u64>,
+}
+
+/// Marks a local commit as in flight until dropped; drop it after publishing what the
+/// commit applied. See [`LocalCommits::settled`].
+pub struct CommitInFlight {
+    commits: LocalCommits,
+}
+
+impl Drop for CommitInFlight {
+    fn drop(&mut self) {
+        self.commits.inner.finished.send_modify(|n| *n += 1);
+    }
+}
+
+impl LocalCommits {
+    /// Call before a local commit starts; keep the guard until its states are published.
+    pub fn start(&self) -> CommitInFlight {
+        self.inner.started.fetch_add(1, Ordering::SeqCst);
+        CommitInFlight {
+            commits: self.clone(),
+        }
+    }
+
+    /// Waits, at most `limit`, until every local commit started before this call has
+    /// published.
+    pub async fn settled(&self, limit: Duration) {
+        let target = self.inner.started.load(Ordering::SeqCst);
+        let mut finished = self.inner.finished.subscribe();
+        let _ = tokio::time::timeout(limit, finished.wait_for(|&done| done >= target)).await;
+    }
+}
+
 /// A handle for submitting pushes. Cloning is shallow (an mpsc sender).
 #[derive(Clone)]
 pub struct Writer {
@@ -41,12 +90,13 @@ pub struct Writer {
     mode: WriteMode,
     store: Store,
     hub: Hub,
+    commits: LocalCommits,
 }
 
 impl Writer {
     /// Starts the writer task. It ends once every `Writer` handle is dropped, or after
     /// shutdown, with the queue drained either way: every accepted push is answered.
-    /// Once `shutdown` turns true the queue closes: later pushes get 503, queued ones are
+    /// Once `shutdown` is triggered the queue closes: later pushes get 503, queued ones are
     /// still committed and answered, then the task ends.
     pub fn spawn(
         store: Store,
@@ -54,17 +104,31 @@ impl Writer {
         mode: WriteMode,
         max_batch: usize,
         queue: usize,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> (Writer, JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(queue);
-        let task = tokio::spawn(run(store.clone(), hub.clone(), rx, max_batch, shutdown));
+        let commits = LocalCommits::default();
+        let task = tokio::spawn(run(
+            store.clone(),
+            hub.clone(),
+            commits.clone(),
+            rx,
+            max_batch,
+            shutdown,
+        ));
         let writer = Writer {
             jobs,
             mode,
             store,
             hub,
+            commits,
         };
         (writer, task)
+    }
+
+    /// This node's commits in flight (for the NOTIFY listener).
+    pub fn commits(&self) -> LocalCommits {
+        self.commits.clone()
     }
 
     /// Commits a push and returns its outcome. In group mode a full queue is refused at
@@ -73,7 +137,7 @@ impl Writer {
         match self.mode {
             WriteMode::Group => self.enqueue(task, update)?.await,
             WriteMode::Naive => {
-                let _commit = self.hub.commit_started();
+                let _commit = self.commits.start();
                 let mut results = self
                     .store
                     .apply_batch(&[(task, update)], Instant::now())
@@ -151,9 +215,10 @@ impl Writer {
 async fn run(
     store: Store,
     hub: Hub,
+    commits: LocalCommits,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     // Jobs received but not yet committed. Holds at most `max_batch` jobs.
     let mut pending: VecDeque<Job> = VecDeque::with_capacity(max_batch);
@@ -162,7 +227,7 @@ async fn run(
         if pending.is_empty() {
             let next = tokio::select! {
                 job = rx.recv() => job,
-                _ = shutdown.wait_for(|stop| *stop), if !closed => {
+                _ = shutdown.wait(), if !closed => {
                     // Refuse new pushes (503), but commit and answer every queued one.
                     rx.close();
                     closed = true;
@@ -181,7 +246,7 @@ async fn run(
             }
         }
         let batch = take_batch(&mut pending);
-        commit(&store, &hub, batch).await;
+        commit(&store, &hub, &commits, batch).await;
     }
 }
 
@@ -202,7 +267,7 @@ fn take_batch(pending: &mut VecDeque<Job>) -> Vec<Job> {
     batch
 }
 
-async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
+async fn commit(store: &Store, hub: &Hub, commits: &LocalCommits, batch: Vec<Job>) {
     let mut items = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
     // Each pusher is due an answer one database timeout after it queued.
@@ -213,7 +278,7 @@ async fn commit(store: &Store, hub: &Hub, batch: Vec<Job>) {
     }
     metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
     // Until every applied state below is published.
-    let _commit = hub.commit_started();
+    let _commit = commits.start();
     let started = Instant::now();
     let committed = store
         .apply_batch(&items, since.unwrap_or_else(Instant::now))

@@ -19,10 +19,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Header};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::http_client::{HttpClient, request};
+use crate::shutdown::Shutdown;
 
 /// Timings and bounds of the key fetch.
 #[derive(Clone, Debug)]
@@ -153,8 +154,8 @@ impl Jwks {
     }
 
     /// Fetches now and every `refresh_interval` (after a failure, every
-    /// `min_refetch_interval`) until `stop` turns true.
-    pub fn spawn_refresher(&self, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    /// `min_refetch_interval`) until `stop` is triggered.
+    pub fn spawn_refresher(&self, stop: Shutdown) -> tokio::task::JoinHandle<()> {
         let jwks = self.clone();
         tokio::spawn(async move {
             loop {
@@ -164,7 +165,7 @@ impl Jwks {
                 };
                 let ok = tokio::select! {
                     ok = fetched => ok,
-                    _ = stop.wait_for(|stop| *stop) => return,
+                    () = stop.wait() => return,
                 };
                 let options = &jwks.0.options;
                 let wait = if ok {
@@ -174,7 +175,7 @@ impl Jwks {
                 };
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|stop| *stop) => return,
+                    () = stop.wait() => return,
                 }
             }
         })

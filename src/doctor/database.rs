@@ -8,7 +8,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, config::Host};
 
 use super::{Checks, Env, Level, value};
 use crate::domain::StatusMap;
-use crate::error::Error;
+use crate::error::{Error, cause_chain};
 use crate::store::connect::{PgTarget, Verification};
 use crate::store::report::{self, Finding, Severity};
 use crate::store::schema::{REQUIRED_COLUMNS, missing_columns};
@@ -68,8 +68,8 @@ pub(super) async fn database_checks(env: Env<'_>, out: &mut Checks) {
     let password = config.get_password().map(String::from_utf8_lossy);
     let password = password.filter(|p| !p.is_empty()).map(|p| p.into_owned());
     let hide = |e: tokio_postgres::Error| match &password {
-        Some(p) => error_chain(&e).replace(p.as_str(), "***"),
-        None => error_chain(&e),
+        Some(p) => cause_chain(&e).replace(p.as_str(), "***"),
+        None => cause_chain(&e),
     };
     let hosts = config.get_hosts().iter().filter_map(|host| match host {
         Host::Tcp(name) => Some(name.as_str()),
@@ -97,16 +97,6 @@ pub(super) async fn database_checks(env: Env<'_>, out: &mut Checks) {
         Err(_) => format!("no answer from {target} within 5 s"),
     };
     out.add("database", Level::Fail, message);
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
-    }
-    out
 }
 
 const REACHABLE: &str = "SELECT 'reachable: PostgreSQL ' || current_setting('server_version') \

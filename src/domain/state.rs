@@ -146,12 +146,12 @@ impl TaskRow {
         }
         if self.state.status.is_terminal() {
             return Err(Error::Conflict {
-                task: self.state.task_id,
-                status: self.state.status,
+                task: self.state.task_id.to_string(),
+                status: self.state.status.as_str(),
             });
         }
         if self.state.version == i64::MAX {
-            return Err(Error::VersionExhausted(self.state.task_id));
+            return Err(Error::VersionExhausted(self.state.task_id.to_string()));
         }
         Ok(Decision::Apply)
     }

@@ -5,7 +5,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::report::{Finding, Severity};
+use super::finding::{Finding, Severity};
 
 /// The table's row level security, who may use it, and whether taskcast bypasses RLS.
 const TABLE_QUERY: &str = "SELECT c.relrowsecurity, \

@@ -40,7 +40,7 @@ impl MemoryStore {
         batch
             .iter()
             .map(|(id, update)| {
-                let row = tasks.get_mut(id).ok_or(Error::NotFound(*id))?;
+                let row = tasks.get_mut(id).ok_or(Error::NotFound(id.to_string()))?;
                 match row.decide(update)? {
                     Decision::Stale => Ok(Outcome::Stale(row.state.clone())),
                     Decision::Apply => {

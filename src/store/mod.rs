@@ -8,6 +8,7 @@
 mod bounded;
 pub mod connect;
 pub mod exposure;
+mod finding;
 mod memory;
 mod postgres;
 pub mod report;
@@ -15,7 +16,7 @@ pub mod schema;
 pub mod shape;
 
 pub use memory::MemoryStore;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, PoolOptions};
 
 use crate::domain::{IdKind, NewTask, Outcome, ProgressUpdate, TaskId, TaskState};
 use crate::error::Error;

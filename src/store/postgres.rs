@@ -31,13 +31,22 @@ use super::exposure;
 use super::report::Finding;
 use super::schema::missing_columns;
 use super::shape::{self, Shape};
-use crate::auth::Secret;
-use crate::config::Limits;
 use crate::domain::{
     Decision, IdKind, NewTask, Outcome, ProgressUpdate, StatusMap, StoredRow, TaskId, TaskRow,
     TaskState, Unreadable,
 };
 use crate::error::Error;
+use crate::secret::Secret;
+
+/// What the pool takes from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolOptions {
+    /// Connections in the pool (`TASKCAST_DB_POOL_SIZE`).
+    pub size: usize,
+    /// Bound on every database call, the wait for a connection included
+    /// (`TASKCAST_DB_TIMEOUT_MS`).
+    pub timeout: Duration,
+}
 
 /// Cloning is shallow: the pool and the cached shape are reference-counted.
 #[derive(Clone)]
@@ -56,17 +65,17 @@ pub struct PgStore {
 impl PgStore {
     /// Builds the pool; connects lazily, so a database that is down at startup only makes
     /// requests answer 503 until it is back.
-    pub fn connect(url: &Secret, limits: &Limits, statuses: StatusMap) -> Result<Self, Error> {
+    pub fn connect(url: &Secret, options: PoolOptions, statuses: StatusMap) -> Result<Self, Error> {
         let target = PgTarget::parse(url.expose())?;
         let mut pg = target.config;
         if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(limits.db_timeout);
+            pg.connect_timeout(options.timeout);
         }
         if pg.get_application_name().is_none() {
             pg.application_name("taskcast");
         }
-        bounded::tune_socket(&mut pg, limits.db_timeout);
-        let settings = bounded::session_settings(&pg, limits.db_timeout);
+        bounded::tune_socket(&mut pg, options.timeout);
+        let settings = bounded::session_settings(&pg, options.timeout);
         let manager = Manager::from_config(
             pg,
             target.tls.clone(),
@@ -75,11 +84,11 @@ impl PgStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(limits.db_pool_size)
+            .max_size(options.size)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(limits.db_timeout))
-            .create_timeout(Some(limits.db_timeout))
-            .recycle_timeout(Some(limits.db_timeout))
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .recycle_timeout(Some(options.timeout))
             .post_create(Hook::async_fn(move |client, _| {
                 let settings = settings.clone();
                 Box::pin(async move {
@@ -94,7 +103,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             tls: target.tls,
-            timeout: limits.db_timeout,
+            timeout: options.timeout,
             statuses,
             shape: Arc::default(),
         })
@@ -469,7 +478,7 @@ async fn apply_locked(
         // Each task appears once per batch, so its row can be taken.
         let row = match current.remove(id) {
             None => {
-                results.push((index, Err(Error::NotFound(*id))));
+                results.push((index, Err(Error::NotFound(id.to_string()))));
                 continue;
             }
             Some(Err(e)) => {
@@ -628,7 +637,7 @@ fn decode(row: &Row, statuses: &StatusMap) -> Result<TaskRow, Error> {
 fn unreadable(e: Unreadable) -> Error {
     match e.task {
         Some(task) => Error::UnreadableRow {
-            task,
+            task: task.to_string(),
             column: e.column,
             held: e.held,
         },

@@ -4,29 +4,10 @@
 
 use tokio_postgres::GenericClient;
 
+pub use super::finding::{Finding, Severity};
 use super::shape::{Column, Shape};
 use crate::domain::{IdKind, StatusMap, TaskStatus};
 use crate::error::Error;
-
-/// How serious a finding is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Severity {
-    Ok,
-    Warn,
-    /// taskcast cannot serve the table until this is fixed.
-    Fail,
-    /// The table or the database is open to anyone (Supabase's anon key).
-    Critical,
-}
-
-/// One thing said about the table, with the SQL or setting that fixes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Finding {
-    pub name: &'static str,
-    pub severity: Severity,
-    pub message: String,
-    pub fix: Option<String>,
-}
 
 /// Statuses in use and how many rows hold each, most common first (at most 100).
 const STATUS_COUNTS: &str = "SELECT status::text, count(*) FROM public.image_tasks \

@@ -3,29 +3,12 @@
 use tokio_postgres::GenericClient;
 
 use super::report::{self, Finding};
+pub use super::shape::REQUIRED_COLUMNS;
 use crate::domain::StatusMap;
 use crate::error::Error;
 
 /// The schema, idempotent; also shipped as `schema.sql` for the Supabase SQL editor.
 pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
-
-/// Every column of `public.image_tasks` that taskcast reads or writes.
-pub const REQUIRED_COLUMNS: &[&str] = &[
-    "id",
-    "user_id",
-    "prompt",
-    "status",
-    "progress",
-    "stage",
-    "image_url",
-    "error",
-    "updated_at",
-    "taskcast_version",
-    "taskcast_seq",
-];
-
-/// Columns taskcast reads when the table has them; a push that sets one needs it.
-pub const OPTIONAL_COLUMNS: &[&str] = &["step", "total_steps", "preview_url"];
 
 /// Key of the advisory lock that serializes concurrent migrations ("taskcast" in ASCII).
 const MIGRATE_LOCK: i64 = 0x7461_736b_6361_7374;

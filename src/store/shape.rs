@@ -9,12 +9,29 @@
 
 use tokio_postgres::GenericClient;
 
-use super::schema::{OPTIONAL_COLUMNS, REQUIRED_COLUMNS};
 use crate::domain::{
     IdKind, MAX_ERROR_CHARS, MAX_IMAGE_URL_CHARS, MAX_STAGE_CHARS, ProgressUpdate, StatusMap,
     StatusWords, TaskStatus,
 };
 use crate::error::Error;
+
+/// Every column of `public.image_tasks` that taskcast reads or writes.
+pub const REQUIRED_COLUMNS: &[&str] = &[
+    "id",
+    "user_id",
+    "prompt",
+    "status",
+    "progress",
+    "stage",
+    "image_url",
+    "error",
+    "updated_at",
+    "taskcast_version",
+    "taskcast_seq",
+];
+
+/// Columns taskcast reads when the table has them; a push that sets one needs it.
+pub const OPTIONAL_COLUMNS: &[&str] = &["step", "total_steps", "preview_url"];
 
 /// Every column of the table with its type: name, `regtype` text (safe to paste into a
 /// cast: Postgres quotes it as needed), `typtype`, `typcategory`, enum labels in order.
@@ -166,7 +183,7 @@ impl Shape {
         self.words
             .word(status)
             .ok_or_else(|| Error::StatusNotStorable {
-                status,
+                status: status.as_str(),
                 column: format!("enum {}", self.status_column.type_name),
             })
     }

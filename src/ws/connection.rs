@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_stream::StreamMap;
 use tokio_tungstenite::WebSocketStream;
@@ -19,18 +18,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use warp::hyper::upgrade::Upgraded;
 
-use super::WsContext;
 use super::protocol::{self, ClientMessage};
-use crate::auth::may_watch;
-use crate::auth::subscribe::now_unix;
 use crate::domain::TaskId;
 use crate::error::Error;
 use crate::hub::Subscription;
+use crate::subscribers::{Slot, Subscribers};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 pub struct Connection {
-    ctx: Arc<WsContext>,
+    ctx: Arc<Subscribers>,
     socket: Socket,
     subscriptions: StreamMap<TaskId, Subscription>,
     /// The `?token=` of the URL, used when a subscribe message carries none.
@@ -46,7 +43,7 @@ pub struct Connection {
     last_heard: Instant,
     /// Subscribe attempts in the current one-second window.
     rate_window: (Instant, u32),
-    _permit: OwnedSemaphorePermit,
+    _permit: Slot,
 }
 
 /// Why a connection loop ended.
@@ -63,9 +60,9 @@ enum End {
 
 impl Connection {
     pub fn new(
-        ctx: Arc<WsContext>,
+        ctx: Arc<Subscribers>,
         socket: Socket,
-        permit: OwnedSemaphorePermit,
+        permit: Slot,
         default_token: Option<String>,
     ) -> Self {
         let now = Instant::now();
@@ -121,7 +118,7 @@ impl Connection {
         // Created once: a fresh wait per loop turn would register with the shared shutdown
         // signal on every frame, a lock every connection contends on.
         let ctx = self.ctx.clone();
-        let stop = ctx.stopped();
+        let stop = ctx.shutdown.wait();
         tokio::pin!(stop);
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);
@@ -216,7 +213,10 @@ impl Connection {
     }
 
     async fn send_error(&mut self, error: &Error, task: Option<TaskId>) -> Result<(), End> {
-        self.send(Message::text(error.to_ws_json(task))).await
+        self.send(Message::text(
+            error.to_ws_json(task.as_ref().map(TaskId::as_str)),
+        ))
+        .await
     }
 
     async fn on_client_message(&mut self, text: &str) -> Result<(), End> {
@@ -263,16 +263,15 @@ impl Connection {
         *count > self.ctx.limits.max_subscribes_per_sec
     }
 
-    /// Authorize, then subscribe, then snapshot: register with the hub first, then read the
-    /// current state (hub, else store), send it, and from then on forward only newer
-    /// versions. A refusal is an error message; the connection stays usable.
+    /// Authorize, then [`Subscribers::watch`] (subscribe, then snapshot), send the
+    /// snapshot, and from then on forward only newer versions. A refusal is an error
+    /// message; the connection stays usable.
     async fn subscribe(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
         let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
-        let access =
-            match may_watch(&self.ctx.subscribe, &self.ctx.store, token.as_deref(), task).await {
-                Ok(access) => access,
-                Err(e) => return self.send_error(&e, Some(task)).await,
-            };
+        let access = match self.ctx.may_watch(token.as_deref(), task).await {
+            Ok(access) => access,
+            Err(e) => return self.send_error(&e, Some(task)).await,
+        };
         // A repeated subscribe (say, with a fresh token) starts over with a fresh snapshot.
         self.remove(task);
         if self.subscriptions.len() >= self.ctx.limits.max_subscriptions {
@@ -283,23 +282,16 @@ impl Connection {
             ));
             return self.send_error(&e, Some(task)).await;
         }
-        let (mut subscription, current) = self.ctx.hub.subscribe(task);
-        let (version, snapshot) = match current {
-            Some(frame) => (frame.version(), frame.snapshot_json()),
-            None => match self.ctx.store.get(task).await {
-                Ok(Some(state)) => (state.version, self.ctx.hub.publish_snapshot(&state)),
-                Ok(None) => return self.send_error(&Error::NotFound(task), Some(task)).await,
-                Err(e) => return self.send_error(&e, Some(task)).await,
-            },
+        let watch = match self.ctx.watch(task, &access).await {
+            Ok(watch) => watch,
+            Err(e) => return self.send_error(&e, Some(task)).await,
         };
-        subscription.mark_delivered(version);
-        self.subscriptions.insert(task, subscription);
-        if let Some(expires_at) = access.expires_at() {
-            let left = Duration::from_secs(expires_at.saturating_sub(now_unix()));
-            self.expiries.push((task, Instant::now() + left));
+        self.subscriptions.insert(task, watch.subscription);
+        if let Some(at) = watch.expires_at {
+            self.expiries.push((task, at));
             self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
         }
-        self.send(Message::text(snapshot)).await
+        self.send(Message::text(watch.snapshot)).await
     }
 
     fn remove(&mut self, task: TaskId) {

@@ -15,7 +15,6 @@ pub mod protocol;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -23,49 +22,14 @@ use warp::http::{HeaderMap, StatusCode, header};
 use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
-use crate::auth::subscribe::SubscribeAuth;
-use crate::config::Limits;
 use crate::error::Error;
-use crate::hub::Hub;
-use crate::store::Store;
+use crate::subscribers::{Slot, SubscriberLimits, Subscribers};
 use connection::Connection;
-
-/// What every connection needs, shared by all of them behind one `Arc`.
-pub struct WsContext {
-    pub hub: Hub,
-    pub store: Store,
-    pub subscribe: SubscribeAuth,
-    pub limits: Limits,
-    /// Permits for open connections; the server waits for all of them at shutdown.
-    pub connections: Arc<Semaphore>,
-    /// Becomes `true` when the server shuts down.
-    pub shutdown: watch::Receiver<bool>,
-    /// Wakes every connection's loop at shutdown (see [`WsContext::close_all`]).
-    pub closing: Notify,
-}
-
-impl WsContext {
-    /// Completes once the server shuts down. Every connection's loop holds this future,
-    /// so it is one `Notified`, half the size of a wait on the watch receiver.
-    pub async fn stopped(&self) {
-        let notified = self.closing.notified();
-        // Checked after `notified` exists: a shutdown after this check still wakes it.
-        if *self.shutdown.borrow() {
-            return;
-        }
-        notified.await;
-    }
-
-    /// Wakes every [`WsContext::stopped`]; call it after `shutdown` has become `true`.
-    pub fn close_all(&self) {
-        self.closing.notify_waiters();
-    }
-}
 
 /// Answers the upgrade request with 101 and starts the connection task, or refuses with
 /// an HTTP error before upgrading.
 pub async fn upgrade(
-    ctx: Arc<WsContext>,
+    ctx: Arc<Subscribers>,
     task_id: Option<String>,
     token: Option<String>,
     headers: &HeaderMap,
@@ -101,14 +65,7 @@ pub async fn upgrade(
         Some(raw) => Some(ctx.store.parse_id(&raw).await?),
         None => None,
     };
-    let permit = ctx
-        .connections
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Error::Unavailable {
-            what: "a WebSocket slot (TASKCAST_MAX_CONNECTIONS reached)",
-            source: None,
-        })?;
+    let permit = ctx.admit("a WebSocket slot (TASKCAST_MAX_CONNECTIONS reached)")?;
 
     let accept = derive_accept_key(key.as_bytes());
     // The task's future is allocated at its largest for as long as the connection lives,
@@ -142,9 +99,9 @@ pub async fn upgrade(
 
 /// Waits for hyper to hand over the upgraded connection and wraps it in a WebSocket.
 async fn open(
-    ctx: Arc<WsContext>,
+    ctx: Arc<Subscribers>,
     on_upgrade: OnUpgrade,
-    permit: OwnedSemaphorePermit,
+    permit: Slot,
     token: Option<String>,
 ) -> Option<Box<Connection>> {
     let upgraded = match on_upgrade.await {
@@ -165,7 +122,7 @@ async fn open(
 /// subscribe message without a token in one read; a longer message grows the buffer to
 /// fit (tungstenite reserves a frame's whole length), so 512 would end at 1 KiB for the
 /// same message while costing every idle connection 256 bytes more.
-fn socket_config(limits: &Limits) -> WebSocketConfig {
+fn socket_config(limits: &SubscriberLimits) -> WebSocketConfig {
     let max = limits.max_ws_message_bytes;
     WebSocketConfig::default()
         .read_buffer_size(max.min(256))

@@ -15,6 +15,7 @@ mod frames;
 mod fuzz;
 mod http_limits;
 mod jwks;
+mod layout;
 mod nextjs;
 mod openapi;
 mod operations;
