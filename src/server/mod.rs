@@ -35,6 +35,8 @@ use tracked::{TrackedIo, TrackedService};
 
 /// Connections over the cap that are being told 503 at once; more are closed unanswered.
 const MAX_REFUSING: usize = 64;
+/// How long the accept loop waits for evicted connections to close before refusing one.
+const CLOSING_WAIT: Duration = Duration::from_secs(1);
 /// How long a refused connection has to send its request header.
 const REFUSE_WITHIN: Duration = Duration::from_secs(2);
 
@@ -89,7 +91,7 @@ pub async fn serve(
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "could not set TCP_NODELAY");
                     }
-                    match slots.admit() {
+                    match slots.admit_within(CLOSING_WAIT).await {
                         Some(lease) => {
                             let service = TowerToHyperService::new(warp::service(routes.clone()));
                             tokio::spawn(serve_one(

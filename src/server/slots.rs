@@ -41,6 +41,11 @@ struct Shared {
     next_id: AtomicU64,
     /// The most connections open at once since [`Slots::take_peak`].
     peak: AtomicUsize,
+    /// Evicted connections whose task has not yet closed the socket: their slot is free but
+    /// their descriptor is not, so admitting by eviction stops at [`Shared::closing_cap`].
+    closing: AtomicUsize,
+    /// Notified when an evicted connection's socket closed.
+    closed: Notify,
     /// Keyed by accept order, so the first evictable entry is the oldest.
     /// std Mutex, not tokio: nothing awaits while it is held.
     live: Mutex<BTreeMap<u64, Arc<Track>>>,
@@ -58,6 +63,21 @@ pub struct Track {
     shared: Arc<Shared>,
 }
 
+/// Why no slot was given.
+enum NoSlot {
+    /// Every slot holds a request in flight.
+    Busy,
+    /// Evicted connections still hold [`Shared::closing_cap`] descriptors.
+    Closing,
+}
+
+impl Shared {
+    /// Evicted sockets allowed to be still closing: a quarter of the cap, from 8 to 256.
+    fn closing_cap(&self) -> usize {
+        (self.cap / 4).clamp(8, 256)
+    }
+}
+
 impl Slots {
     pub fn new(cap: usize, header_timeout: Duration, keep_alive_timeout: Duration) -> Self {
         Slots {
@@ -68,17 +88,49 @@ impl Slots {
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(0),
                 peak: AtomicUsize::new(0),
+                closing: AtomicUsize::new(0),
+                closed: Notify::new(),
                 live: Mutex::new(BTreeMap::new()),
             }),
         }
     }
 
     /// A slot for a new connection, evicting the oldest evictable one if the cap is
-    /// reached; `None` when every slot holds a request in flight.
+    /// reached; `None` when every slot holds a request in flight, or when too many evicted
+    /// connections are still closing (see [`Slots::admit_within`]).
     pub fn admit(&self) -> Option<Lease> {
+        self.try_admit().ok()
+    }
+
+    /// [`Slots::admit`], but while too many evicted connections are still closing, waits
+    /// (up to `within`) for them to close rather than refusing. The accept loop waits here,
+    /// so a flood is held in the kernel's backlog instead of in descriptors.
+    pub async fn admit_within(&self, within: Duration) -> Option<Lease> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Registered before the check, so a close in between is not missed.
+            let closed = self.shared.closed.notified();
+            match self.try_admit() {
+                Ok(lease) => return Some(lease),
+                Err(NoSlot::Busy) => return None,
+                Err(NoSlot::Closing) => {
+                    tokio::time::timeout_at(deadline, closed).await.ok()?;
+                }
+            }
+        }
+    }
+
+    fn try_admit(&self) -> Result<Lease, NoSlot> {
         let mut live = self.shared.live.lock().expect("slots lock poisoned");
-        if live.len() >= self.shared.cap && !evict_oldest(&mut live) {
-            return None;
+        if live.len() >= self.shared.cap {
+            // Under a flood, evicted sockets may not have closed yet: admitting more by
+            // eviction would let descriptors in use outgrow the cap.
+            if self.shared.closing.load(Ordering::Acquire) >= self.shared.closing_cap() {
+                return Err(NoSlot::Closing);
+            }
+            if !evict_oldest(&mut live) {
+                return Err(NoSlot::Busy);
+            }
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let track = Arc::new(Track {
@@ -91,7 +143,7 @@ impl Slots {
         });
         live.insert(id, track.clone());
         self.shared.peak.fetch_max(live.len(), Ordering::Relaxed);
-        Some(Lease(track))
+        Ok(Lease(track))
     }
 
     /// Closes the oldest connection not in the middle of a request, to free its file
@@ -122,6 +174,7 @@ fn evict_oldest(live: &mut BTreeMap<u64, Arc<Track>>) -> bool {
     let victim = live.values().find(|track| track.try_evict()).map(|t| t.id);
     match victim.and_then(|id| live.remove(&id)) {
         Some(track) => {
+            track.shared.closing.fetch_add(1, Ordering::AcqRel);
             track.released.store(true, Ordering::Release);
             track.wake.notify_one();
             true
@@ -248,6 +301,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.0.evicted() {
+            // Its slot was freed at eviction (EVICTED is final); now its socket is closed.
+            self.0.shared.closing.fetch_sub(1, Ordering::AcqRel);
+            self.0.shared.closed.notify_waiters();
+        }
         self.0.release();
     }
 }
@@ -278,6 +336,46 @@ mod tests {
         assert_eq!(slots.len(), 2);
         assert!(third.track().request_started());
         assert!(slots.admit().is_none(), "every slot is mid-request");
+    }
+
+    #[tokio::test]
+    async fn admitting_by_eviction_waits_while_too_many_evicted_sockets_are_still_open() {
+        let slots = slots(4);
+        let mut open = vec![slots.admit().expect("a free slot")];
+        // The cap is full; every further admit evicts one whose lease (socket) stays alive.
+        for _ in 0..3 {
+            open.push(slots.admit().expect("a free slot"));
+        }
+        let closing_cap = slots.shared.closing_cap();
+        for _ in 0..closing_cap {
+            open.push(slots.admit().expect("evicting the oldest idle connection"));
+        }
+        assert!(
+            slots.admit().is_none(),
+            "{closing_cap} evicted sockets are still open: no more evictions"
+        );
+        // The evicted connections close while an admit waits: it gets its slot.
+        let evicted: Vec<Lease> = open.drain(..closing_cap).collect();
+        assert!(evicted.iter().all(|lease| lease.track().evicted()));
+        let waiting = slots.admit_within(Duration::from_secs(10));
+        let mut waiting = std::pin::pin!(waiting);
+        assert!(
+            futures::poll!(&mut waiting).is_pending(),
+            "waits for a close"
+        );
+        drop(evicted);
+        let _next = waiting.await.expect("evicting works again");
+        assert_eq!(slots.len(), 4);
+        // That admit evicted one more (still open); fill the rest of the closing budget,
+        // and a wait that sees no close ends at its deadline without a slot.
+        let more: Vec<Lease> = (0..closing_cap).filter_map(|_| slots.admit()).collect();
+        assert_eq!(more.len(), closing_cap - 1);
+        assert!(
+            slots
+                .admit_within(Duration::from_millis(20))
+                .await
+                .is_none()
+        );
     }
 
     #[test]
