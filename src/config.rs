@@ -129,8 +129,8 @@ pub struct ServeArgs {
     /// Postgres connection string. Unset: an in-memory store (nothing survives a restart).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// The push key. Unset: INTERNAL_API_KEY, API_SECRET_KEY, OPENAI_API_KEY's first 8
-    /// characters, then `development-key` outside production.
+    /// The push key. Unset: INTERNAL_API_KEY, API_SECRET_KEY, then `development-key` outside
+    /// production (never any part of OPENAI_API_KEY: its prefix is public).
     #[arg(long, env = "TASK_PROCESS_SECRET_KEY", hide_env_values = true)]
     pub push_key: Option<String>,
     /// The previous push key, also accepted while set (rotation without downtime).

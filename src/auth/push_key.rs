@@ -14,14 +14,14 @@ use crate::error::Error;
 /// The guide's own minimum length for the push key (`openssl rand -hex 16`).
 pub const MIN_KEY_CHARS: usize = 32;
 
-/// Where the effective push key came from, in the guide's fallback order.
+/// Where the effective push key came from, in the guide's fallback order. The guide's
+/// last fallback, the first 8 characters of `OPENAI_API_KEY`, is never used: every modern
+/// OpenAI key starts with the same 8 characters, so that key would be public.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum KeySource {
     TaskProcessSecretKey,
     InternalApiKey,
     ApiSecretKey,
-    /// The first 8 characters of `OPENAI_API_KEY`: `sk-proj-` for every modern key, so public.
-    OpenAiKeyPrefix,
     /// The literal `development-key`, only outside production.
     DevelopmentDefault,
 }
@@ -33,7 +33,6 @@ impl KeySource {
             KeySource::TaskProcessSecretKey => "TASK_PROCESS_SECRET_KEY",
             KeySource::InternalApiKey => "INTERNAL_API_KEY",
             KeySource::ApiSecretKey => "API_SECRET_KEY",
-            KeySource::OpenAiKeyPrefix => "the first 8 characters of OPENAI_API_KEY",
             KeySource::DevelopmentDefault => "the development default `development-key`",
         }
     }
@@ -49,7 +48,7 @@ pub struct PushKey {
     previous: Option<Secret>,
 }
 
-/// The guide's fallback chain, before the OpenAI prefix and the development default.
+/// The guide's fallback chain, before the development default.
 const FALLBACK_VARS: [(&str, KeySource); 2] = [
     ("INTERNAL_API_KEY", KeySource::InternalApiKey),
     ("API_SECRET_KEY", KeySource::ApiSecretKey),
@@ -73,8 +72,8 @@ impl PushKey {
     }
 
     /// Resolves the key in the guide's order: `explicit` (TASK_PROCESS_SECRET_KEY or
-    /// `--push-key`), INTERNAL_API_KEY, API_SECRET_KEY, the first 8 characters of
-    /// OPENAI_API_KEY, then `development-key` outside production. Surrounding whitespace
+    /// `--push-key`), INTERNAL_API_KEY, API_SECRET_KEY, then `development-key` outside
+    /// production (never any part of OPENAI_API_KEY, see [`KeySource`]). Surrounding whitespace
     /// is trimmed (the guide's most common 401 cause); a value that is empty after
     /// trimming counts as unset. `previous` (TASK_PROCESS_SECRET_KEY_PREVIOUS) is accepted too.
     ///
@@ -125,13 +124,6 @@ impl PushKey {
                 return Ok(found);
             }
         }
-        let openai_prefix = env("OPENAI_API_KEY").and_then(|raw| {
-            let key = raw.trim();
-            (key.chars().count() >= 8).then(|| key.chars().take(8).collect::<String>())
-        });
-        if let Some(prefix) = openai_prefix {
-            return Ok(Self::from_raw(&prefix, KeySource::OpenAiKeyPrefix).expect("8 characters"));
-        }
         if production {
             return Err(
                 "no push key is set: set TASK_PROCESS_SECRET_KEY to at least 32 random \
@@ -172,9 +164,6 @@ impl PushKey {
         match self.source {
             KeySource::DevelopmentDefault => {
                 Some("is the built-in `development-key`, which anyone can guess".to_string())
-            }
-            KeySource::OpenAiKeyPrefix => {
-                Some("is a prefix that every modern OpenAI key shares, so it is public".to_string())
             }
             _ => {
                 let chars = self.secret.expose().chars().count();
@@ -244,12 +233,20 @@ mod tests {
         ]);
         let key = PushKey::resolve(None, None, env, false).unwrap();
         assert_eq!(key.source(), KeySource::ApiSecretKey);
+    }
 
+    #[test]
+    fn no_part_of_openai_api_key_is_ever_the_push_key() {
         let env = env_of(&[("OPENAI_API_KEY", "sk-proj-abc")]);
         let key = PushKey::resolve(None, None, env, false).unwrap();
-        assert_eq!(key.source(), KeySource::OpenAiKeyPrefix);
-        assert!(key.verify(Some("Bearer sk-proj-")).is_ok());
-        assert!(key.weakness().unwrap().contains("public"));
+        assert_eq!(key.source(), KeySource::DevelopmentDefault);
+        assert!(key.verify(Some("Bearer sk-proj-")).is_err());
+        assert!(key.verify(Some("Bearer sk-proj-abc")).is_err());
+        let env = env_of(&[("OPENAI_API_KEY", "sk-proj-abc")]);
+        assert!(
+            PushKey::resolve(None, None, env, true).is_err(),
+            "production: no key"
+        );
     }
 
     #[test]

@@ -183,7 +183,9 @@ fn app_url(env: Env, out: &mut Checks) {
     }
 }
 
-const OPENAI_PREFIX: &str = "a prefix every modern OpenAI key shares, so it is public";
+const OPENAI_IGNORED: &str = "OPENAI_API_KEY is set, and the guide falls back to its first \
+    8 characters as the push key; taskcast never does: every modern OpenAI key starts with \
+    the same 8 characters, so that key would be public";
 const TRIMMED: &str = "has spaces or a newline around it; taskcast trims them (and the key \
     a generator presents), but a generator reading the same value may fail to send it: HTTP \
     clients refuse a header value with a newline";
@@ -206,10 +208,6 @@ fn push_key(env: Env, production: bool, out: &mut Checks) {
         _ if production && source == KeySource::DevelopmentDefault => {
             (Level::Fail, format!("{unset}, nor any fallback{refusal}"))
         }
-        // PushKey's wording quotes the OpenAI prefix; doctor prints no part of any key.
-        Some(_) if source == KeySource::OpenAiKeyPrefix => {
-            (weak, format!("{from}: {OPENAI_PREFIX}{refusal}"))
-        }
         Some(why) => (weak, format!("{from}: it {why}{refusal}")),
         None if source != KeySource::TaskProcessSecretKey => {
             let why = "docs/deployment.md strongly recommends setting it";
@@ -221,6 +219,9 @@ fn push_key(env: Env, production: bool, out: &mut Checks) {
     match level {
         Level::Ok => out.add("push key", level, message),
         _ => out.fix("push key", level, message, NEW_KEY),
+    }
+    if source == KeySource::DevelopmentDefault && value(env, "OPENAI_API_KEY").is_some() {
+        out.fix("openai key", Level::Warn, OPENAI_IGNORED, NEW_KEY);
     }
     if key.was_trimmed() {
         let message = format!("{} {TRIMMED}", source.describe());
@@ -354,12 +355,20 @@ mod tests {
     }
 
     #[test]
-    fn the_openai_prefix_is_public_so_production_fails_without_quoting_it() {
+    fn openai_api_key_is_never_the_push_key_and_doctor_says_so_without_quoting_it() {
         for (mode, level) in [("production", Level::Fail), ("development", Level::Warn)] {
             let checks = config(&[("NODE_ENV", mode), ("OPENAI_API_KEY", "sk-proj-abcdefgh")]);
             let check = find(&checks, "push key");
             assert_eq!(check.level, level);
-            assert!(check.message.contains("public"), "{}", check.message);
+            // No key at all: refused in production, the guessable default in development.
+            let no_key = ["not set", "development-key"];
+            assert!(
+                no_key.iter().any(|w| check.message.contains(w)),
+                "{}",
+                check.message
+            );
+            let check = find(&checks, "openai key");
+            assert!(check.message.contains("never"), "{}", check.message);
             assert!(
                 !format!("{checks:?}").contains("sk-proj-"),
                 "a part of the key"

@@ -57,7 +57,8 @@ async fn production_refuses_to_start_with_a_weak_public_or_missing_key() {
                     "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789",
                 ),
             ],
-            "public",
+            // Never a push key: as if none were set.
+            "no push key is set",
         ),
         (
             &[
