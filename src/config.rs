@@ -30,6 +30,66 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+impl Cli {
+    /// The command line as users see it in `--help`: `taskcast --help` lists the commands
+    /// (the `serve` flags are still accepted there), `taskcast serve --help` groups the
+    /// server's flags under headings, and no help shows an environment variable's value or
+    /// a default that depends on this machine.
+    pub fn command_shown() -> clap::Command {
+        use clap::CommandFactory;
+        let machine_dependent = ["max_connections", "max_http_connections"];
+        Cli::command()
+            .mut_args(|arg| arg.hide(true))
+            .after_help(
+                "The server's settings: `taskcast serve --help` (they are accepted here too, \
+                 since serve is the default).",
+            )
+            .mut_subcommands(move |command| {
+                command.mut_args(move |arg| {
+                    let id = arg.get_id().as_str().to_owned();
+                    let arg = arg
+                        .hide_env_values(true)
+                        .hide_default_value(machine_dependent.contains(&id.as_str()));
+                    match serve_heading(&id) {
+                        Some(heading) => arg.help_heading(heading),
+                        None => arg,
+                    }
+                })
+            })
+    }
+
+    /// Parses the process's arguments with [`Cli::command_shown`]'s help (exits on an error
+    /// or a help request, as `Cli::parse` does).
+    pub fn parse_shown() -> Cli {
+        use clap::FromArgMatches;
+        let matches = Self::command_shown().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// The heading a `serve` flag is listed under; `None` for flags of the other commands.
+fn serve_heading(id: &str) -> Option<&'static str> {
+    let heading = match id {
+        "push_key"
+        | "push_key_previous"
+        | "subscribe_secret"
+        | "supabase_jwt_secret"
+        | "supabase_url"
+        | "public_subscribe"
+        | "token_ttl_secs"
+        | "allowed_origins"
+        | "app_url"
+        | "public_url"
+        | "metrics_token" => "Who may push and watch",
+        "database_url" | "db_pool_size" | "db_timeout_ms" | "notify_channel" | "status_map"
+        | "write_mode" | "max_batch" | "writer_queue" => "Database",
+        "listen" | "demo" | "log_format" | "shutdown_timeout_secs" => "Server",
+        _ if id.starts_with("max_") || id.ends_with("_secs") => "Limits and timeouts",
+        _ => return None,
+    };
+    Some(heading)
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the HTTP and WebSocket API (the default).
@@ -186,6 +246,7 @@ pub struct ServeArgs {
     pub max_connections: usize,
     /// Open plain HTTP connections (not WebSocket or SSE). When full, the oldest one not in
     /// the middle of a request is closed; if all are mid-request, new ones get 503.
+    /// Default: an eighth of the open-file limit, from 64 to 4,096.
     #[arg(long, env = "TASKCAST_MAX_HTTP_CONNECTIONS", default_value_t = default_max_http_connections())]
     pub max_http_connections: usize,
     /// Seconds a client has to send a whole request header (from connect, or from the
@@ -732,6 +793,47 @@ pub fn parse_origin(name: &str, url: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_is_short_at_the_top_grouped_for_serve_and_shows_no_values_of_this_machine() {
+        let mut command = Cli::command_shown();
+        command.build();
+        let top = command.render_long_help().to_string();
+        assert!(top.lines().count() < 30, "{top}");
+        assert!(top.contains("taskcast serve --help"), "{top}");
+        let serve = command
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_long_help()
+            .to_string();
+        for heading in [
+            "Server:",
+            "Database:",
+            "Who may push and watch:",
+            "Limits and timeouts:",
+        ] {
+            assert!(serve.contains(heading), "{heading} missing:\n{serve}");
+        }
+        // `[env: NAME=value]` would show a value (or an empty `=]` when unset).
+        assert!(
+            !serve.contains("=]") && !serve.contains("[env: TASKCAST_LISTEN="),
+            "{serve}"
+        );
+        for flag in ["--max-connections <", "--max-http-connections <"] {
+            let block = serve.split(flag).nth(1).expect(flag);
+            let block = block.split("\n\n      --").next().unwrap();
+            assert!(
+                !block.contains("[default:"),
+                "{flag} shows a machine's number: {block}"
+            );
+        }
+        // The serve flags are still accepted without the subcommand.
+        let matches = Cli::command_shown()
+            .try_get_matches_from(["taskcast", "--listen", "127.0.0.1:0"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert_eq!(cli.serve.listen.to_string(), "127.0.0.1:0");
+    }
 
     #[test]
     fn origin_keeps_scheme_host_and_port_only() {

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use taskcast::App;
 use taskcast::auth::Secret;
 use taskcast::auth::subscribe;
@@ -14,7 +13,7 @@ use taskcast::telemetry::LogFormat;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_shown();
     match cli.command {
         Some(Command::Migrate(args)) => {
             taskcast::telemetry::init(LogFormat::Text);
