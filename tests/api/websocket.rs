@@ -172,16 +172,18 @@ async fn a_connection_that_never_answers_pings_is_closed() {
 async fn a_connection_without_subscriptions_is_closed_when_idle(kind: StoreKind) {
     let app = spawn_app_with(kind, |c| c.limits.idle_timeout = Duration::from_millis(300)).await;
     let mut sub = app.connect("").await;
-    let close = loop {
-        match tokio::time::timeout(WAIT, sub.socket.next())
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a Close frame, got {other:?}"),
+    // One bound for the whole wait, so pings cannot keep it going.
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            match sub.socket.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close frame, got {other:?}"),
+            }
         }
-    };
+    })
+    .await
+    .expect("closed in time");
     assert_eq!(close.code, CloseCode::Normal);
     assert!(close.reason.contains("idle"));
 }
