@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use warp::hyper::upgrade::Upgraded;
 
+use super::deadlines::{Deadlines, Ping};
 use super::protocol::{self, ClientMessage};
 use crate::domain::TaskId;
 use crate::error::Error;
@@ -32,15 +33,8 @@ pub struct Connection {
     subscriptions: StreamMap<TaskId, Subscription>,
     /// The `?token=` of the URL, used when a subscribe message carries none.
     default_token: Option<Box<str>>,
-    /// When each subscription's token expires (at most `max_subscriptions` entries, so a
-    /// scan is cheap), and the earliest of them.
-    expiries: Vec<(TaskId, Instant)>,
-    next_expiry: Option<Instant>,
-    /// When a connection with no subscription is closed.
-    idle_deadline: Instant,
-    /// When the next ping is due, and when the client was last heard from.
-    next_ping: Instant,
-    last_heard: Instant,
+    /// Pings, the idle close and token expiry.
+    deadlines: Deadlines,
     /// Subscribe attempts in the current one-second window.
     rate_window: (Instant, u32),
     _permit: Slot,
@@ -67,16 +61,12 @@ impl Connection {
     ) -> Self {
         let now = Instant::now();
         Connection {
-            idle_deadline: now + ctx.limits.idle_timeout,
-            next_ping: now + ctx.limits.ping_interval,
+            deadlines: Deadlines::new(now, &ctx.limits),
             ctx,
             socket,
             // Most connections watch one task; the default would reserve room for four.
             subscriptions: StreamMap::with_capacity(1),
             default_token: default_token.map(String::into_boxed_str),
-            expiries: Vec::new(),
-            next_expiry: None,
-            last_heard: now,
             rate_window: (now, 0),
             _permit: permit,
         }
@@ -131,7 +121,7 @@ impl Connection {
                     self.send(Message::Text(frame.text.clone())).await?;
                 }
                 incoming = self.socket.next() => {
-                    self.last_heard = Instant::now();
+                    self.deadlines.heard(Instant::now());
                     match incoming {
                         None => return Ok(End::Gone),
                         Some(Ok(Message::Close(_))) => return Ok(End::ClosedByClient),
@@ -159,38 +149,29 @@ impl Connection {
         }
     }
 
-    /// The earliest of: the next ping, the idle close (without subscriptions), the first
-    /// token expiry.
+    /// See [`Deadlines::next`].
     fn next_deadline(&self) -> Instant {
-        let mut next = self.next_ping;
-        if self.subscriptions.is_empty() {
-            next = next.min(self.idle_deadline);
-        }
-        if let Some(expiry) = self.next_expiry {
-            next = next.min(expiry);
-        }
-        next
+        self.deadlines.next(!self.subscriptions.is_empty())
     }
 
     /// Does whatever is due. Every branch moves its deadline past now, so the timer never
     /// fires twice for the same reason.
     async fn on_timer(&mut self) -> Result<Option<End>, End> {
         let now = Instant::now();
-        if self.subscriptions.is_empty() && self.idle_deadline <= now {
+        if self.deadlines.is_idle(now, !self.subscriptions.is_empty()) {
             return Ok(Some(End::Close(
                 CloseCode::Normal,
                 "idle: no subscription (TASKCAST_IDLE_TIMEOUT_SECS)",
             )));
         }
-        if self.next_expiry.is_some_and(|at| at <= now) {
-            Box::pin(self.expire_tokens(now)).await?;
+        let expired = self.deadlines.expired(now);
+        if !expired.is_empty() {
+            Box::pin(self.expire_tokens(expired)).await?;
         }
-        if self.next_ping <= now {
-            if now.duration_since(self.last_heard) >= self.ctx.limits.pong_timeout {
-                return Ok(Some(End::Close(CloseCode::Policy, "no pong received")));
-            }
-            self.next_ping = now + self.ctx.limits.ping_interval;
-            self.send(Message::Ping(Default::default())).await?;
+        match self.deadlines.ping(now, &self.ctx.limits) {
+            Ping::NotYet => {}
+            Ping::NoPong => return Ok(Some(End::Close(CloseCode::Policy, "no pong received"))),
+            Ping::Send => self.send(Message::Ping(Default::default())).await?,
         }
         Ok(None)
     }
@@ -287,32 +268,19 @@ impl Connection {
             Err(e) => return self.send_error(&e, Some(task)).await,
         };
         self.subscriptions.insert(task, watch.subscription);
-        if let Some(at) = watch.expires_at {
-            self.expiries.push((task, at));
-            self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
-        }
+        self.deadlines.watch(task, watch.expires_at);
         self.send(Message::text(watch.snapshot)).await
     }
 
     fn remove(&mut self, task: TaskId) {
         self.subscriptions.remove(&task);
-        if let Some(at) = self.expiries.iter().position(|(t, _)| *t == task) {
-            self.expiries.swap_remove(at);
-            self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
-        }
-        if self.subscriptions.is_empty() {
-            self.idle_deadline = Instant::now() + self.ctx.limits.idle_timeout;
-        }
+        let subscribed = !self.subscriptions.is_empty();
+        self.deadlines
+            .forget(task, Instant::now(), subscribed, &self.ctx.limits);
     }
 
     /// Ends every subscription whose token has expired, telling the client how to go on.
-    async fn expire_tokens(&mut self, now: Instant) -> Result<(), End> {
-        let expired: Vec<TaskId> = self
-            .expiries
-            .iter()
-            .filter(|(_, at)| *at <= now)
-            .map(|(task, _)| *task)
-            .collect();
+    async fn expire_tokens(&mut self, expired: Vec<TaskId>) -> Result<(), End> {
         for task in expired {
             self.remove(task);
             self.send_error(&Error::TokenExpired, Some(task)).await?;

@@ -10,6 +10,7 @@
 //! per subscription has `"snapshot": true`) and `{"type":"error","code","message","hint"}`.
 
 mod connection;
+mod deadlines;
 pub mod protocol;
 
 use std::sync::Arc;

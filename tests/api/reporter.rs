@@ -147,10 +147,10 @@ async fn a_reporter_pointed_at_a_closed_port_never_blocks_and_its_flush_gives_up
         assert!(reporter.pending() <= capacity);
     }
     let reporting = started.elapsed();
-    assert!(
-        reporting < Duration::from_millis(500),
-        "1000 reports took {reporting:?}"
-    );
+    // Generous for a busy machine, yet far below what waiting for queue room would cost:
+    // a queued update only leaves after 3 failed attempts with 200-400 ms backoffs, so
+    // the 996 reports beyond the capacity would wait minutes.
+    assert!(reporting < WAIT / 2, "1000 reports took {reporting:?}");
 
     let started = Instant::now();
     let limit = Duration::from_millis(300);

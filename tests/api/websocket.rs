@@ -125,6 +125,8 @@ async fn a_connection_that_never_answers_pings_is_closed() {
     let app = spawn_app_with(StoreKind::Memory, |c| {
         c.limits.ping_interval = Duration::from_millis(200);
         c.limits.pong_timeout = Duration::from_millis(600);
+        // The connection has no subscription: only the pong timeout may close it here.
+        c.limits.idle_timeout = Duration::from_secs(3600);
     })
     .await;
     let mut tcp = TcpStream::connect(app.addr).await.unwrap();
@@ -137,17 +139,19 @@ async fn a_connection_that_never_answers_pings_is_closed() {
     let mut received = Vec::new();
     let mut buf = [0u8; 1024];
     let started = std::time::Instant::now();
-    // Read until the server closes the TCP connection; collect what it sent.
-    loop {
-        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
-            .await
-            .expect("server closed in time")
-            .unwrap();
-        if n == 0 {
-            break;
+    // Read until the server closes the TCP connection; collect what it sent. One bound
+    // for the whole wait: the pings alone would keep a per-read timeout from firing.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&buf[..n]);
         }
-        received.extend_from_slice(&buf[..n]);
-    }
+    })
+    .await
+    .expect("server closed in time");
     let text = String::from_utf8_lossy(&received);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(
@@ -158,22 +162,28 @@ async fn a_connection_that_never_answers_pings_is_closed() {
         received.windows(1).any(|b| b[0] == 0x88),
         "no close frame was sent"
     );
+    assert!(
+        text.contains("no pong received"),
+        "closed for another reason"
+    );
     assert!(started.elapsed() >= Duration::from_millis(600));
 }
 
 async fn a_connection_without_subscriptions_is_closed_when_idle(kind: StoreKind) {
     let app = spawn_app_with(kind, |c| c.limits.idle_timeout = Duration::from_millis(300)).await;
     let mut sub = app.connect("").await;
-    let close = loop {
-        match tokio::time::timeout(WAIT, sub.socket.next())
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a Close frame, got {other:?}"),
+    // One bound for the whole wait, so pings cannot keep it going.
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            match sub.socket.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.expect("a close frame"),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close frame, got {other:?}"),
+            }
         }
-    };
+    })
+    .await
+    .expect("closed in time");
     assert_eq!(close.code, CloseCode::Normal);
     assert!(close.reason.contains("idle"));
 }
