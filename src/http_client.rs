@@ -53,6 +53,10 @@ pub enum CallError {
     /// Connecting, TLS, or the exchange failed; trying later may work.
     #[error("{0}")]
     Failed(String),
+    /// The server's certificate is not trusted (wrong CA, wrong name, expired): the same
+    /// server fails the same way until someone changes the configuration.
+    #[error("{0}")]
+    Untrusted(String),
     #[error("no complete answer within {0:?}")]
     TimedOut(Duration),
     #[error("the response body is over {0} bytes")]
@@ -106,30 +110,32 @@ impl HttpClient {
         deadline: Duration,
         max_body: usize,
     ) -> Result<Reply, CallError> {
-        let exchange = async {
-            let response = self
-                .inner
-                .request(request)
-                .await
-                .map_err(|e| CallError::Failed(chain(&e)))?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, max_body)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        CallError::TooLarge(max_body)
-                    } else {
-                        CallError::Failed(format!("reading the response body: {e}"))
+        let exchange =
+            async {
+                let response = self.inner.request(request).await.map_err(|e| {
+                    match untrusted_certificate(&e) {
+                        true => CallError::Untrusted(chain(&e)),
+                        false => CallError::Failed(chain(&e)),
                     }
-                })?
-                .to_bytes();
-            Ok(Reply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
-        };
+                })?;
+                let (parts, body) = response.into_parts();
+                let body = Limited::new(body, max_body)
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        if e.is::<http_body_util::LengthLimitError>() {
+                            CallError::TooLarge(max_body)
+                        } else {
+                            CallError::Failed(format!("reading the response body: {e}"))
+                        }
+                    })?
+                    .to_bytes();
+                Ok(Reply {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                })
+            };
         tokio::time::timeout(deadline, exchange)
             .await
             .unwrap_or(Err(CallError::TimedOut(deadline)))
@@ -160,6 +166,19 @@ pub fn request(
 
 /// An error and its causes on one line ("client error (Connect): tcp connect error:
 /// Connection refused (os error 111)").
+/// Whether rustls refused the server's certificate somewhere in `error`'s causes (hyper-rustls
+/// wraps it in an `io::Error`, whose `source` skips the wrapped error, hence `get_ref`).
+fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(rustls::Error::InvalidCertificate(_)) = error.downcast_ref::<rustls::Error>() {
+        return true;
+    }
+    let wrapped = (error.downcast_ref::<std::io::Error>()).and_then(std::io::Error::get_ref);
+    if wrapped.is_some_and(|inner| untrusted_certificate(inner)) {
+        return true;
+    }
+    error.source().is_some_and(untrusted_certificate)
+}
+
 fn chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut source = error.source();

@@ -504,8 +504,11 @@ impl Shared {
         };
         let reply = match sent {
             Ok(reply) => reply,
-            // A bad URL (or key) would fail the same way again.
-            Err(e @ CallError::Invalid(_)) => return Verdict::Refused(e.to_string()),
+            // A bad URL (or key), or a certificate we do not trust, would fail the same way
+            // again.
+            Err(e @ (CallError::Invalid(_) | CallError::Untrusted(_))) => {
+                return Verdict::Refused(e.to_string());
+            }
             Err(e) => return Verdict::Retry(e.to_string(), None),
         };
         let status = reply.status;

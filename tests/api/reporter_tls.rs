@@ -118,6 +118,8 @@ async fn the_reporter_refuses_a_server_certificate_from_a_ca_it_does_not_trust()
         assert!(!reporter.flush(WAIT).await, "flush reports the failure");
         let stats = reporter.stats();
         assert_eq!((stats.sent, stats.failed), (0, 1), "{stats:?}");
+        // An untrusted certificate fails the same way every time: not retried.
+        assert_eq!(stats.retried, 0, "{stats:?}");
     }
     assert_eq!(proxy.handshakes.load(Ordering::SeqCst), 0);
     let stored: serde_json::Value = app.get_task(task).await.json().await.unwrap();
