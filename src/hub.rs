@@ -12,7 +12,6 @@
 //! change's own `updated_at`, so the same version arriving twice (writer and listener, or
 //! a snapshot read) is the same observation and teaches it nothing twice.
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -46,8 +45,8 @@ pub struct Frame {
 const LIVE_END: &str = r#""snapshot":false}"#;
 
 impl Frame {
-    fn new(state: &TaskState) -> Self {
-        let text = state.to_json(false, None);
+    fn new(state: &TaskState, eta: Option<Eta>) -> Self {
+        let text = state.to_json_with_eta(false, eta);
         debug_assert!(text.ends_with(LIVE_END));
         Frame {
             version: state.version,
@@ -71,17 +70,6 @@ impl Frame {
             .strip_suffix(LIVE_END)
             .expect("Frame::new encodes the snapshot flag last");
         format!(r#"{body}"snapshot":true}}"#)
-    }
-}
-
-/// The state with its time left, copied only when there is an estimate to add.
-fn with_eta(state: &TaskState, eta: Option<Eta>) -> Cow<'_, TaskState> {
-    match eta {
-        Some(eta) => Cow::Owned(TaskState {
-            eta: Some(eta),
-            ..state.clone()
-        }),
-        None => Cow::Borrowed(state),
     }
 }
 
@@ -177,7 +165,7 @@ impl Hub {
     /// time left, like every frame): for a snapshot read from the store.
     pub fn publish_snapshot(&self, state: &TaskState) -> String {
         let eta = self.offer(state);
-        with_eta(state, eta).to_json(true, None)
+        state.to_json_with_eta(true, eta)
     }
 
     /// Feeds the estimator, publishes, and returns the state's time left.
@@ -199,7 +187,7 @@ impl Hub {
         {
             return eta;
         }
-        let frame = Arc::new(Frame::new(&with_eta(state, eta)));
+        let frame = Arc::new(Frame::new(state, eta));
         slot.send_if_modified(|current| {
             if current
                 .as_ref()
@@ -360,7 +348,6 @@ mod tests {
             step: None,
             total_steps: None,
             preview_url: None,
-            eta: None,
         }
     }
 
@@ -407,7 +394,7 @@ mod tests {
         full.image_url = Some("https://example.com/a.png".to_string());
         full.error = Some("snapshot\":false}".to_string());
         for state in [state(TaskId::random(), 1), full] {
-            let frame = Frame::new(&state);
+            let frame = Frame::new(&state, None);
             assert_eq!(frame.text.as_str(), state.to_json(false, None));
             assert_eq!(frame.snapshot_json(), state.to_json(true, None));
         }

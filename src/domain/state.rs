@@ -30,9 +30,6 @@ pub struct TaskState {
     pub total_steps: Option<u32>,
     /// The latest in-progress preview; `None` once the task is finished.
     pub preview_url: Option<String>,
-    /// Time left, derived by the hub when it publishes (see [`crate::eta`]); stores leave
-    /// it `None`.
-    pub eta: Option<Eta>,
 }
 
 /// An estimate of the time left: `ms` milliseconds from `at`, the time of the change it
@@ -82,15 +79,28 @@ struct Wire<'a> {
 impl TaskState {
     /// Encodes the state message. `applied` is only set in the answer to a push.
     pub fn to_json(&self, snapshot: bool, applied: Option<bool>) -> String {
-        self.encode(snapshot, applied, None)
+        self.encode(snapshot, applied, None, None)
+    }
+
+    /// The state message carrying `eta` as its time left (the hub's estimate), without
+    /// copying the state to set it.
+    pub fn to_json_with_eta(&self, snapshot: bool, eta: Option<Eta>) -> String {
+        self.encode(snapshot, None, None, eta)
     }
 
     /// The answer to `POST /api/tasks`: the state plus a subscribe token for the task.
     pub fn to_created_json(&self, token: Option<&str>) -> String {
-        self.encode(true, None, token)
+        self.encode(true, None, token, None)
     }
 
-    fn encode(&self, snapshot: bool, applied: Option<bool>, token: Option<&str>) -> String {
+    /// `eta` is the hub's time left (none outside the hub).
+    fn encode(
+        &self,
+        snapshot: bool,
+        applied: Option<bool>,
+        token: Option<&str>,
+        eta: Option<Eta>,
+    ) -> String {
         let wire = Wire {
             kind: "state",
             task_id: self.task_id,
@@ -106,8 +116,8 @@ impl TaskState {
             step: self.step,
             total_steps: self.total_steps,
             preview_url: self.preview_url.as_deref(),
-            eta_ms: self.eta.map(|eta| eta.ms),
-            eta_at: self.eta.map(|eta| eta.at),
+            eta_ms: eta.map(|eta| eta.ms),
+            eta_at: eta.map(|eta| eta.at),
             snapshot,
             applied,
             token,
@@ -241,7 +251,6 @@ mod tests {
                 step: None,
                 total_steps: None,
                 preview_url: None,
-                eta: None,
             },
             last_seq,
             owner: None,

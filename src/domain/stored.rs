@@ -101,7 +101,6 @@ impl StoredRow {
                 step: self.step.as_deref().and_then(steps),
                 total_steps: self.total_steps.as_deref().and_then(steps),
                 preview_url,
-                eta: None,
             },
             last_seq: self.seq,
             owner: self.owner,

@@ -88,7 +88,6 @@ impl MemoryStore {
             step: None,
             total_steps: None,
             preview_url: None,
-            eta: None,
         };
         tasks.insert(
             state.task_id,
