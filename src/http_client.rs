@@ -18,6 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+use crate::error::cause_chain;
+
 /// An extra certificate authority to trust (a private CA in front of taskcast, or a test's).
 #[derive(Clone, Debug)]
 pub struct RootCa(CertificateDer<'static>);
@@ -114,8 +116,8 @@ impl HttpClient {
             async {
                 let response = self.inner.request(request).await.map_err(|e| {
                     match untrusted_certificate(&e) {
-                        true => CallError::Untrusted(chain(&e)),
-                        false => CallError::Failed(chain(&e)),
+                        true => CallError::Untrusted(cause_chain(&e)),
+                        false => CallError::Failed(cause_chain(&e)),
                     }
                 })?;
                 let (parts, body) = response.into_parts();
@@ -177,14 +179,4 @@ fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
         return true;
     }
     error.source().is_some_and(untrusted_certificate)
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    out
 }
