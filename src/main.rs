@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use taskcast::App;
 use taskcast::auth::Secret;
 use taskcast::auth::subscribe;
-use taskcast::config::{Cli, Command, Config};
+use taskcast::cli::{Cli, Command};
+use taskcast::config::Config;
 use taskcast::domain::{IdKind, StatusMap};
 use taskcast::store::report::Severity;
 use taskcast::store::schema;
@@ -98,7 +99,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: taskcast::config::ServeArgs) -> ExitCode {
+async fn serve(args: taskcast::cli::ServeArgs) -> ExitCode {
     taskcast::telemetry::init(args.log_format);
     let config = match Config::from_args(args, |name| std::env::var(name).ok()) {
         Ok(config) => config,

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 use taskcast::auth::Secret;
 use taskcast::auth::jwks::{Jwks, JwksOptions};
 use taskcast::auth::subscribe::{SubscribeAuth, now_unix};
-use taskcast::config::{Cli, Config};
+use taskcast::cli::Cli;
+use taskcast::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
