@@ -104,7 +104,9 @@ impl Generation {
                 // The generator hangs (a stuck driver, a lost worker): no pushes at all.
                 self.sleep(stall).await?;
             }
-            let mut update = json!({"status": "processing", "stage": "generating", "step": step});
+            // With both step counts, progress follows from them.
+            let mut update = json!({"status": "processing", "stage": "generating",
+                "step": step, "total_steps": TOTAL_STEPS});
             if step == 1 || step % PREVIEW_EVERY == 0 {
                 update["preview_url"] =
                     self.preview_url.replace("{step}", &step.to_string()).into();

@@ -384,7 +384,13 @@ mod tests {
         })
         .await
         .expect("the first generation shows a preview within 20 s");
-        assert!(running["step"].as_u64().unwrap() >= 1, "{running}");
+        let step = running["step"].as_u64().unwrap();
+        assert!(step >= 1, "{running}");
+        let progress = running["progress"].as_f64().unwrap();
+        assert!(
+            (progress - 100.0 * step as f64 / f64::from(TOTAL_STEPS)).abs() < 0.01,
+            "progress follows from the steps: {running}"
+        );
         let preview = running["preview_url"].as_str().unwrap();
         assert!(
             preview.starts_with(&format!("{base}/demo/preview/")),
