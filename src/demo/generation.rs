@@ -240,7 +240,7 @@ mod tests {
         let third = turns[2].try_recv().expect("the third gets the first's GPU");
         assert!(turns[3].try_recv().is_err(), "the fourth still waits");
         // The fourth gives up (its generation stopped): the fifth is next.
-        let _ = turns.remove(3);
+        drop(turns.remove(3));
         drop(second);
         let fifth = turns[3]
             .try_recv()
