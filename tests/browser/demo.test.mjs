@@ -4,17 +4,22 @@
 // TASKCAST_TEST_DATABASE_URL (an admin URL on which we may CREATE/DROP DATABASE).
 //
 // It builds the real `taskcast` binary, serves it on Postgres (so tasks survive a restart)
-// with the demo on, and checks, in order:
-//   1. the page and /client.js are served;
-//   2. a generation started from the page reaches 100% and "completed", with its picture;
+// with the demo on (and TASKCAST_STALL_SECS=2), and checks, in order:
+//   1. the page and /client.js are served; the page's ordinals read 1st, 2nd, 3rd, 11th…;
+//   2. a generation started from the page shows "step n/30" and a preview (an SVG the
+//      server answers), then reaches 100% and "completed", the result replacing the preview;
 //   3. a server stopped (SIGTERM) and restarted mid-generation: the page reconnects by
 //      itself and shows the pushes made after the restart, up to the final state;
 //   4. how long a push takes to show on the page (printed);
 //   5. getToken() is called for an expired or invalid token, and the watch goes on;
-//   6. five generations share one WebSocket;
-//   7. without WebSocket, or when no WebSocket can be opened, the client falls back to
+//   6. five generations share one WebSocket, and run at most two at once (two simulated
+//      GPUs); the waiting ones show "3rd in line · 3 waiting" (queue_position/queue_length);
+//   7. the time left counts down on the page between pushes; a generation that stops
+//      pushing for longer than the stall period shows the stalled warning (stalled,
+//      stalled_since), then carries on to "completed";
+//   8. without WebSocket, or when no WebSocket can be opened, the client falls back to
 //      Server-Sent Events;
-//   8. no page errors, and versions never went backwards on any card;
+//   9. no page errors, and versions never went backwards on any card;
 // then saves screenshots under $CARGO_TARGET_DIR/browser (default target/browser), and
 // with TASKCAST_UPDATE_SCREENSHOT=1 copies the showcase one to docs/demo.png.
 // The last line is "N passed, N failed"; the exit code is non-zero on any failure.
@@ -41,6 +46,8 @@ const DB_NAME = process.env.TASKCAST_BROWSER_DB || `browser_${randomBytes(6).toS
 const PUSH_KEY = "browser-test-push-key-0123456789abcdef";
 const SUBSCRIBE_SECRET = "browser-test-subscribe-secret-0123456789";
 const WAIT = 20_000; // the longest any single condition may take
+const STALL_SECS = 2; // the server's stall period in this test (TASKCAST_STALL_SECS)
+const TOTAL_STEPS = 30; // src/demo/mod.rs
 const BUDGET = 150_000; // the whole run after the build, so CI never hangs on us
 let deadline = Infinity; // set once the binary is built
 
@@ -139,6 +146,7 @@ class Server {
       DATABASE_URL: databaseUrl(DB_NAME),
       TASKCAST_DEMO: "true",
       TASKCAST_SUBSCRIBE_SECRET: SUBSCRIBE_SECRET,
+      TASKCAST_STALL_SECS: String(STALL_SECS),
       TASK_PROCESS_SECRET_KEY: PUSH_KEY,
       RUST_LOG: process.env.RUST_LOG || "info",
     };
@@ -241,6 +249,8 @@ function installRecorder() {
   window.__marker = "not reloaded";
   window.__seenAt = {};
   window.__backwards = [];
+  window.__queueLines = {}; // task id -> the place-in-line lines its card showed
+  window.__maxProcessing = 0; // most cards processing at once (reset by the test)
   const stamp = () => performance.timeOrigin + performance.now();
   new MutationObserver((records) => {
     const t = stamp();
@@ -252,7 +262,11 @@ function installRecorder() {
       const last = Math.max(-1, ...Object.keys(seen).map(Number));
       if (version < last) window.__backwards.push({ id, version, last });
       if (!(version in seen)) seen[version] = t;
+      const queue = el.querySelector(".queue")?.textContent;
+      if (queue) (window.__queueLines[id] ||= []).push(queue);
     }
+    const processing = document.querySelectorAll('#cards article.card[data-status="processing"]').length;
+    window.__maxProcessing = Math.max(window.__maxProcessing, processing);
   }).observe(document.getElementById("cards"), { subtree: true, attributes: true, attributeFilter: ["data-version"] });
 }
 
@@ -391,16 +405,43 @@ step(
     await page.waitForSelector("#start-one:not([disabled])");
     const pill = await page.$eval("#connection", (el) => [el.dataset.state, el.textContent]);
     check(pill.join(" ") === "idle ready · nothing to watch", `with nothing to watch the pill reads "${pill.join(" ")}"`);
+    const ordinals = await page.evaluate(() => [1, 2, 3, 4, 10, 11, 12, 13, 21, 22, 23, 101, 111, 112, 113, 121].map(window.taskcastDemo.ordinal));
+    const expected = "1st 2nd 3rd 4th 10th 11th 12th 13th 21st 22nd 23rd 101st 111th 112th 113th 121st";
+    check(ordinals.join(" ") === expected, `ordinals: ${ordinals.join(" ")}`);
   },
   { required: true },
 );
 
 let firstTask;
-step("a generation started from the page reaches 100% and completed, with its picture", async () => {
+step("a generation shows its steps and a preview, then reaches 100% and completed, with its picture", async () => {
   firstTask = await startFromPage(page);
+  const running = await waitForCard(
+    page,
+    firstTask,
+    (el, total) => {
+      const steps = el.querySelector(".steps")?.textContent.match(/^step (\d+)\/(\d+)$/);
+      const preview = el.querySelector(".thumb img.preview");
+      return el.dataset.status === "processing" && steps && Number(steps[1]) >= 1 && Number(steps[2]) === total && preview
+        ? { steps: steps[0], preview: preview.src }
+        : false;
+    },
+    TOTAL_STEPS,
+  );
+  const { steps, preview } = await running.jsonValue();
+  const previewUrl = new URL(preview);
+  check(previewUrl.origin === server.base && previewUrl.pathname.startsWith("/demo/preview/"), `preview at ${preview} (${steps})`);
+  const svg = await server.request("GET", previewUrl.pathname);
+  check(svg.status === 200 && svg.headers["content-type"] === "image/svg+xml" && svg.text.startsWith("<svg"), `GET ${preview}: ${svg.status} ${svg.headers["content-type"]}`);
+  for (const nonsense of [`${firstTask}.9.1.svg`, `${firstTask}.0.31.svg`, `${firstTask}.0.1.png`, "nothing.svg"]) {
+    const res = await server.request("GET", `/demo/preview/${nonsense}`);
+    check(res.status === 404, `GET /demo/preview/${nonsense}: ${res.status}`);
+  }
   await waitForCard(page, firstTask, finishedAt100);
-  const img = await page.waitForSelector(`${card(firstTask)} .thumb img`, { timeout: WAIT });
+  const img = await page.waitForSelector(`${card(firstTask)} .thumb img.result`, { timeout: WAIT });
   await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, img, { timeout: WAIT });
+  const previews = await page.$$(`${card(firstTask)} img.preview`);
+  check(previews.length === 0, "the result replaced the preview");
+  check(new URL(await img.getAttribute("src")).pathname.startsWith("/demo/result/"), "the result picture is shown");
   const transport = await page.$eval("#connection", (el) => el.dataset.transport);
   check(transport === "websocket", `the page watched over ${transport}`);
 });
@@ -514,8 +555,10 @@ step("getToken() replaces an expired or invalid token and the watch goes on", as
   });
 });
 
-step("five generations share one WebSocket", async () => {
+let fiveTasks = [];
+step("five generations share one WebSocket, and at most two run at once (two GPUs)", async () => {
   const opened = page.sockets.length;
+  await page.evaluate(() => (window.__maxProcessing = 0));
   await page.setChecked("#failures", false);
   const responses = [];
   const listener = (r) => r.url().includes("/api/demo/tasks") && responses.push(r);
@@ -525,12 +568,88 @@ step("five generations share one WebSocket", async () => {
   page.off("response", listener);
   check(responses.length === 5 && responses.every((r) => r.status() === 201), "five tasks were created");
   const ids = await Promise.all(responses.map(async (r) => (await r.json()).task_id));
+  fiveTasks = ids;
   for (const id of ids) await waitForCard(page, id, finishedAt100);
+  const most = await page.evaluate(() => window.__maxProcessing);
+  check(most >= 1 && most <= 2, `${most} of the five were processing at once (two GPUs)`);
   const fresh = page.sockets.slice(opened);
   const subscribes = page.sockets.reduce((n, s) => n + s.subscribes, 0);
   check(fresh.length <= 1, `the five tasks opened ${fresh.length} WebSockets`);
   check(page.sockets.length <= 3, `the page opened ${page.sockets.length} WebSockets in all`);
   log(`     ${page.sockets.length} WebSockets in all on this page, ${subscribes} subscribe messages`);
+});
+
+step("while five generations share two GPUs, the waiting cards show their place in line", async () => {
+  const lines = await page.evaluate((ids) => ids.flatMap((id) => window.__queueLines[id] || []), fiveTasks);
+  check(lines.length > 0, "no card showed a place in line (queue_position and queue_length on pending states)");
+  for (const line of lines) {
+    const m = line.match(/^(\d+)(st|nd|rd|th) in line · (\d+) waiting$/);
+    check(m, `a queue line reads "${line}"`);
+    const [, position, suffix, length] = m;
+    check(suffix === (await page.evaluate((n) => window.taskcastDemo.ordinal(n), Number(position))).slice(position.length), `"${line}"`);
+    check(Number(position) >= 1 && Number(position) <= Number(length), `"${line}": the position is within the line`);
+  }
+  check(lines.some((line) => line.startsWith("1st in line")), `nobody was 1st in line: ${lines.join(" | ")}`);
+  log(`     place-in-line lines seen: ${[...new Set(lines)].join(" | ")}`);
+});
+
+let stalledTask;
+step("the time left counts down on the page between pushes", async () => {
+  // This generation stops pushing for 3 stall periods part-way: a quiet stretch to watch.
+  const stall = STALL_SECS * 3;
+  stalledTask = await page.evaluate(async (stall) => {
+    const response = await fetch(`api/demo/tasks?fast=true&failures=false&stall_secs=${stall}`, { method: "POST" });
+    const body = await response.json();
+    if (response.status !== 201) throw new Error(`POST /api/demo/tasks: ${response.status} ${JSON.stringify(body)}`);
+    window.taskcastDemo.watch(body.task_id, body.token, body.prompt);
+    return body.task_id;
+  }, stall);
+  // Two reads of one version (no push in between) whose countdowns differ.
+  const handle = await page.waitForFunction(
+    (selector) => {
+      const el = document.querySelector(selector);
+      const eta = el?.querySelector(".eta");
+      if (!eta || !eta.dataset.remainingMs) {
+        window.__etaRead = null;
+        return false;
+      }
+      const read = { version: el.dataset.version, text: eta.textContent, ms: Number(eta.dataset.remainingMs), steps: el.querySelector(".steps")?.textContent };
+      const first = window.__etaRead;
+      if (!first || first.version !== read.version) {
+        window.__etaRead = read;
+        return false;
+      }
+      return read.text !== first.text ? { first, read } : false;
+    },
+    card(stalledTask),
+    { timeout: WAIT, polling: 200 },
+  );
+  const { first, read } = await handle.jsonValue();
+  check(read.ms < first.ms, `the countdown went from "${first.text}" to "${read.text}"`);
+  check(/^(about \d+ s left|almost done)$/.test(read.text) && /^about \d+ s left$/.test(first.text), `countdown texts "${first.text}", "${read.text}"`);
+  check(/^step \d+\/30$/.test(read.steps), `the steps line read "${read.steps}"`);
+  log(`     at ${read.steps} (v${read.version}, no push in between): "${first.text}" → "${read.text}"`);
+});
+
+step("a generation that stops reporting shows the stalled warning", async () => {
+  check(stalledTask, "no stalling generation was started");
+  // Until the card shows the warning, or the stall ends and the generation completes.
+  await waitForCard(page, stalledTask, (el) => el.dataset.stalled === "true" || el.dataset.status === "completed");
+  const shown = await page.$eval(card(stalledTask), (el) => ({
+    stalled: el.dataset.stalled,
+    status: el.dataset.status,
+    warning: el.querySelector(".stalled").textContent,
+  }));
+  check(shown.stalled === "true", `the card went ${shown.status} without showing a stalled warning (the server's stalled: true)`);
+  check(/^the generator has not reported for \d+ s$/.test(shown.warning), `the warning reads "${shown.warning}"`);
+  log(`     "${shown.warning}"`);
+});
+
+step("the stalled generation carries on to completed, and the warning goes", async () => {
+  check(stalledTask, "no stalling generation was started");
+  await waitForCard(page, stalledTask, finishedAt100);
+  const after = await page.$eval(card(stalledTask), (el) => [el.dataset.stalled, el.querySelector(".stalled").textContent]);
+  check(after[0] === "false" && after[1] === "", `after completing the card shows stalled=${after[0]} "${after[1]}"`);
 });
 
 step("the client falls back to Server-Sent Events without WebSocket, or when it cannot open one", async () => {
@@ -564,11 +683,17 @@ step("screenshot of the page with generations in every state", async () => {
   const shot = await openPage(browser);
   try {
     // The pushes a generator would have made to get a task where it is in the picture.
-    const journey = (to, progress, extra = {}) => {
+    // Steps as the simulated generator reports them, with its preview while generating.
+    const journey = (to, progress, extra = {}, previewOf = null) => {
       const pushes = [{ status: "pending", stage: "queued", progress: 0 }];
       if (to === "queued") return pushes;
-      for (let p = 0; p < progress; p += 9) pushes.push({ status: "processing", stage: "generating", progress: p });
-      pushes.push({ status: "processing", stage: "generating", progress });
+      const generating = (p) => {
+        const step = Math.round((p * TOTAL_STEPS) / 100);
+        const push = { status: "processing", stage: "generating", progress: p, step, total_steps: TOTAL_STEPS };
+        return to === "generating" && step > 0 ? { ...push, preview_url: previewOf(step) } : push;
+      };
+      for (let p = 0; p < progress; p += 9) pushes.push(generating(p));
+      pushes.push(generating(progress));
       if (to === "failed") pushes.push({ status: "failed", ...extra });
       if (to === "uploading" || to === "completed") pushes.push({ stage: "uploading" });
       if (to === "completed") pushes.push({ status: "completed", stage: "done", ...extra });
@@ -597,6 +722,7 @@ step("screenshot of the page with generations in every state", async () => {
       ["a tiny robot watering plants", "generating", 23],
       ["a paper boat on a quiet lake", "queued", 0],
     ];
+    const running = [];
     for (const [prompt, to, progress, extra] of scenes) {
       const { task_id: taskId, token } = await server.createTask();
       await shot.evaluate(({ taskId, token, prompt }) => window.taskcastDemo.watch(taskId, token, prompt), { taskId, token, prompt });
@@ -605,17 +731,26 @@ step("screenshot of the page with generations in every state", async () => {
       const subject = DEMO_PROMPTS.indexOf(prompt);
       check(subject >= 0, `"${prompt}" is not one of the demo's prompts`);
       const image = { image_url: `${server.base}/demo/result/${taskId}.${subject}.svg` };
+      const previewOf = (step) => `${server.base}/demo/preview/${taskId}.${subject}.${step}.svg`;
       let state;
       let seq = 0;
-      for (const fields of journey(to, progress, to === "completed" ? image : extra)) {
+      for (const fields of journey(to, progress, to === "completed" ? image : extra, previewOf)) {
         state = await server.push(taskId, { ...fields, seq: ++seq });
       }
       await waitForCard(shot, taskId, (el, v) => Number(el.dataset.version) === v, state.version);
+      if (to === "generating") running.push({ taskId, seq });
     }
     await shot.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0), null, { timeout: WAIT });
     await shot.waitForSelector('#connection[data-state="live"]', { timeout: WAIT });
+    // The running scenes report again, so none is shown stalled (the stall period is short here).
+    for (const { taskId, seq } of running) {
+      const state = await server.push(taskId, { stage: "generating", seq: seq + 1 });
+      await waitForCard(shot, taskId, (el, v) => Number(el.dataset.version) >= v && el.dataset.stalled === "false", state.version);
+    }
     // Each prompt its own picture; a failed card says it stopped, not the stage it was in.
-    const pictures = await shot.evaluate(() => Promise.all([...document.images].map(async (i) => (await fetch(i.src)).text())));
+    const pictures = await shot.evaluate(() => Promise.all([...document.querySelectorAll("img.result")].map(async (i) => (await fetch(i.src)).text())));
+    const previews = await shot.$$eval("img.preview", (imgs) => imgs.length);
+    check(previews === 2, `${previews} previews on the two generating cards`);
     check(pictures.length === 3 && new Set(pictures).size === 3, `3 different pictures expected, got ${pictures.length} (${new Set(pictures).size} different)`);
     const failedLine = await shot.$eval('.card[data-status="failed"]', (el) => [el.querySelector(".stage").textContent, el.querySelector(".percent").textContent]);
     check(failedLine.join(" ") === "failed stopped at 41%", `the failed card reads "${failedLine.join(" ")}"`);
