@@ -84,7 +84,9 @@ fn serve_heading(id: &str) -> Option<&'static str> {
         "database_url" | "db_pool_size" | "db_timeout_ms" | "notify_channel" | "status_map"
         | "write_mode" | "max_batch" | "writer_queue" => "Database",
         "listen" | "demo" | "log_format" | "shutdown_timeout_secs" => "Server",
-        _ if id.starts_with("max_") || id.ends_with("_secs") => "Limits and timeouts",
+        _ if id.starts_with("max_") || id.ends_with("_secs") || id == "feed_recent" => {
+            "Limits and timeouts"
+        }
         _ => return None,
     };
     Some(heading)
@@ -113,8 +115,16 @@ pub struct DoctorArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TokenArgs {
     /// The task the token lets its holder watch (repeat for several).
-    #[arg(long = "task", required = true)]
+    #[arg(
+        long = "task",
+        required_unless_present = "user",
+        conflicts_with = "user"
+    )]
     pub tasks: Vec<String>,
+    /// Instead of tasks: the user (a UUID) whose feed `user:<id>` the token lets its
+    /// holder watch (claim `user_id`).
+    #[arg(long)]
+    pub user: Option<uuid::Uuid>,
     /// How long the token is valid: e.g. 90s, 30m, 1h, 7d.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
@@ -164,6 +174,7 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 16 * 1024;
     pub const MAX_WS_MESSAGE_BYTES: usize = 4 * 1024;
     pub const MAX_SUBSCRIPTIONS: usize = 64;
+    pub const FEED_RECENT: usize = 20;
     pub const HEADER_TIMEOUT_SECS: u64 = 10;
     pub const BODY_TIMEOUT_SECS: u64 = 30;
     pub const KEEP_ALIVE_TIMEOUT_SECS: u64 = 60;
@@ -240,6 +251,10 @@ pub struct ServeArgs {
     /// Tasks one WebSocket connection may subscribe to at once.
     #[arg(long, env = "TASKCAST_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
+    /// Finished tasks in the snapshot of a user's feed (`user:<id>`), newest first, after
+    /// its unfinished ones (at most 200 of those); 0 to 200.
+    #[arg(long, env = "TASKCAST_FEED_RECENT", default_value_t = defaults::FEED_RECENT)]
+    pub feed_recent: usize,
     /// Open WebSocket connections and SSE streams the server accepts; more get 503.
     /// Default: the open-file limit less TASKCAST_MAX_HTTP_CONNECTIONS' default and 256.
     #[arg(long, env = "TASKCAST_MAX_CONNECTIONS", default_value_t = default_max_connections())]
@@ -354,6 +369,8 @@ pub struct Limits {
     pub db_timeout: Duration,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
+    /// Finished tasks in a feed's snapshot (`TASKCAST_FEED_RECENT`).
+    pub feed_recent: usize,
 }
 
 /// File descriptors kept out of both connection caps: the database pool, the NOTIFY
@@ -406,6 +423,7 @@ impl Default for Limits {
             db_timeout: Duration::from_millis(defaults::DB_TIMEOUT_MS),
             ping_interval: Duration::from_secs(defaults::PING_INTERVAL_SECS),
             pong_timeout: Duration::from_secs(defaults::PONG_TIMEOUT_SECS),
+            feed_recent: defaults::FEED_RECENT,
         }
     }
 }
@@ -552,6 +570,13 @@ impl Config {
                     .to_string(),
             );
         }
+        if args.feed_recent > crate::subscribers::FEED_MAX_RECENT {
+            return Err(format!(
+                "TASKCAST_FEED_RECENT must be at most {} (it bounds a feed's snapshot), got {}",
+                crate::subscribers::FEED_MAX_RECENT,
+                args.feed_recent
+            ));
+        }
         if args.shutdown_timeout_secs == 0 {
             return Err("TASKCAST_SHUTDOWN_TIMEOUT_SECS must be at least 1".to_string());
         }
@@ -604,6 +629,7 @@ impl Config {
                 db_timeout: Duration::from_millis(args.db_timeout_ms),
                 ping_interval: Duration::from_secs(args.ping_interval_secs),
                 pong_timeout: Duration::from_secs(args.pong_timeout_secs),
+                feed_recent: args.feed_recent,
             },
         })
     }
