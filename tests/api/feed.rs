@@ -314,7 +314,53 @@ async fn the_hub_forgets_a_feed_when_its_last_subscriber_leaves(kind: StoreKind)
     wait_until(move || !hub.has_feeds()).await;
 }
 
+async fn subscribing_while_tasks_change_never_sends_a_version_at_or_below_the_snapshots(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    let alice = Uuid::new_v4();
+    let tasks = [create_for(&app, alice).await, create_for(&app, alice).await];
+    const PUSHES: i64 = 60;
+    let pushers: Vec<_> = tasks
+        .iter()
+        .map(|task| {
+            let (http, url) = (
+                app.http.clone(),
+                app.url(&format!("/api/tasks/{task}/progress")),
+            );
+            tokio::spawn(async move {
+                for i in 1..=PUSHES {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(KEY)
+                        .json(&json!({"progress": i}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+            })
+        })
+        .collect();
+    // Subscribed while the pushes run, so changes land before, during and after the read.
+    let mut sub = subscribe_feed(&app, alice, &feed_token(alice)).await;
+    let snapshot = read_snapshot(&mut sub, alice).await;
+    let mut versions = versions_of(&snapshot);
+    for pusher in pushers {
+        pusher.await.unwrap();
+    }
+    for task in &tasks {
+        if versions.get(task) != Some(&PUSHES) {
+            live_until(&mut sub, alice, &mut versions, |s| {
+                s["task_id"] == task.as_str() && s["version"] == PUSHES
+            })
+            .await;
+        }
+    }
+}
+
 both_stores!(
+    subscribing_while_tasks_change_never_sends_a_version_at_or_below_the_snapshots,
     a_feed_snapshot_holds_unfinished_tasks_then_the_latest_finished_newest_first,
     a_task_created_after_subscribing_and_every_change_appear_with_versions_growing_per_task,
     a_feed_is_refused_with_403_to_anyone_but_its_user,
