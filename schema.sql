@@ -65,6 +65,13 @@ ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS preview_url text;
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS taskcast_version bigint NOT NULL DEFAULT 0;
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS taskcast_seq bigint;
 
+-- A user's feed (`user:<id>`) reads that user's unfinished and latest finished tasks, newest
+-- first. Built once, without CONCURRENTLY (migrate runs in one transaction): on a large
+-- existing table, create it yourself first with CREATE INDEX CONCURRENTLY and this line
+-- does nothing.
+CREATE INDEX IF NOT EXISTS image_tasks_user_id_updated_at_idx
+  ON public.image_tasks (user_id, updated_at DESC);
+
 -- The guide's helper, made safe: SECURITY INVOKER (the caller's own rights; the guide's
 -- SECURITY DEFINER is not needed to read the catalog) and a fixed search_path.
 CREATE OR REPLACE FUNCTION public.check_column_exists(
@@ -178,4 +185,13 @@ DROP TRIGGER IF EXISTS taskcast_notify ON public.image_tasks;
 CREATE TRIGGER taskcast_notify
   AFTER UPDATE ON public.image_tasks
   REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');
+
+-- New rows too (taskcast's POST /api/tasks on any node, or the app's plain INSERT), so a
+-- user's feed shows a task created after it subscribed. Same function, same channel
+-- (migrate --notify-channel recreates this one with NAME as well).
+DROP TRIGGER IF EXISTS taskcast_notify_insert ON public.image_tasks;
+CREATE TRIGGER taskcast_notify_insert
+  AFTER INSERT ON public.image_tasks
+  REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');

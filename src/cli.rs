@@ -79,7 +79,9 @@ fn serve_heading(id: &str) -> Option<&'static str> {
         "database_url" | "db_pool_size" | "db_timeout_ms" | "notify_channel" | "status_map"
         | "write_mode" | "max_batch" | "writer_queue" => "Database",
         "listen" | "demo" | "log_format" | "shutdown_timeout_secs" => "Server",
-        _ if id.starts_with("max_") || id.ends_with("_secs") => "Limits and timeouts",
+        _ if id.starts_with("max_") || id.ends_with("_secs") || id == "feed_recent" => {
+            "Limits and timeouts"
+        }
         _ => return None,
     };
     Some(heading)
@@ -108,8 +110,16 @@ pub struct DoctorArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TokenArgs {
     /// The task the token lets its holder watch (repeat for several).
-    #[arg(long = "task", required = true)]
+    #[arg(
+        long = "task",
+        required_unless_present = "user",
+        conflicts_with = "user"
+    )]
     pub tasks: Vec<String>,
+    /// Instead of tasks: the user (a UUID) whose feed `user:<id>` the token lets its
+    /// holder watch (claim `user_id`).
+    #[arg(long)]
+    pub user: Option<uuid::Uuid>,
     /// How long the token is valid: e.g. 90s, 30m, 1h, 7d.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
@@ -159,6 +169,7 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 16 * 1024;
     pub const MAX_WS_MESSAGE_BYTES: usize = 4 * 1024;
     pub const MAX_SUBSCRIPTIONS: usize = 64;
+    pub const FEED_RECENT: usize = 20;
     pub const HEADER_TIMEOUT_SECS: u64 = 10;
     pub const BODY_TIMEOUT_SECS: u64 = 30;
     pub const KEEP_ALIVE_TIMEOUT_SECS: u64 = 60;
@@ -235,6 +246,10 @@ pub struct ServeArgs {
     /// Tasks one WebSocket connection may subscribe to at once.
     #[arg(long, env = "TASKCAST_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
+    /// Finished tasks in the snapshot of a user's feed (`user:<id>`), newest first, after
+    /// its unfinished ones (at most 200 of those); 0 to 200.
+    #[arg(long, env = "TASKCAST_FEED_RECENT", default_value_t = defaults::FEED_RECENT)]
+    pub feed_recent: usize,
     /// Open WebSocket connections and SSE streams the server accepts; more get 503.
     /// Default: the open-file limit less TASKCAST_MAX_HTTP_CONNECTIONS' default and 256.
     #[arg(long, env = "TASKCAST_MAX_CONNECTIONS", default_value_t = default_max_connections())]

@@ -42,6 +42,8 @@ pub struct Limits {
     pub db_timeout: Duration,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
+    /// Finished tasks in a feed's snapshot (`TASKCAST_FEED_RECENT`).
+    pub feed_recent: usize,
 }
 
 impl Default for Limits {
@@ -66,6 +68,7 @@ impl Default for Limits {
             db_timeout: Duration::from_millis(defaults::DB_TIMEOUT_MS),
             ping_interval: Duration::from_secs(defaults::PING_INTERVAL_SECS),
             pong_timeout: Duration::from_secs(defaults::PONG_TIMEOUT_SECS),
+            feed_recent: defaults::FEED_RECENT,
         }
     }
 }
@@ -212,6 +215,13 @@ impl Config {
                     .to_string(),
             );
         }
+        if args.feed_recent > crate::subscribers::FEED_MAX_RECENT {
+            return Err(format!(
+                "TASKCAST_FEED_RECENT must be at most {} (it bounds a feed's snapshot), got {}",
+                crate::subscribers::FEED_MAX_RECENT,
+                args.feed_recent
+            ));
+        }
         if args.shutdown_timeout_secs == 0 {
             return Err("TASKCAST_SHUTDOWN_TIMEOUT_SECS must be at least 1".to_string());
         }
@@ -264,6 +274,7 @@ impl Config {
                 db_timeout: Duration::from_millis(args.db_timeout_ms),
                 ping_interval: Duration::from_secs(args.ping_interval_secs),
                 pong_timeout: Duration::from_secs(args.pong_timeout_secs),
+                feed_recent: args.feed_recent,
             },
         })
     }

@@ -12,6 +12,8 @@
 //! change's own `updated_at`, so the same version arriving twice (writer and listener, or
 //! a snapshot read) is the same observation and teaches it nothing twice.
 
+mod feed;
+
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -25,6 +27,8 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::domain::{Eta, TaskId, TaskState, TaskStatus};
 use crate::eta::{Estimator, EtaOptions, Observation, Phase};
 use crate::telemetry;
+
+pub use feed::{FeedSubscription, MAX_PENDING_TASKS, feed_name};
 
 /// A committed state's wire encoding, built once per change. Only the bytes and the
 /// version are kept: a hub entry lives as long as its task has subscribers, so its size is
@@ -51,6 +55,15 @@ impl Frame {
         Frame {
             version: state.version,
             text: Utf8Bytes::from(text),
+            notice: false,
+        }
+    }
+
+    /// The state as a frame of the feed named `feed` (`user:<id>`).
+    fn feed(state: &TaskState, eta: Option<Eta>, feed: &str) -> Self {
+        Frame {
+            version: state.version,
+            text: Utf8Bytes::from(state.to_feed_json(feed, false, eta)),
             notice: false,
         }
     }
@@ -84,6 +97,8 @@ pub struct Hub {
 #[derive(Default)]
 struct Inner {
     tasks: DashMap<TaskId, Slot>,
+    /// User feeds with subscribers on this node, by user id.
+    feeds: DashMap<uuid::Uuid, feed::Feed>,
     estimates: Estimates,
 }
 
@@ -168,8 +183,77 @@ impl Hub {
         state.to_json_with_eta(true, eta)
     }
 
-    /// Feeds the estimator, publishes, and returns the state's time left.
+    /// Feeds the estimator, publishes to the task's subscribers and its user's feed, and
+    /// returns the state's time left.
     fn offer(&self, state: &TaskState) -> Option<Eta> {
+        let eta = self.offer_task(state);
+        if let Some(user) = state.user_id {
+            self.offer_feed(user, state, eta);
+        }
+        eta
+    }
+
+    /// Offers a state to the feed of its user: one map lookup; when the user has feed
+    /// subscribers here and the version is news to them, one encode shared by all. The
+    /// shard guard is held while encoding (no await): only that user's subscribe and
+    /// unsubscribe, and other users in the same shard, wait for it.
+    fn offer_feed(&self, user: uuid::Uuid, state: &TaskState, eta: Option<Eta>) {
+        let Some(mut feed) = self.inner.feeds.get_mut(&user) else {
+            return;
+        };
+        if !feed.is_news(state.task_id, state.version) {
+            return;
+        }
+        let frame = Arc::new(Frame::feed(state, eta, &feed_name(user)));
+        feed.deliver(state.task_id, &frame);
+    }
+
+    /// Registers a feed subscriber for `user`'s tasks. Register first, then read the store:
+    /// nothing committed after this call can be missed.
+    pub fn subscribe_feed(&self, user: uuid::Uuid) -> FeedSubscription {
+        let inbox = Arc::new(feed::Inbox::default());
+        self.inner
+            .feeds
+            .entry(user)
+            .or_default()
+            .join(inbox.clone());
+        metrics::gauge!(telemetry::SUBSCRIPTIONS).increment(1.0);
+        FeedSubscription::new(user, inbox, self.clone())
+    }
+
+    /// The first message for a feed's task read from the store: feeds the estimator and
+    /// the task's own subscribers (as a store read for a task subscription does), and
+    /// returns the state as a feed snapshot frame.
+    pub fn feed_snapshot(&self, state: &TaskState, feed: &str) -> String {
+        let eta = self.offer_task(state);
+        state.to_feed_json(feed, true, eta)
+    }
+
+    /// Users with feed subscribers here now (a snapshot; it may change right after).
+    pub fn feed_users(&self) -> Vec<uuid::Uuid> {
+        self.inner.feeds.iter().map(|entry| *entry.key()).collect()
+    }
+
+    /// Whether any feed has a subscriber here.
+    pub fn has_feeds(&self) -> bool {
+        !self.inner.feeds.is_empty()
+    }
+
+    fn leave_feed(&self, user: uuid::Uuid, inbox: &Arc<feed::Inbox>) {
+        let empty = self
+            .inner
+            .feeds
+            .get_mut(&user)
+            .is_some_and(|mut feed| feed.leave(inbox));
+        if empty {
+            // Checked again under the shard lock: a subscriber arriving meanwhile keeps it.
+            self.inner.feeds.remove_if(&user, |_, feed| feed.is_empty());
+        }
+    }
+
+    /// Feeds the estimator, publishes to the task's own subscribers, and returns the
+    /// state's time left.
+    fn offer_task(&self, state: &TaskState) -> Option<Eta> {
         let eta = self.inner.estimates.observe(state);
         // Clone the sender out so no shard lock is held while encoding.
         let Some(slot) = self
@@ -239,13 +323,17 @@ impl Hub {
     }
 
     /// Whether `version` of `task` would be news to its subscribers: the task has
-    /// subscribers and the hub holds no state that new or newer.
+    /// subscribers and the hub holds no state that new or newer. A task without its own
+    /// subscribers is wanted while any feed has one here, since only its row says whose
+    /// it is.
     pub fn wants(&self, task: TaskId, version: i64) -> bool {
-        self.inner.tasks.get(&task).is_some_and(|slot| {
-            slot.borrow()
+        match self.inner.tasks.get(&task) {
+            Some(slot) => slot
+                .borrow()
                 .as_ref()
-                .is_none_or(|frame| frame.version() < version)
-        })
+                .is_none_or(|frame| frame.version() < version),
+            None => self.has_feeds(),
+        }
     }
 
     /// Tasks that currently have at least one subscriber.
@@ -348,6 +436,7 @@ mod tests {
             step: None,
             total_steps: None,
             preview_url: None,
+            user_id: None,
         }
     }
 

@@ -171,6 +171,7 @@ impl App {
                     idle_timeout: limits.idle_timeout,
                     ping_interval: limits.ping_interval,
                     pong_timeout: limits.pong_timeout,
+                    feed_recent: limits.feed_recent,
                 },
                 shutdown: shutdown.clone(),
             }),

@@ -35,6 +35,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// connection sends nothing) is noticed within this plus that timeout, then the listener
 /// reconnects and resyncs.
 const LIVENESS_EVERY: Duration = Duration::from_secs(2);
+/// Finished tasks re-read per feed when catching up: the latest ones, where a change
+/// missed while disconnected most likely is.
+const FEED_RESYNC_FINISHED: usize = 20;
 /// Rows read per query when catching up.
 const RESYNC_CHUNK: usize = 1000;
 
@@ -267,6 +270,21 @@ impl Listener {
                 tasks = tasks.len(),
                 "resynced subscribed tasks after connecting"
             );
+        }
+        // Feeds: what a fresh subscriber's snapshot would hold (bounded), so a change
+        // missed while disconnected still arrives; the hub drops what a feed already has.
+        for user in self.hub.feed_users() {
+            let rows = self
+                .store
+                .user_tasks(
+                    user,
+                    crate::subscribers::FEED_MAX_UNFINISHED,
+                    FEED_RESYNC_FINISHED,
+                )
+                .await?;
+            for state in rows.into_iter().flatten() {
+                self.hub.publish(&state);
+            }
         }
         Ok(())
     }

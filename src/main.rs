@@ -79,6 +79,15 @@ async fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Some(Command::Token(args)) if args.user.is_some() => {
+            let secret = Secret::new(args.subscribe_secret.trim());
+            let user = args.user.expect("matched on is_some");
+            out(&format!(
+                "{}\n",
+                subscribe::mint_user(&secret, user, args.ttl)
+            ));
+            ExitCode::SUCCESS
+        }
         Some(Command::Token(args)) => {
             let tasks: Result<Vec<_>, _> =
                 args.tasks.iter().map(|t| IdKind::Text.parse(t)).collect();

@@ -2,7 +2,8 @@
 //!
 //! `GET /api/tasks/{id}/events?token=...` streams the same state messages as the socket:
 //! the snapshot first, then every newer version, from the same hub subscription. Refusals
-//! are plain HTTP errors before the stream starts. Each event's `id` is the version.
+//! are plain HTTP errors before the stream starts. Each event's `id` is the version (of
+//! its task). `{id}` may be `user:<uuid>`, a user's feed, as on the socket.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,11 +26,16 @@ pub async fn events(
     raw_id: String,
     token: Option<String>,
 ) -> Result<Response, Error> {
-    let task = ctx.store.parse_id(&raw_id).await?;
-    let access = ctx.may_watch(token.as_deref(), task).await?;
+    let target = ctx.parse_target(&raw_id).await?;
+    let access = ctx.may_watch_target(token.as_deref(), target).await?;
     let permit = ctx.admit("a streaming slot (TASKCAST_MAX_CONNECTIONS reached)")?;
-    let watch = ctx.watch(task, &access).await?;
-    let first = event(watch.version, watch.snapshot);
+    let watch = ctx.watch(target, &access).await?;
+    let first = stream::iter(
+        watch
+            .snapshot
+            .into_iter()
+            .map(|(version, text)| event(version, text)),
+    );
     let updates = watch
         .subscription
         .map(|frame| event(frame.version(), frame.text.as_str().to_owned()));
@@ -50,13 +56,10 @@ pub async fn events(
         }
     };
     // The permit lives as long as the stream.
-    let events = stream::once(async move { first })
-        .chain(updates)
-        .take_until(stopped)
-        .map(move |e| {
-            let _ = &permit;
-            e
-        });
+    let events = first.chain(updates).take_until(stopped).map(move |e| {
+        let _ = &permit;
+        e
+    });
     let keep_alive = warp::sse::keep_alive().interval(KEEP_ALIVE).stream(events);
     Ok(warp::sse::reply(keep_alive).into_response())
 }

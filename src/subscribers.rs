@@ -1,16 +1,21 @@
 //! What every subscriber does, whatever its transport (WebSocket, SSE, a plain read):
-//! who may watch, the connection slots, and subscribe-then-snapshot.
+//! who may watch, the connection slots, and subscribe-then-snapshot, for a task and for
+//! a user's feed (`user:<uuid>`: every task whose `user_id` is that user).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::auth::subscribe::{Access, SubscribeAuth, now_unix};
 use crate::domain::TaskId;
 use crate::error::Error;
-use crate::hub::{Hub, Subscription};
+use crate::hub::{FeedSubscription, Frame, Hub, Subscription, feed_name};
 use crate::shutdown::{DoneGuard, Shutdown};
 use crate::store::Store;
 
@@ -30,6 +35,52 @@ pub struct SubscriberLimits {
     pub ping_interval: Duration,
     /// Silence after which a WebSocket is closed.
     pub pong_timeout: Duration,
+    /// Finished tasks in a feed's snapshot (`TASKCAST_FEED_RECENT`), besides up to
+    /// [`FEED_MAX_UNFINISHED`] unfinished ones.
+    pub feed_recent: usize,
+}
+
+/// Most unfinished tasks in a feed's snapshot (the most recently updated ones); with
+/// `TASKCAST_FEED_RECENT` (at most [`FEED_MAX_RECENT`]) it bounds a snapshot's size.
+pub const FEED_MAX_UNFINISHED: usize = 200;
+/// The largest `TASKCAST_FEED_RECENT`.
+pub const FEED_MAX_RECENT: usize = 200;
+
+/// The prefix that makes a subscription id name a user's feed rather than a task.
+const FEED_PREFIX: &str = "user:";
+
+/// What a subscriber watches: one task, or the feed of a user's tasks.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Target {
+    Task(TaskId),
+    User(Uuid),
+}
+
+impl Target {
+    /// The id as the client sends it: the task id, or `user:<uuid>`.
+    pub fn label(&self) -> String {
+        match self {
+            Target::Task(task) => task.to_string(),
+            Target::User(user) => feed_name(*user),
+        }
+    }
+}
+
+/// A subscription's stream of newer frames: a task's, or a feed's (per task newer).
+pub enum Watching {
+    Task(Subscription),
+    Feed(FeedSubscription),
+}
+
+impl Stream for Watching {
+    type Item = Arc<Frame>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Watching::Task(s) => Pin::new(s).poll_next(cx),
+            Watching::Feed(s) => Pin::new(s).poll_next(cx),
+        }
+    }
 }
 
 /// What every subscriber needs, shared by all of them behind one `Arc`.
@@ -51,13 +102,13 @@ pub struct Slot {
     _done: DoneGuard,
 }
 
-/// A task being watched: registered with the hub, its snapshot read.
+/// A task or feed being watched: registered with the hub, its snapshot read.
 pub struct Watch {
-    /// Newer versions than the snapshot's.
-    pub subscription: Subscription,
-    /// The snapshot message (`"snapshot": true`), and its version.
-    pub snapshot: String,
-    pub version: i64,
+    /// Newer versions than the snapshot's (per task, for a feed).
+    pub subscription: Watching,
+    /// The snapshot messages (`"snapshot": true`) with their versions: one for a task;
+    /// for a feed one per task, then `{"type":"snapshot_complete",...}` (version 0).
+    pub snapshot: Vec<(i64, String)>,
     /// When the token that granted it expires, if it does.
     pub expires_at: Option<Instant>,
 }
@@ -77,10 +128,51 @@ impl Subscribers {
         })
     }
 
+    /// Parses a subscription id: `user:<uuid>` names a user's feed (so a text-id table
+    /// cannot serve a task whose id starts with `user:`), anything else a task of the
+    /// store's table.
+    pub async fn parse_target(&self, raw: &str) -> Result<Target, Error> {
+        match raw.strip_prefix(FEED_PREFIX) {
+            Some(user) => Uuid::parse_str(user).map(Target::User).map_err(|_| {
+                Error::invalid(
+                    "task_id",
+                    format!(
+                        "a user's feed is user:<uuid> (the user's id as a UUID), got {:?}",
+                        raw.chars().take(80).collect::<String>()
+                    ),
+                )
+            }),
+            None => self.store.parse_id(raw).await.map(Target::Task),
+        }
+    }
+
     /// Subscribe, then snapshot: registers with the hub first, then reads the current
-    /// state (the hub's, else the store's, which is then published), so nothing committed
-    /// after this call can be missed and only newer versions follow the snapshot.
-    pub async fn watch(&self, task: TaskId, access: &Access) -> Result<Watch, Error> {
+    /// state, so nothing committed after this call can be missed and only newer versions
+    /// follow the snapshot. A task's state is the hub's, else the store's (which is then
+    /// published); a feed's is the store's read of the user's tasks (unfinished ones and
+    /// the latest finished), and from then on each task's versions only grow.
+    pub async fn watch(&self, target: Target, access: &Access) -> Result<Watch, Error> {
+        let (subscription, snapshot) = match target {
+            Target::Task(task) => {
+                let (subscription, snapshot) = self.snapshot_task(task).await?;
+                (Watching::Task(subscription), vec![snapshot])
+            }
+            Target::User(user) => {
+                let (subscription, snapshot) = self.snapshot_feed(user).await?;
+                (Watching::Feed(subscription), snapshot)
+            }
+        };
+        let expires_at = access
+            .expires_at()
+            .map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now_unix())));
+        Ok(Watch {
+            subscription,
+            snapshot,
+            expires_at,
+        })
+    }
+
+    async fn snapshot_task(&self, task: TaskId) -> Result<(Subscription, (i64, String)), Error> {
         let (mut subscription, current) = self.hub.subscribe(task);
         let (version, snapshot) = match current {
             Some(frame) => (frame.version(), frame.snapshot_json()),
@@ -95,15 +187,44 @@ impl Subscribers {
             }
         };
         subscription.mark_delivered(version);
-        let expires_at = access
-            .expires_at()
-            .map(|exp| Instant::now() + Duration::from_secs(exp.saturating_sub(now_unix())));
-        Ok(Watch {
-            subscription,
-            snapshot,
-            version,
-            expires_at,
-        })
+        Ok((subscription, (version, snapshot)))
+    }
+
+    async fn snapshot_feed(
+        &self,
+        user: Uuid,
+    ) -> Result<(FeedSubscription, Vec<(i64, String)>), Error> {
+        let mut subscription = self.hub.subscribe_feed(user);
+        let name = feed_name(user);
+        let states = self
+            .store
+            .user_tasks(user, FEED_MAX_UNFINISHED, self.limits.feed_recent)
+            .await?;
+        let mut snapshot = Vec::with_capacity(states.len() + 1);
+        for state in &states {
+            subscription.mark_delivered(state.task_id, state.version);
+            snapshot.push((state.version, self.hub.feed_snapshot(state, &name)));
+        }
+        let complete = serde_json::json!({
+            "type": "snapshot_complete",
+            "feed": name,
+            "tasks": states.len(),
+        });
+        snapshot.push((0, complete.to_string()));
+        Ok((subscription, snapshot))
+    }
+
+    /// Decides whether `token` lets its holder watch `target` (see [`Self::may_watch`] and
+    /// [`SubscribeAuth::authorize_user`]).
+    pub async fn may_watch_target(
+        &self,
+        token: Option<&str>,
+        target: Target,
+    ) -> Result<Access, Error> {
+        match target {
+            Target::Task(task) => self.may_watch(token, task).await,
+            Target::User(user) => self.auth.authorize_user(token, user).await,
+        }
     }
 
     /// Decides whether `token` lets its holder watch `task`, checking a Supabase user's

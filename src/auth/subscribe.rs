@@ -52,6 +52,16 @@ struct TaskClaims {
     exp: u64,
 }
 
+/// A subscribe token for a user's feed: `user_id` and `exp`. It grants the feed
+/// `user:<user_id>` only (not the user's tasks one by one, and never a cancel); any other
+/// claims, such as `task_id`, are read by [`TaskClaims`] for task subscriptions.
+#[derive(Serialize, Deserialize)]
+struct UserClaims {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user_id: Option<String>,
+    exp: u64,
+}
+
 #[derive(Deserialize)]
 struct SupabaseClaims {
     sub: String,
@@ -178,6 +188,73 @@ impl SubscribeAuth {
         self.tokens.as_ref().map(|secret| mint(secret, tasks, ttl))
     }
 
+    /// Mints a token for the feed of `user_id` (`user:<id>`), valid for `ttl`; `None`
+    /// without a subscribe secret.
+    pub fn mint_user(&self, user_id: Uuid, ttl: Duration) -> Option<String> {
+        self.tokens
+            .as_ref()
+            .map(|secret| mint_user(secret, user_id, ttl))
+    }
+
+    /// Decides whether `token` lets its holder watch the feed of `user`: a subscribe token
+    /// whose `user_id` claim is `user`, or a signed-in Supabase session whose `sub` is.
+    /// The answer is [`Access::Granted`]: nothing is left to check against the store.
+    pub async fn authorize_user(&self, token: Option<&str>, user: Uuid) -> Result<Access, Error> {
+        if self.public {
+            return Ok(Access::Public);
+        }
+        let token = token
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(Error::TokenRequired)?;
+        let refused =
+            || Error::Forbidden(format!("this token does not grant the feed user:{user}"));
+        let mut expired = false;
+        if let Some(secret) = &self.tokens {
+            match verify::<UserClaims>(token, secret, &validation()) {
+                Ok(claims) => {
+                    let named = claims
+                        .user_id
+                        .as_deref()
+                        .and_then(|u| Uuid::parse_str(u).ok());
+                    return if named == Some(user) {
+                        Ok(Access::Granted {
+                            expires_at: claims.exp,
+                        })
+                    } else {
+                        Err(refused())
+                    };
+                }
+                Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
+            }
+        }
+        let mut session = None;
+        if let Some(secret) = &self.supabase {
+            match verify::<SupabaseClaims>(token, secret, &supabase_validation()) {
+                Ok(claims) => session = Some(claims),
+                Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
+            }
+        }
+        if session.is_none()
+            && let Some(jwks) = &self.jwks
+        {
+            match verify_jwks(token, jwks).await {
+                Ok(claims) => session = Some(claims),
+                Err(kind) => expired |= matches!(kind, ErrorKind::ExpiredSignature),
+            }
+        }
+        match session.map(owner) {
+            Some(Ok(Access::Owner {
+                user_id,
+                expires_at,
+            })) if user_id == user => Ok(Access::Granted { expires_at }),
+            Some(Ok(_)) => Err(refused()),
+            Some(Err(e)) => Err(e),
+            None if expired => Err(Error::TokenExpired),
+            None => Err(Error::TokenInvalid),
+        }
+    }
+
     /// Decides whether `token` lets its holder watch `task`. Ownership of an
     /// [`Access::Owner`] grant is for the caller to check against the store.
     pub async fn authorize(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
@@ -254,6 +331,18 @@ pub fn mint(secret: &Secret, tasks: &[TaskId], ttl: Duration) -> String {
     let claims = TaskClaims {
         task_id: (ids.len() == 1).then(|| ids.remove(0)),
         task_ids: ids,
+        exp: now_unix() + ttl.as_secs(),
+    };
+    let key = EncodingKey::from_secret(secret.expose().as_bytes());
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
+        .expect("HS256 signing of plain claims cannot fail")
+}
+
+/// Signs a feed token for `user_id` (claims `user_id`, `exp`); used by
+/// [`SubscribeAuth::mint_user`], `taskcast token --user` and tests.
+pub fn mint_user(secret: &Secret, user_id: Uuid, ttl: Duration) -> String {
+    let claims = UserClaims {
+        user_id: Some(user_id.to_string()),
         exp: now_unix() + ttl.as_secs(),
     };
     let key = EncodingKey::from_secret(secret.expose().as_bytes());
@@ -397,6 +486,31 @@ mod tests {
                 "aud {aud:?} must be refused"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_user_token_grants_that_users_feed_and_no_task() {
+        let (user, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let token = auth().mint_user(user, Duration::from_secs(60)).unwrap();
+        assert!(matches!(
+            auth().authorize_user(Some(&token), user).await,
+            Ok(Access::Granted { .. })
+        ));
+        assert!(matches!(
+            auth().authorize_user(Some(&token), other).await,
+            Err(Error::Forbidden(_))
+        ));
+        assert!(matches!(
+            auth().authorize(Some(&token), TaskId::random()).await,
+            Err(Error::Forbidden(_))
+        ));
+        let task = auth()
+            .mint(&[TaskId::random()], Duration::from_secs(60))
+            .unwrap();
+        assert!(matches!(
+            auth().authorize_user(Some(&task), user).await,
+            Err(Error::Forbidden(_))
+        ));
     }
 
     #[tokio::test]

@@ -30,6 +30,10 @@ pub struct TaskState {
     pub total_steps: Option<u32>,
     /// The latest in-progress preview; `None` once the task is finished.
     pub preview_url: Option<String>,
+    /// `image_tasks.user_id` when it is a UUID: which user's feed (`user:<id>`) the state
+    /// goes to. Not part of a task subscription's frames (a task token would learn its
+    /// owner's id); a feed's frames name the feed instead.
+    pub user_id: Option<uuid::Uuid>,
 }
 
 /// An estimate of the time left: `ms` milliseconds from `at`, the time of the change it
@@ -69,6 +73,9 @@ struct Wire<'a> {
     eta_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     eta_at: Option<DateTime<Utc>>,
+    /// `user:<id>` on the frames of a user's feed, so a client can tell them apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    feed: Option<&'a str>,
     snapshot: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     applied: Option<bool>,
@@ -88,6 +95,12 @@ impl TaskState {
         self.encode(snapshot, None, None, eta)
     }
 
+    /// The state message as a user feed's frame: [`TaskState::to_json_with_eta`] with
+    /// `"feed": "user:<id>"`.
+    pub fn to_feed_json(&self, feed: &str, snapshot: bool, eta: Option<Eta>) -> String {
+        self.encode_wire(snapshot, None, None, eta, Some(feed))
+    }
+
     /// The answer to `POST /api/tasks`: the state plus a subscribe token for the task.
     pub fn to_created_json(&self, token: Option<&str>) -> String {
         self.encode(true, None, token, None)
@@ -100,6 +113,17 @@ impl TaskState {
         applied: Option<bool>,
         token: Option<&str>,
         eta: Option<Eta>,
+    ) -> String {
+        self.encode_wire(snapshot, applied, token, eta, None)
+    }
+
+    fn encode_wire(
+        &self,
+        snapshot: bool,
+        applied: Option<bool>,
+        token: Option<&str>,
+        eta: Option<Eta>,
+        feed: Option<&str>,
     ) -> String {
         let wire = Wire {
             kind: "state",
@@ -118,6 +142,7 @@ impl TaskState {
             preview_url: self.preview_url.as_deref(),
             eta_ms: eta.map(|eta| eta.ms),
             eta_at: eta.map(|eta| eta.at),
+            feed,
             snapshot,
             applied,
             token,
@@ -251,6 +276,7 @@ mod tests {
                 step: None,
                 total_steps: None,
                 preview_url: None,
+                user_id: None,
             },
             last_seq,
             owner: None,

@@ -101,6 +101,10 @@ impl StoredRow {
                 step: self.step.as_deref().and_then(steps),
                 total_steps: self.total_steps.as_deref().and_then(steps),
                 preview_url,
+                user_id: self
+                    .owner
+                    .as_deref()
+                    .and_then(|o| uuid::Uuid::parse_str(o).ok()),
             },
             last_seq: self.seq,
             owner: self.owner,

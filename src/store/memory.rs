@@ -58,6 +58,15 @@ impl MemoryStore {
         self.lock().get(&id).map(|row| row.state.clone())
     }
 
+    /// `user`'s tasks (all of them: a scan, bounded by [`MEMORY_STORE_CAPACITY`]).
+    pub fn user_tasks(&self, user: uuid::Uuid) -> Vec<TaskState> {
+        self.lock()
+            .values()
+            .filter(|row| row.state.user_id == Some(user))
+            .map(|row| row.state.clone())
+            .collect()
+    }
+
     /// `None` if the task does not exist, else its owner (`user_id`).
     pub fn owner(&self, id: TaskId) -> Option<Option<String>> {
         self.lock().get(&id).map(|row| row.owner.clone())
@@ -88,6 +97,7 @@ impl MemoryStore {
             step: None,
             total_steps: None,
             preview_url: None,
+            user_id: task.user_id,
         };
         tasks.insert(
             state.task_id,

@@ -71,6 +71,27 @@ impl Store {
         self.id_kind().await?.parse(raw)
     }
 
+    /// A user's feed snapshot: up to `unfinished` of `user`'s unfinished tasks, then up to
+    /// `finished` of its finished ones, each part newest first (by `updated_at`, then id).
+    /// Rows taskcast cannot read are left out (the listener reports them per task).
+    pub async fn user_tasks(
+        &self,
+        user: uuid::Uuid,
+        unfinished: usize,
+        finished: usize,
+    ) -> Result<Vec<TaskState>, Error> {
+        let states: Vec<TaskState> = match self {
+            Store::Postgres(pg) => pg
+                .user_tasks(user, unfinished, finished)
+                .await?
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect(),
+            Store::Memory(mem) => mem.user_tasks(user),
+        };
+        Ok(newest_by_part(states, unfinished, finished))
+    }
+
     /// `None` if the task does not exist, else its owner (`image_tasks.user_id` as text).
     pub async fn owner(&self, task: TaskId) -> Result<Option<Option<String>>, Error> {
         match self {
@@ -109,4 +130,32 @@ impl Store {
             Store::Memory(_) => "memory",
         }
     }
+}
+
+/// Unfinished tasks first, then finished ones, each newest first and cut to its bound.
+/// SQL sorts rows into the two parts by the words it knows; this decides by the status
+/// Rust reads, so a word SQL cannot place still lands where a subscriber expects it.
+fn newest_by_part(
+    mut states: Vec<TaskState>,
+    unfinished: usize,
+    finished: usize,
+) -> Vec<TaskState> {
+    states.sort_by(|a, b| {
+        (
+            a.status.is_terminal(),
+            std::cmp::Reverse(a.updated_at),
+            std::cmp::Reverse(a.task_id),
+        )
+            .cmp(&(
+                b.status.is_terminal(),
+                std::cmp::Reverse(b.updated_at),
+                std::cmp::Reverse(b.task_id),
+            ))
+    });
+    let open = states.iter().filter(|s| !s.status.is_terminal()).count();
+    let mut done = states.split_off(open);
+    states.truncate(unfinished);
+    done.truncate(finished);
+    states.append(&mut done);
+    states
 }

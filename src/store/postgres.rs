@@ -197,6 +197,30 @@ impl PgStore {
         .await
     }
 
+    /// Up to `unfinished` of `user`'s open tasks and `finished` of the others, each newest
+    /// first (see [`super::Shape`]'s `feed` statement); unreadable rows are left out.
+    pub async fn user_tasks(
+        &self,
+        user: uuid::Uuid,
+        unfinished: usize,
+        finished: usize,
+    ) -> Result<Vec<Result<TaskState, Unreadable>>, Error> {
+        self.run(async |client: &mut Object| {
+            let shape = self.shape(client).await?;
+            let stmt = client.prepare_cached(&shape.sql.feed).await?;
+            let user = user.to_string();
+            let (a, b) = (unfinished as i64, finished as i64);
+            let rows = client
+                .query(&stmt, &[&user, &shape.words.open(), &a, &b])
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|row| stored_row(row).decode(&shape.statuses).map(|t| t.state))
+                .collect())
+        })
+        .await
+    }
+
     /// `None` if the task does not exist, else its owner (`user_id` as text).
     pub async fn owner(&self, task: TaskId) -> Result<Option<Option<String>>, Error> {
         self.run(async |client: &mut Object| {

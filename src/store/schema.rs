@@ -61,6 +61,20 @@ async fn has_notify_trigger<C: GenericClient>(client: &C) -> Result<bool, tokio_
     Ok(row.get(0))
 }
 
+/// Whether the user feeds' insert trigger and index exist (added after the first release).
+async fn has_feed_support<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
+               WHERE tgrelid = to_regclass('public.image_tasks') \
+                 AND tgname = 'taskcast_notify_insert') \
+             AND to_regclass('public.image_tasks_user_id_updated_at_idx') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Checks a NOTIFY channel name: lowercase letters, digits and `_`, at most 63 bytes.
 pub fn validate_channel(channel: &str) -> Result<(), Error> {
     let valid = !channel.is_empty()
@@ -154,6 +168,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             .await
             .map_err(fail("the catalog"))?;
         let trigger_before = has_notify_trigger(&tx).await.map_err(fail("the catalog"))?;
+        let feeds_before = has_feed_support(&tx).await.map_err(fail("the catalog"))?;
         tx.batch_execute(SCHEMA_SQL)
             .await
             .map_err(|e| Error::internal("applying schema.sql", e))?;
@@ -163,6 +178,10 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
                 "DROP TRIGGER taskcast_notify ON public.image_tasks; \
                  CREATE TRIGGER taskcast_notify AFTER UPDATE ON public.image_tasks \
                  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('{channel}'); \
+                 DROP TRIGGER taskcast_notify_insert ON public.image_tasks; \
+                 CREATE TRIGGER taskcast_notify_insert AFTER INSERT ON public.image_tasks \
+                 REFERENCING NEW TABLE AS new_rows \
                  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('{channel}')"
             ))
             .await
@@ -189,6 +208,13 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             changes.push(format!(
                 "installed triggers taskcast_bump_version and taskcast_notify (channel {channel})"
             ));
+        }
+        if trigger_before && !feeds_before {
+            changes.push(
+                "installed trigger taskcast_notify_insert and index \
+                 image_tasks_user_id_updated_at_idx (user feeds)"
+                    .to_string(),
+            );
         }
         if !helper_before {
             changes.push(

@@ -80,6 +80,11 @@ pub struct Statements {
     pub get: String,
     pub get_many: String,
     pub owner: String,
+    /// A user's feed snapshot: `$1` the user id as text, `$2` [`StatusWords::open`],
+    /// `$3` how many unfinished, `$4` how many finished tasks, each newest first. SQL only
+    /// sorts rows into the two parts; Rust decides what is finished (see
+    /// [`crate::store::Store::user_tasks`]).
+    pub feed: String,
     pub create: String,
     pub lock: String,
     pub apply: String,
@@ -308,6 +313,16 @@ impl Statements {
             get: format!("SELECT {columns} {from} WHERE {one}"),
             get_many: format!("SELECT {columns} {from} WHERE {many}"),
             owner: format!("SELECT user_id::text {from} WHERE {one}"),
+            feed: {
+                let user = format!("user_id = $1::text::{user_type}");
+                let open = "(status IS NULL OR lower(status::text) = ANY($2::text[]))";
+                let newest = "ORDER BY updated_at DESC, id DESC";
+                format!(
+                    "(SELECT {columns} {from} WHERE {user} AND {open} {newest} LIMIT $3) \
+                     UNION ALL \
+                     (SELECT {columns} {from} WHERE {user} AND NOT {open} {newest} LIMIT $4)"
+                )
+            },
             create,
             lock: format!("SELECT {columns} {from} WHERE {many} ORDER BY id FOR UPDATE"),
             apply: apply(""),

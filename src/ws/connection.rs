@@ -22,15 +22,15 @@ use super::deadlines::{Deadlines, Ping};
 use super::protocol::{self, ClientMessage};
 use crate::domain::TaskId;
 use crate::error::Error;
-use crate::hub::Subscription;
-use crate::subscribers::{Slot, Subscribers};
+use crate::subscribers::{Slot, Subscribers, Target, Watching};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 pub struct Connection {
     ctx: Arc<Subscribers>,
     socket: Socket,
-    subscriptions: StreamMap<TaskId, Subscription>,
+    /// Tasks and feeds watched; a feed counts as one subscription.
+    subscriptions: StreamMap<Target, Watching>,
     /// The `?token=` of the URL, used when a subscribe message carries none.
     default_token: Option<Box<str>>,
     /// Pings, the idle close and token expiry.
@@ -72,7 +72,7 @@ impl Connection {
         }
     }
 
-    pub async fn run(&mut self, initial: Option<TaskId>) {
+    pub async fn run(&mut self, initial: Option<Target>) {
         tracing::info!("websocket opened");
         let end = match self.serve(initial).await {
             Ok(end) | Err(end) => end,
@@ -101,7 +101,7 @@ impl Connection {
     /// message; expiring tokens) is boxed and exists only while it runs. One timer covers
     /// pings, the idle close and token expiry, and is re-armed only when its deadline
     /// moves, so forwarding a frame touches no timer.
-    async fn serve(&mut self, initial: Option<TaskId>) -> Result<End, End> {
+    async fn serve(&mut self, initial: Option<Target>) -> Result<End, End> {
         if let Some(task) = initial {
             Box::pin(self.subscribe(task, None)).await?;
         }
@@ -200,24 +200,30 @@ impl Connection {
         .await
     }
 
+    /// An error about one subscription (`task_id` is its id: a task's, or `user:<uuid>`).
+    async fn send_target_error(&mut self, error: &Error, target: Target) -> Result<(), End> {
+        self.send(Message::text(error.to_ws_json(Some(&target.label()))))
+            .await
+    }
+
     async fn on_client_message(&mut self, text: &str) -> Result<(), End> {
         match protocol::parse(text) {
             Ok(ClientMessage::Subscribe { task, token }) => {
                 // Counted before anything else: a stream of bad ids is rate-limited too.
                 let over_rate = self.over_rate();
-                let task = match self.ctx.store.parse_id(&task).await {
-                    Ok(task) => task,
+                let target = match self.ctx.parse_target(&task).await {
+                    Ok(target) => target,
                     Err(e) if !over_rate => return self.send_error(&e, None).await,
                     Err(_) => return self.send_error(&self.rate_error(), None).await,
                 };
                 if over_rate {
-                    return self.send_error(&self.rate_error(), Some(task)).await;
+                    return self.send_target_error(&self.rate_error(), target).await;
                 }
-                self.subscribe(task, token).await
+                self.subscribe(target, token).await
             }
             Ok(ClientMessage::Unsubscribe { task }) => {
-                match self.ctx.store.parse_id(&task).await {
-                    Ok(task) => self.remove(task),
+                match self.ctx.parse_target(&task).await {
+                    Ok(target) => self.remove(target),
                     Err(e) => return self.send_error(&e, None).await,
                 }
                 Ok(())
@@ -247,11 +253,11 @@ impl Connection {
     /// Authorize, then [`Subscribers::watch`] (subscribe, then snapshot), send the
     /// snapshot, and from then on forward only newer versions. A refusal is an error
     /// message; the connection stays usable.
-    async fn subscribe(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
+    async fn subscribe(&mut self, task: Target, token: Option<String>) -> Result<(), End> {
         let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
-        let access = match self.ctx.may_watch(token.as_deref(), task).await {
+        let access = match self.ctx.may_watch_target(token.as_deref(), task).await {
             Ok(access) => access,
-            Err(e) => return self.send_error(&e, Some(task)).await,
+            Err(e) => return self.send_target_error(&e, task).await,
         };
         // A repeated subscribe (say, with a fresh token) starts over with a fresh snapshot.
         self.remove(task);
@@ -261,18 +267,21 @@ impl Connection {
                  unsubscribe from one first",
                 self.ctx.limits.max_subscriptions
             ));
-            return self.send_error(&e, Some(task)).await;
+            return self.send_target_error(&e, task).await;
         }
         let watch = match self.ctx.watch(task, &access).await {
             Ok(watch) => watch,
-            Err(e) => return self.send_error(&e, Some(task)).await,
+            Err(e) => return self.send_target_error(&e, task).await,
         };
         self.subscriptions.insert(task, watch.subscription);
         self.deadlines.watch(task, watch.expires_at);
-        self.send(Message::text(watch.snapshot)).await
+        for (_, message) in watch.snapshot {
+            self.send(Message::text(message)).await?;
+        }
+        Ok(())
     }
 
-    fn remove(&mut self, task: TaskId) {
+    fn remove(&mut self, task: Target) {
         self.subscriptions.remove(&task);
         let subscribed = !self.subscriptions.is_empty();
         self.deadlines
@@ -280,10 +289,10 @@ impl Connection {
     }
 
     /// Ends every subscription whose token has expired, telling the client how to go on.
-    async fn expire_tokens(&mut self, expired: Vec<TaskId>) -> Result<(), End> {
+    async fn expire_tokens(&mut self, expired: Vec<Target>) -> Result<(), End> {
         for task in expired {
             self.remove(task);
-            self.send_error(&Error::TokenExpired, Some(task)).await?;
+            self.send_target_error(&Error::TokenExpired, task).await?;
         }
         Ok(())
     }

@@ -7,13 +7,12 @@
 
 use tokio::time::Instant;
 
-use crate::domain::TaskId;
-use crate::subscribers::SubscriberLimits;
+use crate::subscribers::{SubscriberLimits, Target};
 
 pub struct Deadlines {
     /// When each subscription's token expires (at most `max_subscriptions` entries, so a
     /// scan is cheap), and the earliest of them.
-    expiries: Vec<(TaskId, Instant)>,
+    expiries: Vec<(Target, Instant)>,
     next_expiry: Option<Instant>,
     /// When a connection with no subscription is closed.
     idle: Instant,
@@ -69,7 +68,7 @@ impl Deadlines {
     /// The subscriptions whose token has expired at `now`; each must be [`forget`]-ed.
     ///
     /// [`forget`]: Deadlines::forget
-    pub fn expired(&self, now: Instant) -> Vec<TaskId> {
+    pub fn expired(&self, now: Instant) -> Vec<Target> {
         if self.next_expiry.is_none_or(|at| at > now) {
             return Vec::new();
         }
@@ -93,7 +92,7 @@ impl Deadlines {
     }
 
     /// A subscription started; its token (if any) expires at `expires_at`.
-    pub fn watch(&mut self, task: TaskId, expires_at: Option<Instant>) {
+    pub fn watch(&mut self, task: Target, expires_at: Option<Instant>) {
         if let Some(at) = expires_at {
             self.expiries.push((task, at));
             self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
@@ -104,7 +103,7 @@ impl Deadlines {
     /// the idle timeout starts over.
     pub fn forget(
         &mut self,
-        task: TaskId,
+        task: Target,
         now: Instant,
         subscribed: bool,
         limits: &SubscriberLimits,
@@ -140,11 +139,12 @@ mod tests {
             idle_timeout: IDLE,
             ping_interval: PING,
             pong_timeout: PONG,
+            feed_recent: 20,
         }
     }
 
-    fn task() -> TaskId {
-        TaskId::from(uuid::Uuid::new_v4())
+    fn task() -> Target {
+        Target::Task(crate::domain::TaskId::from(uuid::Uuid::new_v4()))
     }
 
     /// Sleeps on the deadline the way the connection does: the paused clock jumps to it.

@@ -6,7 +6,9 @@
 //!
 //! Protocol: `GET /ws?task_id=<uuid>&token=<token>` subscribes one task; on any connection
 //! the client may send `{"type":"subscribe","task_id":..,"token"?:..}` and
-//! `{"type":"unsubscribe","task_id":..}`. The server sends `{"type":"state",...}` (the first
+//! `{"type":"unsubscribe","task_id":..}`. A `task_id` of `user:<uuid>` is that user's
+//! feed: a snapshot frame per task, `{"type":"snapshot_complete","feed":..,"tasks":n}`,
+//! then every newer version of any of the user's tasks; its frames carry `"feed"`. The server sends `{"type":"state",...}` (the first
 //! per subscription has `"snapshot": true`) and `{"type":"error","code","message","hint"}`.
 
 mod connection;
@@ -63,7 +65,7 @@ pub async fn upgrade(
     })?;
     let on_upgrade = on_upgrade.ok_or(Error::UpgradeRequired)?;
     let initial = match task_id {
-        Some(raw) => Some(ctx.store.parse_id(&raw).await?),
+        Some(raw) => Some(ctx.parse_target(&raw).await?),
         None => None,
     };
     let permit = ctx.admit("a WebSocket slot (TASKCAST_MAX_CONNECTIONS reached)")?;

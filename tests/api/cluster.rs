@@ -10,7 +10,7 @@ use tokio_postgres::AsyncMessage;
 use crate::helpers::{KEY, TestApp, TestDb, spawn_app_on};
 
 /// `n` nodes sharing one migrated database; the first node owns (and drops) it.
-async fn spawn_nodes(n: usize) -> (Vec<TestApp>, String) {
+pub(crate) async fn spawn_nodes(n: usize) -> (Vec<TestApp>, String) {
     let db = TestDb::create().await;
     taskcast::store::schema::migrate(&db.url)
         .await

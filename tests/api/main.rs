@@ -11,6 +11,7 @@ mod delivery;
 mod docs;
 mod doctor;
 mod errors;
+mod feed;
 mod frames;
 mod fuzz;
 mod http_limits;

@@ -51,6 +51,15 @@ export interface TaskState {
   applied?: boolean;
   /** Only in the answer to `POST /api/tasks`: a subscribe token for the new task. */
   token?: string;
+  /** Only on a user feed's frames: the feed, `user:<uuid>`. */
+  feed?: string;
+}
+
+/** After a feed's snapshot states: how many there were. */
+export interface SnapshotComplete {
+  type: "snapshot_complete";
+  feed: string;
+  tasks: number;
 }
 
 /** Error codes the server sends (HTTP bodies and WebSocket error messages). */
@@ -104,9 +113,12 @@ export interface ErrorBody {
 }
 
 /** Every message the server sends on a WebSocket. */
-export type ServerMessage = TaskState | ErrorMessage;
+export type ServerMessage = TaskState | ErrorMessage | SnapshotComplete;
 
-/** Watch a task; `token` overrides the connection URL's `?token=` for this task. */
+/**
+ * Watch a task, or with `task_id: "user:<uuid>"` that user's feed; `token` overrides the
+ * connection URL's `?token=` for this subscription.
+ */
 export interface SubscribeMessage {
   type: "subscribe";
   task_id: string;
@@ -196,3 +208,33 @@ export function isTerminal(status: string): status is TerminalStatus;
 
 /** Watches one task. Throws a `TypeError` for an empty `taskId` or a `url` that is not http(s) or ws(s). */
 export function watchTask(taskId: string, options?: WatchOptions): WatchHandle;
+
+export interface WatchUserOptions {
+  /** As for `watchTask`. */
+  url?: string | URL;
+  /** A feed token (claim `user_id`, from `SubscribeAuth::mint_user` or `taskcast token --user`) or the user's Supabase access token. */
+  token?: string | null;
+  /** As for `watchTask`; called with the feed's id, `user:<uuid>`. */
+  getToken?: GetToken;
+  /** Each task's states: its snapshot state first, then each newer one (per task in version order). */
+  onTask?: (state: TaskState) => void;
+  /** After each (re)subscription's snapshot: every task known to this watch. */
+  onSnapshot?: (states: TaskState[]) => void;
+  onError?: (error: TaskcastError) => void;
+  onConnection?: (info: ConnectionInfo) => void;
+}
+
+export interface WatchUserHandle {
+  readonly userId: string;
+  /** The latest state of every task seen, by task id (a copy). */
+  readonly tasks: Map<string, TaskState>;
+  /** Stops watching (idempotent). A feed ends by itself only on a fatal error. */
+  close(): void;
+}
+
+/**
+ * Watches every task of one user (the feed `user:<userId>`): the user's unfinished and
+ * latest finished tasks, then every change, new tasks included. Throws a `TypeError` when
+ * `userId` is not a UUID.
+ */
+export function watchUser(userId: string, options?: WatchUserOptions): WatchUserHandle;

@@ -20,6 +20,13 @@
 // Upgrade, say), or when WebSocket does not exist, each task is streamed over
 // Server-Sent Events (GET /api/tasks/{id}/events) instead.
 //
+// watchUser(userId, {token | getToken, onTask, onSnapshot, onError, onConnection, url})
+// watches every task of one user (the feed `user:<uuid>`, on the same socket): a snapshot
+// of the user's unfinished tasks and latest finished ones (onTask for each, then
+// onSnapshot with them all), then every change to any of them, tasks created later
+// included. Per task the same rules as watchTask: a snapshot is the truth, otherwise a
+// version not newer than the last one seen is ignored. A feed never ends by itself.
+//
 // `url` defaults to the folder this module was loaded from (so a page that imports
 // https://host/client.js talks to https://host). A copy bundled into an app (the npm
 // package included) must pass `url` explicitly, as "https://host" or "wss://host".
@@ -66,12 +73,7 @@ export function watchTask(taskId, options = {}) {
   if (typeof taskId !== "string" || taskId === "") {
     throw new TypeError("watchTask: taskId must be a non-empty string (the task's UUID)");
   }
-  const base = endpoints(options.url);
-  let connection = connections.get(base.http);
-  if (!connection) {
-    connection = new Connection(base);
-    connections.set(base.http, connection);
-  }
+  const connection = connectionFor(options.url);
   const watcher = new Watcher(taskId, options);
   connection.add(watcher);
   return {
@@ -81,6 +83,41 @@ export function watchTask(taskId, options = {}) {
     },
     close: () => connection.remove(watcher),
   };
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/**
+ * Watches every task of one user: the feed `user:<userId>`. Options: token (a feed token
+ * with claim user_id, or the user's Supabase access token), getToken, onTask(state),
+ * onSnapshot(states), onError(TaskcastError), onConnection({connected, transport}), url.
+ * Returns {userId, tasks (a Map of task id to its latest state), close()}.
+ */
+export function watchUser(userId, options = {}) {
+  if (typeof userId !== "string" || !UUID.test(userId)) {
+    throw new TypeError("watchUser: userId must be the user's UUID");
+  }
+  const connection = connectionFor(options.url);
+  const watcher = new Watcher(`user:${userId.toLowerCase()}`, options, true);
+  connection.add(watcher);
+  return {
+    userId,
+    get tasks() {
+      return new Map(watcher.tasks);
+    },
+    close: () => connection.remove(watcher),
+  };
+}
+
+// The one shared connection to the server at `url` (see the header).
+function connectionFor(url) {
+  const base = endpoints(url);
+  let connection = connections.get(base.http);
+  if (!connection) {
+    connection = new Connection(base);
+    connections.set(base.http, connection);
+  }
+  return connection;
 }
 
 function endpoints(url) {
@@ -116,18 +153,29 @@ function call(fn, ...args) {
   }
 }
 
-/** One watchTask call: its callbacks and whether it has ended. */
+/** One watchTask or watchUser call: its callbacks and whether it has ended. */
 class Watcher {
-  constructor(taskId, options) {
+  // `taskId` is the subscription's id: a task's, or `user:<uuid>` for a feed.
+  constructor(taskId, options, feed = false) {
     this.taskId = taskId;
     this.options = options;
     this.state = null;
+    this.feed = feed;
+    this.tasks = feed ? new Map() : null; // a feed's latest state per task
     this.ended = false;
   }
   deliver(state) {
     if (this.ended) return;
+    if (this.feed) {
+      this.tasks.set(state.task_id, state);
+      call(this.options.onTask, state);
+      return;
+    }
     this.state = state;
     call(this.options.onState, state);
+  }
+  snapshotDone() {
+    if (!this.ended && this.feed) call(this.options.onSnapshot, [...this.tasks.values()]);
   }
   fail(error) {
     if (!this.ended) call(this.options.onError, error);
@@ -145,6 +193,8 @@ class Subscription {
     this.token = watcher.options.token ?? null;
     this.getToken = null;
     this.state = null; // the last state delivered
+    this.feed = watcher.feed;
+    this.states = watcher.feed ? new Map() : null; // a feed's last state per task
     this.sent = false; // a subscribe went out on the current socket
     this.refreshing = false;
     this.refreshes = 0;
@@ -200,7 +250,10 @@ class Connection {
     }
     if (!fresh) {
       // A later watcher of the same task starts from what the others already have.
-      if (sub.state) {
+      if (sub.feed) {
+        const states = [...sub.states.values()].map((s) => ({ ...s, snapshot: true }));
+        queueMicrotask(() => states.forEach((s) => watcher.deliver(s)));
+      } else if (sub.state) {
         const state = { ...sub.state, snapshot: true };
         queueMicrotask(() => watcher.deliver(state));
       }
@@ -358,9 +411,13 @@ class Connection {
   }
 
   onMessage(message) {
-    const sub = message.task_id ? this.subs.get(message.task_id) : null;
+    // A feed's frames name it in `feed`; their task_id is the task's.
+    const key = message.feed ?? message.task_id;
+    const sub = key ? this.subs.get(key) : null;
     if (message.type === "state") {
       if (sub) this.onState(sub, message);
+    } else if (message.type === "snapshot_complete") {
+      if (sub) this.onSnapshotComplete(sub);
     } else if (message.type === "error") {
       const error = new TaskcastError(message.code, message.message, {
         hint: message.hint,
@@ -376,14 +433,20 @@ class Connection {
   // ---- shared by both transports ----
 
   onState(sub, state) {
-    const last = sub.state;
+    // Versions are per task; a feed keeps the last one of each of its tasks.
+    const last = sub.feed ? sub.states.get(state.task_id) : sub.state;
     if (!state.snapshot && last && state.version <= last.version) return;
+    if (sub.feed) sub.states.set(state.task_id, state);
     sub.state = state;
     sub.refreshes = 0;
     sub.attempt = 0;
     this.attempt = 0;
     for (const watcher of [...sub.watchers]) watcher.deliver(state);
-    if (TERMINAL.has(state.status)) this.drop(sub);
+    if (!sub.feed && TERMINAL.has(state.status)) this.drop(sub);
+  }
+
+  onSnapshotComplete(sub) {
+    for (const watcher of [...sub.watchers]) watcher.snapshotDone();
   }
 
   onError(sub, error) {
@@ -474,9 +537,11 @@ class Connection {
       } catch {
         return;
       }
-      if (first) state.snapshot = true; // each (re)opened stream starts with a snapshot
+      // Each (re)opened stream starts with a snapshot (a feed's are marked by the server).
+      if (first && !sub.feed) state.snapshot = true;
       first = false;
       if (state.type === "state") this.onState(sub, state);
+      else if (state.type === "snapshot_complete") this.onSnapshotComplete(sub);
     };
     source.onerror = () => {
       if (sub.source !== source) return;
@@ -489,15 +554,18 @@ class Connection {
     };
   }
 
-  // EventSource hides the HTTP status of a refusal; ask the same question over fetch.
+  // EventSource hides the HTTP status of a refusal; ask the same question over fetch (a
+  // feed has no plain read: its event stream is asked, and closed if it opens).
   async diagnose(sub) {
     let body = null;
     try {
       const query = sub.token ? `?token=${encodeURIComponent(sub.token)}` : "";
-      const response = await fetch(`${this.base.http}/api/tasks/${encodeURIComponent(sub.taskId)}${query}`, {
+      const path = `/api/tasks/${encodeURIComponent(sub.taskId)}${sub.feed ? "/events" : ""}`;
+      const response = await fetch(`${this.base.http}${path}${query}`, {
         cache: "no-store",
       });
       if (!response.ok) body = await response.json();
+      else if (sub.feed) await response.body?.cancel();
     } catch {
       body = null; // unreachable or unreadable: try again later
     }

@@ -52,7 +52,7 @@ test("npm pack makes a tarball of the sources and types that installs into an ap
     ["--input-type=module", "-e", 'console.log(Object.keys(await import("@taskcast/client")).sort().join(" "))'],
     { cwd: CONSUMER },
   );
-  assert.equal(exports.trim(), "TaskcastError isTerminal settings watchTask");
+  assert.equal(exports.trim(), "TaskcastError isTerminal settings watchTask watchUser");
 });
 
 test("tsc --noEmit accepts the typed consumer, and rejects each misuse it marks", async () => {

@@ -15,6 +15,8 @@ import {
   type TaskStatus,
   type WatchHandle,
   watchTask,
+  type WatchUserHandle,
+  watchUser,
 } from "@taskcast/client";
 import { type TaskConnection, useTask, type UseTaskResult } from "@taskcast/client/react";
 
@@ -58,9 +60,22 @@ const message: ServerMessage = JSON.parse("{}");
 if (message.type === "error") {
   const code: ErrorCode = message.code;
   console.log(code, message.task_id, message.hint);
+} else if (message.type === "snapshot_complete") {
+  console.log(message.feed, message.tasks);
 } else {
-  console.log(message.progress, last?.version);
+  console.log(message.progress, message.feed, last?.version);
 }
+
+const feed: WatchUserHandle = watchUser("0b6f1c5e-3f0e-4d7a-9a57-3c1f6c2d9e10", {
+  url: "https://progress.example.com",
+  getToken,
+  onTask: (state) => console.log(state.task_id, state.version, state.feed),
+  onSnapshot: (states) => console.log(states.length),
+  onError: (error) => console.log(error.code),
+});
+const mine: Map<string, TaskState> = feed.tasks;
+console.log(mine.size, feed.userId);
+feed.close();
 const subscribe: ClientMessage = { type: "subscribe", task_id: "1", token: "t" };
 const body: ErrorBody = { error: "task_finished", message: "done", hint: "" };
 const error = new TaskcastError("unavailable", "later", { hint: "retry", taskId: "1" });
@@ -84,4 +99,6 @@ watchTask("1", { onState: (state) => state.progress.toFixed(0) });
 const pill: TaskConnection = "open";
 // @ts-expect-error a subscribe message needs a task id
 const bad: ClientMessage = { type: "subscribe" };
+// @ts-expect-error a feed's callback is onTask, whose state may have a null progress
+watchUser("1", { onTask: (state) => state.progress.toFixed(0) });
 console.log(wrong, unknown, pill, bad);
