@@ -35,7 +35,9 @@
 //! answers), BENCH_FLOORS (http,tcp: the floors to measure; `none` for none),
 //! BENCH_WARMUP_SECS (3), BENCH_ROUNDS (3) × BENCH_ROUND_SECS (5) at each rate,
 //! BENCH_STEP_SECS (4) per saturation step, BENCH_SATURATION (1: every server; taskcast:
-//! taskcast only; 0: none), BENCH_LADDER_FROM (the lowest push rate the ladder tries);
+//! taskcast only; 0: none), BENCH_LADDER_FROM (the lowest push rate the ladder tries),
+//! BENCH_INFLIGHT (256: pushes in flight at most; at a commit time of `t` the pusher
+//! offers at most BENCH_INFLIGHT / `t` pushes/s, so a slow commit caps the offered rate);
 //! BENCH_PG_OPTIONS (say `-c synchronous_commit=off` or `-c commit_delay=100`: settings for
 //! taskcast's sessions only, the database's configuration is left alone);
 //! TASKCAST_BIN runs another taskcast binary, BENCH_WRAPPER (say `valgrind
@@ -122,6 +124,9 @@ struct Settings {
     step: Duration,
     saturation: Saturation,
     ladder_from: f64,
+    /// Pushes in flight at most: with commits taking `t`, the pusher offers at most
+    /// `inflight / t` pushes per second.
+    inflight: usize,
 }
 
 impl Settings {
@@ -176,6 +181,7 @@ impl Settings {
             step: env_secs("BENCH_STEP_SECS", 4.0),
             saturation,
             ladder_from,
+            inflight: env_usize("BENCH_INFLIGHT", 256),
         }
     }
 
@@ -492,7 +498,7 @@ async fn measure(
         server: &server,
         this: Proc::this(),
         stats: stats.clone(),
-        pusher: Pusher::new(target, 256)?,
+        pusher: Pusher::new(target, settings.inflight)?,
         progress,
         subs: settings.subs as f64,
         database,
