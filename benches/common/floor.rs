@@ -1,10 +1,17 @@
 //! The floor: the least a WebSocket broadcaster can do on this machine with the same
-//! libraries. tokio-tungstenite accepts `/ws/<topic>`; a push is `POST /push/<topic>`
-//! over a minimal keep-alive HTTP/1.1 parser; its body becomes one frame payload, shared
-//! (not copied) by every subscriber of the topic. No JSON, no auth, no storage.
+//! libraries. tokio-tungstenite accepts `/ws/<topic>`; the push body becomes one frame
+//! payload, shared (not copied) by every subscriber of the topic. No JSON, no auth, no
+//! storage. Pushes arrive two ways:
+//!
+//! - HTTP: `POST /push/<topic>` on keep-alive HTTP/1.1 connections, the request head
+//!   parsed with httparse (what hyper uses), answered `200` with an empty body: what any
+//!   HTTP push path must pay, and nothing else.
+//! - TCP: lines `<topic> <body>\n` on a plain connection, not answered: the floor under
+//!   that floor, with no HTTP at all.
 //!
 //! It runs as its own process (the bench binary with `--floor-server`) so /proc shows its
-//! cost exactly as it shows taskcast's. It prints `floor ws=<addr> push=<addr>` when ready.
+//! cost exactly as it shows taskcast's. It prints `floor ws=<addr> push=<addr> tcp=<addr>`
+//! when ready.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -35,13 +42,15 @@ pub fn run() -> Result<(), BoxError> {
     runtime.block_on(async {
         let ws = TcpListener::bind("127.0.0.1:0").await?;
         let push = TcpListener::bind("127.0.0.1:0").await?;
+        let lines = TcpListener::bind("127.0.0.1:0").await?;
         {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "floor ws={} push={}",
+                "floor ws={} push={} tcp={}",
                 ws.local_addr()?,
-                push.local_addr()?
+                push.local_addr()?,
+                lines.local_addr()?
             )?;
             out.flush()?;
         }
@@ -49,11 +58,15 @@ pub fn run() -> Result<(), BoxError> {
         let accept_pushes = tokio::spawn(accept(push, topics.clone(), |s, t| {
             tokio::spawn(pushes(s, t));
         }));
+        let accept_lines = tokio::spawn(accept(lines, topics.clone(), |s, t| {
+            tokio::spawn(line_pushes(s, t));
+        }));
         accept(ws, topics, |s, t| {
             tokio::spawn(subscriber(s, t));
         })
         .await;
         accept_pushes.abort();
+        accept_lines.abort();
         Ok(())
     })
 }
@@ -115,48 +128,84 @@ async fn subscriber(stream: TcpStream, topics: Topics) {
     }
 }
 
+/// Publishes `body` to `topic`'s subscribers, if it has any.
+fn publish(topics: &Topics, topic: &[u8], body: bytes::Bytes) {
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return;
+    };
+    let sender = topics
+        .lock()
+        .expect("no panics while held")
+        .get(topic)
+        .cloned();
+    if let (Some(sender), Ok(frame)) = (sender, Utf8Bytes::try_from(body)) {
+        let _ = sender.send(frame);
+    }
+}
+
 /// Answers `POST /push/<topic>` requests on one keep-alive connection.
 async fn pushes(mut stream: TcpStream, topics: Topics) {
     let mut buffer = BytesMut::with_capacity(4096);
     loop {
-        // Read until the headers are complete.
-        let header_end = loop {
-            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
+        // Read until httparse has the whole head.
+        let (head_len, length, topic) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&buffer) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let length = request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let path = request.path.unwrap_or_default();
+                    let topic = path.strip_prefix("/push/").unwrap_or(path);
+                    // The topic's place in the buffer, so the borrow ends here.
+                    let start = topic.as_ptr() as usize - buffer.as_ptr() as usize;
+                    break (head_len, length, start..start + topic.len());
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(_) => return,
             }
             match stream.read_buf(&mut buffer).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
         };
-        let head = String::from_utf8_lossy(&buffer[..header_end]).into_owned();
-        let length = head
-            .lines()
-            .filter_map(|line| line.split_once(':'))
-            .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, value)| value.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        while buffer.len() < header_end + length {
+        while buffer.len() < head_len + length {
             match stream.read_buf(&mut buffer).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
         }
-        let mut request = buffer.split_to(header_end + length);
-        let body = request.split_off(header_end).freeze();
-        let path = head.split_whitespace().nth(1).unwrap_or_default();
-        let topic = path.strip_prefix("/push/").unwrap_or(path);
-        let sender = topics
-            .lock()
-            .expect("no panics while held")
-            .get(topic)
-            .cloned();
-        if let (Some(sender), Ok(frame)) = (sender, Utf8Bytes::try_from(body)) {
-            let _ = sender.send(frame);
-        }
+        let mut request = buffer.split_to(head_len + length);
+        let body = request.split_off(head_len).freeze();
+        publish(&topics, &request[topic], body);
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         if stream.write_all(answer).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Publishes each line `<topic> <body>` of one connection; answers nothing.
+async fn line_pushes(mut stream: TcpStream, topics: Topics) {
+    let mut buffer = BytesMut::with_capacity(8192);
+    loop {
+        while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+            let mut line = buffer.split_to(end + 1);
+            line.truncate(end);
+            let Some(space) = line.iter().position(|&b| b == b' ') else {
+                continue;
+            };
+            let body = line.split_off(space + 1).freeze();
+            publish(&topics, &line[..space], body);
+        }
+        match stream.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }

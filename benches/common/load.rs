@@ -226,10 +226,17 @@ async fn read(mut ws: Ws, stats: Arc<LoadStats>, closing: Arc<std::sync::atomic:
 
 /// Where pushes go: one URL per task, pushed round-robin.
 pub struct PushTarget {
+    /// One per task; with `tcp`, the topic names instead.
     pub urls: Vec<String>,
     /// `Authorization` header value, if the server wants one.
     pub authorization: Option<String>,
+    /// Push as plain TCP lines `<topic> <body>\n` to this address (the floor's second
+    /// publish path) instead of HTTP; nothing is answered, so no ack time is recorded.
+    pub tcp: Option<SocketAddr>,
 }
+
+/// Connections the TCP pusher spreads its lines over.
+const TCP_PUSH_CONNECTIONS: usize = 4;
 
 /// The result of one paced run.
 #[derive(Default)]
@@ -272,6 +279,9 @@ impl Pusher {
 
     /// Pushes `rate` per second for `duration`, labelled `phase`.
     pub async fn run(&self, rate: f64, duration: Duration, phase: usize) -> Pushed {
+        if let Some(addr) = self.target.tcp {
+            return self.run_lines(addr, rate, duration, phase).await;
+        }
         let scheduled = (rate * duration.as_secs_f64()).round() as u64;
         let slots = Arc::new(Semaphore::new(self.max_inflight));
         let ack = Arc::new(Histogram::default());
@@ -328,6 +338,66 @@ impl Pusher {
             ok: ok.load(Ordering::Relaxed),
             failed: failed.load(Ordering::Relaxed) + (scheduled - issued),
             ack,
+        }
+    }
+}
+
+impl Pusher {
+    /// [`Pusher::run`] over plain TCP lines: the pace is the same, each push is one write.
+    async fn run_lines(
+        &self,
+        addr: SocketAddr,
+        rate: f64,
+        duration: Duration,
+        phase: usize,
+    ) -> Pushed {
+        use tokio::io::AsyncWriteExt;
+        let scheduled = (rate * duration.as_secs_f64()).round() as u64;
+        let mut streams = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
+        for _ in 0..TCP_PUSH_CONNECTIONS {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    streams.push(stream);
+                }
+                Err(_) => {
+                    return Pushed {
+                        scheduled,
+                        failed: scheduled,
+                        ..Pushed::default()
+                    };
+                }
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let started = Instant::now();
+        let give_up = duration + Duration::from_secs(1);
+        let (mut issued, mut ok) = (0u64, 0u64);
+        while issued < scheduled {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if elapsed > give_up {
+                break;
+            }
+            let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).min(scheduled);
+            while issued < due {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let topic = &self.target.urls[n % self.target.urls.len()];
+                let step = (n / self.target.urls.len()) as u64;
+                let line = format!("{topic} {}\n", push_body(phase, step));
+                let stream = &mut streams[n % TCP_PUSH_CONNECTIONS];
+                if stream.write_all(line.as_bytes()).await.is_ok() {
+                    ok += 1;
+                }
+                issued += 1;
+            }
+        }
+        Pushed {
+            scheduled,
+            ok,
+            failed: scheduled - ok,
+            ack: Arc::new(Histogram::default()),
         }
     }
 }

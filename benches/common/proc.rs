@@ -127,6 +127,14 @@ fn clock_ticks_per_second() -> f64 {
 /// CPU time of every process whose command name is `name` (say, all `postgres`
 /// backends), per pid, so a later reading can count processes born in between.
 pub fn cpu_by_command(name: &str) -> std::collections::HashMap<u32, Duration> {
+    cpu_by_command_line(name, "")
+}
+
+/// Like [`cpu_by_command`], but only the processes whose command line (as the process
+/// shows it: a Postgres backend writes `postgres: <user> <database> <client> <state>`
+/// there) contains `part`. With a bench database's name this counts the backends serving
+/// the bench, not those of other work sharing the cluster.
+pub fn cpu_by_command_line(name: &str, part: &str) -> std::collections::HashMap<u32, Duration> {
     let tick = clock_ticks_per_second();
     let mut out = std::collections::HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -148,6 +156,12 @@ pub fn cpu_by_command(name: &str) -> std::collections::HashMap<u32, Duration> {
         };
         if &stat[open + 1..close] != name {
             continue;
+        }
+        if !part.is_empty() {
+            let line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if !line.windows(part.len()).any(|w| w == part.as_bytes()) {
+                continue;
+            }
         }
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ticks = |i: usize| {

@@ -51,6 +51,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The floor's separate push port; taskcast takes pushes on `addr`.
     pub push_addr: SocketAddr,
+    /// The floor's port for pushes as plain TCP lines (taskcast has none).
+    pub tcp_addr: Option<SocketAddr>,
     pub log: PathBuf,
     pub label: String,
 }
@@ -103,7 +105,7 @@ impl Server {
             .await
             .map_err(|_| "the floor server did not start")??
             .ok_or("the floor server exited")?;
-        // "floor ws=127.0.0.1:1234 push=127.0.0.1:1235"
+        // "floor ws=127.0.0.1:1234 push=127.0.0.1:1235 tcp=127.0.0.1:1236"
         let field = |name: &str| -> Result<SocketAddr, BoxError> {
             let value = line
                 .split_whitespace()
@@ -112,7 +114,9 @@ impl Server {
             Ok(value.parse()?)
         };
         let (ws, push) = (field("ws=")?, field("push=")?);
-        Server::new(child, ws, push, log, label)
+        let mut server = Server::new(child, ws, push, log, label)?;
+        server.tcp_addr = Some(field("tcp=")?);
+        Ok(server)
     }
 
     fn new(
@@ -128,6 +132,7 @@ impl Server {
             proc: Proc::new(pid),
             addr,
             push_addr,
+            tcp_addr: None,
             log,
             label: label.to_string(),
         })
