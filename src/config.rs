@@ -179,6 +179,7 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
     pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
     pub const MAX_BATCH_ITEMS: usize = 1000;
+    pub const STALL_SECS: u64 = 60;
 }
 
 #[derive(Args, Debug, Clone)]
@@ -322,6 +323,13 @@ pub struct ServeArgs {
     /// built-in aliases; pushes write the first word given for a status.
     #[arg(long, env = "TASKCAST_STATUS_MAP", default_value = "")]
     pub status_map: String,
+    /// Seconds without a change after which a processing task is marked stalled.
+    #[arg(long, env = "TASKCAST_STALL_SECS", default_value_t = defaults::STALL_SECS)]
+    pub stall_secs: u64,
+    /// Seconds without a change after which a processing task becomes failed ("the
+    /// generator stopped reporting"). Unset: stalled tasks are only marked.
+    #[arg(long, env = "TASKCAST_STALL_FAIL_SECS")]
+    pub stall_fail_secs: Option<u64>,
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(long, env = "TASKCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -436,6 +444,11 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     pub shutdown_timeout: Duration,
     pub limits: Limits,
+    /// When processing tasks are marked stalled or failed (TASKCAST_STALL_SECS,
+    /// TASKCAST_STALL_FAIL_SECS).
+    pub stall: crate::stall::StallOptions,
+    /// How places in line are recounted.
+    pub queue: crate::queue::QueueOptions,
 }
 
 impl Config {
@@ -457,6 +470,8 @@ impl Config {
             metrics_token: None,
             shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
+            stall: crate::stall::StallOptions::default(),
+            queue: crate::queue::QueueOptions::default(),
         }
     }
 
@@ -518,6 +533,11 @@ impl Config {
             ("TASKCAST_DB_POOL_SIZE", args.db_pool_size),
             ("TASKCAST_TOKEN_TTL_SECS", args.token_ttl_secs as usize),
             ("TASKCAST_DB_TIMEOUT_MS", args.db_timeout_ms as usize),
+            ("TASKCAST_STALL_SECS", args.stall_secs as usize),
+            (
+                "TASKCAST_STALL_FAIL_SECS",
+                args.stall_fail_secs.unwrap_or(1) as usize,
+            ),
             (
                 "TASKCAST_IDLE_TIMEOUT_SECS",
                 args.idle_timeout_secs as usize,
@@ -605,6 +625,11 @@ impl Config {
                 ping_interval: Duration::from_secs(args.ping_interval_secs),
                 pong_timeout: Duration::from_secs(args.pong_timeout_secs),
             },
+            stall: crate::stall::StallOptions {
+                after: Duration::from_secs(args.stall_secs),
+                fail_after: args.stall_fail_secs.map(Duration::from_secs),
+            },
+            queue: crate::queue::QueueOptions::default(),
         })
     }
 }

@@ -11,18 +11,24 @@
 //! delivered with the estimate (`eta_ms`, `eta_at`). The estimator is timed by the
 //! change's own `updated_at`, so the same version arriving twice (writer and listener, or
 //! a snapshot read) is the same observation and teaches it nothing twice.
+//!
+//! A `pending` task's frame may carry its place in line (see [`crate::queue`]). A new
+//! place is the same state at the same version, re-sent with `"derived":true`: the one
+//! frame that may follow a frame of equal version. Every state offered also marks the
+//! queue changed, for the queue's conflated recount.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use dashmap::DashMap;
+use tokio::sync::Notify;
 use futures::Stream;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::domain::{Eta, TaskId, TaskState, TaskStatus};
+use crate::domain::{Eta, QueuePlace, TaskId, TaskState, TaskStatus};
 use crate::eta::{Estimator, EtaOptions, Observation, Phase};
 use crate::telemetry;
 
@@ -38,21 +44,77 @@ pub struct Frame {
     /// An error about the task (its row cannot be read), not a state: delivered to the
     /// subscribers present once, never as a snapshot, and replaced by the next state.
     notice: bool,
+    /// The state is `pending`: it has a place in line.
+    pending: bool,
+    /// The place in line the text carries, if known.
+    place: Option<QueuePlace>,
+    /// Only the place changed since the frame of this version before it.
+    derived: bool,
 }
 
 /// How every frame's text ends: `snapshot` is the last field written when neither
 /// `applied` nor `token` is set.
 const LIVE_END: &str = r#""snapshot":false}"#;
+const SNAPSHOT_END: &str = r#""snapshot":true}"#;
+const DERIVED: &str = r#""derived":true,"#;
+
+/// `text` (a state message ending in `end`) with `place` written just before the end.
+fn with_place(text: String, end: &str, place: Option<QueuePlace>) -> String {
+    let Some(place) = place else {
+        return text;
+    };
+    let body = text
+        .strip_suffix(end)
+        .expect("a state message ends with its snapshot flag");
+    format!("{body}{}{end}", place.json_fields())
+}
 
 impl Frame {
-    fn new(state: &TaskState, eta: Option<Eta>) -> Self {
-        let text = state.to_json_with_eta(false, eta);
+    fn new(state: &TaskState, eta: Option<Eta>, place: Option<QueuePlace>) -> Self {
+        let pending = state.status == TaskStatus::Pending;
+        let place = place.filter(|_| pending);
+        let text = with_place(state.to_json_with_eta(false, eta), LIVE_END, place);
         debug_assert!(text.ends_with(LIVE_END));
         Frame {
             version: state.version,
             text: Utf8Bytes::from(text),
             notice: false,
+            pending,
+            place,
+            derived: false,
         }
+    }
+
+    /// The text before the place fields (and the `derived` mark), without the end.
+    fn base(&self) -> &str {
+        let mut suffix = self.place.map(|p| p.json_fields()).unwrap_or_default();
+        if self.derived {
+            suffix.push_str(DERIVED);
+        }
+        suffix.push_str(LIVE_END);
+        self.text
+            .as_str()
+            .strip_suffix(suffix.as_str())
+            .expect("the text ends with the place it records")
+    }
+
+    /// The same state at the same version with a new place, marked derived.
+    fn placed(&self, place: QueuePlace) -> Frame {
+        let text = format!("{}{}{DERIVED}{LIVE_END}", self.base(), place.json_fields());
+        Frame {
+            version: self.version,
+            text: Utf8Bytes::from(text),
+            notice: false,
+            pending: true,
+            place: Some(place),
+            derived: true,
+        }
+    }
+
+    /// A place-only update: the same version as the frame before it, and only
+    /// `queue_position` and `queue_length` changed.
+    pub fn is_derived(&self) -> bool {
+        self.derived
     }
 
     pub fn is_notice(&self) -> bool {
@@ -69,7 +131,12 @@ impl Frame {
         let body = text
             .strip_suffix(LIVE_END)
             .expect("Frame::new encodes the snapshot flag last");
-        format!(r#"{body}"snapshot":true}}"#)
+        let body = if self.derived {
+            body.strip_suffix(DERIVED).expect("a derived frame is marked")
+        } else {
+            body
+        };
+        format!("{body}{SNAPSHOT_END}")
     }
 }
 
@@ -85,6 +152,9 @@ pub struct Hub {
 struct Inner {
     tasks: DashMap<TaskId, Slot>,
     estimates: Estimates,
+    /// Set by every state offered and by [`Hub::queue_changed`]; a stored permit, so any
+    /// number of changes wake the queue's recount once.
+    queue_changes: Notify,
 }
 
 /// The node's time-left estimator. std Mutex, not tokio: nothing awaits while it is held.
@@ -158,18 +228,27 @@ impl Hub {
     /// or when the hub already holds this version or a newer one, so duplicates from two
     /// paths collapse into one and nothing ever goes backwards.
     pub fn publish(&self, state: &TaskState) {
-        self.offer(state);
+        self.offer(state, None);
     }
 
     /// [`Hub::publish`], returning the state as a subscription's first message (with the
     /// time left, like every frame): for a snapshot read from the store.
     pub fn publish_snapshot(&self, state: &TaskState) -> String {
-        let eta = self.offer(state);
-        state.to_json_with_eta(true, eta)
+        self.publish_snapshot_placed(state, None)
     }
 
-    /// Feeds the estimator, publishes, and returns the state's time left.
-    fn offer(&self, state: &TaskState) -> Option<Eta> {
+    /// [`Hub::publish_snapshot`] for a pending task whose place in line was just read.
+    pub fn publish_snapshot_placed(&self, state: &TaskState, place: Option<QueuePlace>) -> String {
+        let eta = self.offer(state, place);
+        let place = place.filter(|_| state.status == TaskStatus::Pending);
+        with_place(state.to_json_with_eta(true, eta), SNAPSHOT_END, place)
+    }
+
+    /// Feeds the estimator, publishes, and returns the state's time left. A pending
+    /// state keeps the place the hub held (until the queue's recount says otherwise)
+    /// unless `place` is given.
+    fn offer(&self, state: &TaskState, place: Option<QueuePlace>) -> Option<Eta> {
+        self.queue_changed();
         let eta = self.inner.estimates.observe(state);
         // Clone the sender out so no shard lock is held while encoding.
         let Some(slot) = self
@@ -187,7 +266,12 @@ impl Hub {
         {
             return eta;
         }
-        let frame = Arc::new(Frame::new(state, eta));
+        let place = place.or_else(|| {
+            (slot.borrow().as_ref())
+                .filter(|f| !f.notice)
+                .and_then(|f| f.place)
+        });
+        let frame = Arc::new(Frame::new(state, eta, place));
         slot.send_if_modified(|current| {
             if current
                 .as_ref()
@@ -222,6 +306,9 @@ impl Hub {
             version: seen,
             text: Utf8Bytes::from(text),
             notice: true,
+            pending: false,
+            place: None,
+            derived: false,
         });
         slot.send_if_modified(|current| {
             let held = current.as_ref().map_or(i64::MIN, |f| f.version());
@@ -231,6 +318,51 @@ impl Hub {
             *current = Some(notice);
             true
         });
+    }
+
+    /// Says the queue may have moved (a task created, deleted or changed anywhere).
+    pub fn queue_changed(&self) {
+        self.inner.queue_changes.notify_one();
+    }
+
+    /// Resolves once the queue may have moved since the last call returned.
+    pub async fn queue_change(&self) {
+        self.inner.queue_changes.notified().await;
+    }
+
+    /// The tasks with subscribers whose latest state is `pending`.
+    pub fn pending_tasks(&self) -> Vec<TaskId> {
+        (self.inner.tasks.iter())
+            .filter(|entry| {
+                (entry.value().borrow().as_ref()).is_some_and(|f| f.pending && !f.notice)
+            })
+            .map(|entry| *entry.key())
+            .collect()
+    }
+
+    /// Sends `task`'s subscribers its new place in line: the state they hold, same
+    /// version, marked derived. Nothing is sent when the place is unchanged or the task
+    /// is no longer pending here. Returns whether a frame was sent.
+    pub fn set_place(&self, task: TaskId, place: QueuePlace) -> bool {
+        let Some(slot) = self.inner.tasks.get(&task).map(|e| e.value().clone()) else {
+            return false;
+        };
+        let Some(held) = slot.borrow().clone() else {
+            return false;
+        };
+        if held.notice || !held.pending || held.place == Some(place) {
+            return false;
+        }
+        let frame = Arc::new(held.placed(place));
+        // Only over the frame it was built from: a newer state that got in meanwhile
+        // marked the queue changed, and the next recount places it.
+        slot.send_if_modified(|current| match current {
+            Some(now) if Arc::ptr_eq(now, &held) => {
+                *current = Some(frame);
+                true
+            }
+            _ => false,
+        })
     }
 
     /// The tasks that have subscribers now (a snapshot; it may change right after).
@@ -299,6 +431,12 @@ impl Stream for Subscription {
                 Poll::Ready(Some(Some(frame))) if frame.notice => {
                     return Poll::Ready(Some(frame));
                 }
+                // A new place in line for the state the subscriber has.
+                Poll::Ready(Some(Some(frame)))
+                    if frame.derived && frame.version() == this.delivered =>
+                {
+                    return Poll::Ready(Some(frame));
+                }
                 Poll::Ready(Some(Some(frame))) if frame.version() > this.delivered => {
                     // Versions between the last delivered one and this one were skipped.
                     if this.delivered != i64::MIN {
@@ -348,6 +486,7 @@ mod tests {
             step: None,
             total_steps: None,
             preview_url: None,
+            stalled_since: None,
         }
     }
 
@@ -394,7 +533,7 @@ mod tests {
         full.image_url = Some("https://example.com/a.png".to_string());
         full.error = Some("snapshot\":false}".to_string());
         for state in [state(TaskId::random(), 1), full] {
-            let frame = Frame::new(&state, None);
+            let frame = Frame::new(&state, None, None);
             assert_eq!(frame.text.as_str(), state.to_json(false, None));
             assert_eq!(frame.snapshot_json(), state.to_json(true, None));
         }

@@ -372,6 +372,9 @@ async fn create(state: Arc<AppState>, body: bytes::Bytes) -> Response {
         async {
             let task = NewTask::from_json(&body)?;
             let created = state.subscribers.store.create(task).await?;
+            // A new task is last in line and lengthens it (the listener sees it too, from
+            // the insert's NOTIFY; the in-memory store only from here).
+            state.subscribers.hub.queue_changed();
             let token = state
                 .subscribers
                 .auth

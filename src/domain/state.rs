@@ -30,6 +30,9 @@ pub struct TaskState {
     pub total_steps: Option<u32>,
     /// The latest in-progress preview; `None` once the task is finished.
     pub preview_url: Option<String>,
+    /// When the stall sweep found the task without a change (see [`crate::stall`]);
+    /// cleared by the next change. Shown only while the task is `processing`.
+    pub stalled_since: Option<DateTime<Utc>>,
 }
 
 /// An estimate of the time left: `ms` milliseconds from `at`, the time of the change it
@@ -69,6 +72,10 @@ struct Wire<'a> {
     eta_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     eta_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stalled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stalled_since: Option<DateTime<Utc>>,
     snapshot: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     applied: Option<bool>,
@@ -101,6 +108,9 @@ impl TaskState {
         token: Option<&str>,
         eta: Option<Eta>,
     ) -> String {
+        let stalled_since = self
+            .stalled_since
+            .filter(|_| self.status == TaskStatus::Processing);
         let wire = Wire {
             kind: "state",
             task_id: self.task_id,
@@ -118,6 +128,8 @@ impl TaskState {
             preview_url: self.preview_url.as_deref(),
             eta_ms: eta.map(|eta| eta.ms),
             eta_at: eta.map(|eta| eta.at),
+            stalled: stalled_since.map(|_| true),
+            stalled_since,
             snapshot,
             applied,
             token,
@@ -200,6 +212,7 @@ impl TaskRow {
         if update.seq().is_some() {
             self.last_seq = update.seq();
         }
+        state.stalled_since = None;
         state.version += 1;
         state.updated_at = Some(now);
     }
@@ -251,6 +264,7 @@ mod tests {
                 step: None,
                 total_steps: None,
                 preview_url: None,
+                stalled_since: None,
             },
             last_seq,
             owner: None,

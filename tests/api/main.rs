@@ -22,6 +22,7 @@ mod operations;
 mod partition;
 mod process;
 mod proxy;
+mod queue;
 mod reporter;
 mod reporter_tls;
 mod schema;
