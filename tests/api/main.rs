@@ -27,6 +27,7 @@ mod reporter;
 mod reporter_tls;
 mod schema;
 mod sse;
+mod stalled;
 mod steps;
 mod tables;
 mod tls;
