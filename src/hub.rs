@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use dashmap::DashMap;
-use tokio::sync::Notify;
 use futures::Stream;
+use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -132,7 +132,8 @@ impl Frame {
             .strip_suffix(LIVE_END)
             .expect("Frame::new encodes the snapshot flag last");
         let body = if self.derived {
-            body.strip_suffix(DERIVED).expect("a derived frame is marked")
+            body.strip_suffix(DERIVED)
+                .expect("a derived frame is marked")
         } else {
             body
         };
@@ -561,6 +562,57 @@ mod tests {
         hub.publish(&state(task, 3));
         hub.publish(&state(task, 5));
         assert_eq!(sub.next().await.unwrap().version(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_new_place_follows_at_the_same_version_and_the_snapshot_keeps_it() {
+        let hub = Hub::new();
+        let task = TaskId::random();
+        let mut waiting = state(task, 0);
+        waiting.status = TaskStatus::Pending;
+        let (mut sub, _) = hub.subscribe(task);
+        let first = QueuePlace {
+            position: 3,
+            length: 4,
+        };
+        let snapshot = hub.publish_snapshot_placed(&waiting, Some(first));
+        sub.mark_delivered(0);
+        assert!(snapshot.contains(r#""queue_position":3,"queue_length":4,"snapshot":true}"#));
+        assert!(
+            !hub.set_place(task, first),
+            "an unchanged place sends nothing"
+        );
+        let moved = QueuePlace {
+            position: 2,
+            length: 3,
+        };
+        assert!(hub.set_place(task, moved));
+        let frame = sub.next().await.unwrap();
+        assert_eq!(frame.version(), 0);
+        assert!(frame.is_derived());
+        assert!(
+            frame.text.as_str().ends_with(
+                r#""queue_position":2,"queue_length":3,"derived":true,"snapshot":false}"#
+            )
+        );
+        assert!(
+            frame
+                .snapshot_json()
+                .ends_with(r#""queue_position":2,"queue_length":3,"snapshot":true}"#)
+        );
+        // A newer state keeps the place until the next recount; a running one has none.
+        waiting.version = 1;
+        hub.publish(&waiting);
+        let frame = sub.next().await.unwrap();
+        assert!(!frame.is_derived());
+        assert!(frame.text.as_str().contains(r#""queue_position":2"#));
+        let mut running = state(task, 2);
+        running.status = TaskStatus::Processing;
+        hub.publish(&running);
+        let frame = sub.next().await.unwrap();
+        assert!(!frame.text.as_str().contains("queue_position"));
+        assert!(!hub.set_place(task, moved), "a running task has no place");
+        assert!(hub.pending_tasks().is_empty());
     }
 
     #[test]

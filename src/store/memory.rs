@@ -122,7 +122,12 @@ impl MemoryStore {
         let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let mut line: Vec<(u64, TaskId)> = (rows.values())
             .filter(|row| row.state.status == TaskStatus::Pending)
-            .map(|row| (order.get(&row.state.task_id).copied().unwrap_or(u64::MAX), row.state.task_id))
+            .map(|row| {
+                (
+                    order.get(&row.state.task_id).copied().unwrap_or(u64::MAX),
+                    row.state.task_id,
+                )
+            })
             .collect();
         line.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.as_str().cmp(b.1.as_str())));
         let length = line.len() as u64;

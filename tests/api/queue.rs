@@ -8,9 +8,7 @@ use taskcast::config::Config;
 use taskcast::domain::TaskId;
 
 use crate::both_stores;
-use crate::helpers::{
-    StoreKind, Subscriber, TestApp, TestDb, spawn_app_on_with, spawn_app_with,
-};
+use crate::helpers::{StoreKind, Subscriber, TestApp, TestDb, spawn_app_on_with, spawn_app_with};
 
 /// A short recount window, so a test waits milliseconds, not the default.
 fn fast(config: &mut Config) {

@@ -10,9 +10,7 @@ use taskcast::config::Config;
 use taskcast::stall::StallOptions;
 
 use crate::both_stores;
-use crate::helpers::{
-    StoreKind, Subscriber, TestDb, WAIT, spawn_app_on_with, spawn_app_with,
-};
+use crate::helpers::{StoreKind, Subscriber, TestDb, WAIT, spawn_app_on_with, spawn_app_with};
 
 fn stall_after(ms: u64, fail_ms: Option<u64>) -> impl FnOnce(&mut Config) {
     move |config| {
@@ -30,7 +28,10 @@ async fn wait_state(sub: &mut Subscriber, what: &str, done: impl Fn(&Value) -> b
         let state = sub.next_state().await;
         if let Some(previous) = seen.last() {
             let (p, v) = (&previous as &Value, &state);
-            assert!(v["version"].as_i64() > p["version"].as_i64(), "{p} then {v}");
+            assert!(
+                v["version"].as_i64() > p["version"].as_i64(),
+                "{p} then {v}"
+            );
         }
         if done(&state) {
             return state;
@@ -63,7 +64,10 @@ async fn a_quiet_processing_task_is_marked_stalled_and_the_next_push_clears_it(k
     assert_eq!(stalled["status"], "processing");
     assert_eq!(stalled["progress"], 10.0);
     let resumed = app.push_ok(task, json!({"progress": 20})).await;
-    let state = wait_state(&mut sub, "the resumed push", |s| s["version"] == resumed["version"]).await;
+    let state = wait_state(&mut sub, "the resumed push", |s| {
+        s["version"] == resumed["version"]
+    })
+    .await;
     assert!(state.get("stalled").is_none(), "{state}");
     assert!(state.get("stalled_since").is_none(), "{state}");
     assert!(resumed.get("stalled").is_none(), "{resumed}");
