@@ -27,7 +27,7 @@ async fn wait_state(sub: &mut Subscriber, what: &str, done: impl Fn(&Value) -> b
     for _ in 0..20 {
         let state = sub.next_state().await;
         if let Some(previous) = seen.last() {
-            let (p, v) = (&previous as &Value, &state);
+            let (p, v): (&Value, &Value) = (previous, &state);
             assert!(
                 v["version"].as_i64() > p["version"].as_i64(),
                 "{p} then {v}"
