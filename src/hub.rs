@@ -265,6 +265,22 @@ impl Hub {
             .as_ref()
             .is_some_and(|f| f.version() >= state.version)
         {
+            // The same version may have got in first without a place (the listener read
+            // it): keep the place read for a snapshot, without waking anyone, so the next
+            // recount does not send it again.
+            if let Some(place) = place {
+                slot.send_if_modified(|current| {
+                    if let Some(held) = current.as_ref()
+                        && held.version() == state.version
+                        && held.pending
+                        && !held.notice
+                        && held.place.is_none()
+                    {
+                        *current = Some(Arc::new(Frame::new(state, eta, Some(place))));
+                    }
+                    false
+                });
+            }
             return eta;
         }
         let place = place.or_else(|| {

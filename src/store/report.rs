@@ -80,8 +80,8 @@ pub fn describe(
         format!("image_tasks.id is {}: {ids}", shape.id_column.type_name),
     ));
     out.extend(status_findings(&shape, map));
-    out.extend(stall_finding(&shape));
     out.extend(rows_findings(counts, map));
+    out.extend(stall_finding(&shape));
     out
 }
 
@@ -93,7 +93,7 @@ fn stall_finding(shape: &Shape) -> Option<Finding> {
     let mut f = finding(
         "stalled",
         Severity::Warn,
-        "image_tasks has no stalled_since column: stall detection is off (quiet tasks are          not marked stalled; TASKCAST_STALL_FAIL_SECS still fails them); pushes work"
+        "image_tasks has no stalled_since column: stall detection is off (quiet tasks are not marked stalled; TASKCAST_STALL_FAIL_SECS still fails them); pushes work"
             .to_string(),
     );
     f.fix = Some("taskcast migrate (adds the column)".to_string());

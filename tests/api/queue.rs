@@ -32,7 +32,8 @@ async fn wait_place(sub: &mut Subscriber, position: u64, length: u64) -> Value {
     let mut seen = Vec::new();
     let mut last = i64::MIN;
     for _ in 0..20 {
-        let state = sub.next_state().await;
+        let state = sub.next_message_with_places().await;
+        assert_eq!(state["type"], "state", "{state}");
         let version = state["version"].as_i64().expect("version");
         assert!(version >= last, "version went from {last} to {version}");
         last = version;
@@ -127,7 +128,7 @@ async fn only_pending_tasks_whose_place_changed_get_place_frames(kind: StoreKind
     assert!(state.get("derived").is_none(), "{state}");
     // Then one that does: the next frame the waiting task gets is that one.
     app.push_ok(t[1], json!({"status": "processing"})).await;
-    let next = waiting.next_state().await;
+    let next = waiting.next_message_with_places().await;
     assert_eq!(place(&next), (Some(1), Some(1)), "{next}");
     assert_eq!(next["derived"], true);
 }
