@@ -58,6 +58,11 @@ ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS step integer;
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS total_steps integer;
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS preview_url text;
 
+-- Stalled tasks (optional: without it stall detection is off): when the stall sweep found
+-- a processing task without a change for TASKCAST_STALL_SECS. Set by one conditional
+-- UPDATE (one node wins), cleared by the next change.
+ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS stalled_since timestamptz;
+
 -- Versioning, owned by taskcast (prefixed so they never collide with an app's own columns):
 -- taskcast_version grows by one with every applied change, so no subscriber ever sees a
 -- task go backwards; taskcast_seq is the last applied `seq` from the generator, so a
@@ -131,13 +136,17 @@ BEGIN
                          to_jsonb(OLD) -> 'preview_url')) THEN
     NEW.taskcast_version := OLD.taskcast_version + 1;
     NEW.updated_at := now();
+    -- A change clears the stall mark (through jsonb: a table may lack the column).
+    IF to_jsonb(NEW) -> 'stalled_since' <> 'null'::jsonb THEN
+      NEW := jsonb_populate_record(NEW, '{"stalled_since": null}'::jsonb);
+    END IF;
   END IF;
   RETURN NEW;
 END
 $$;
 
--- One notification per statement, not per row: the ids and new versions of the changed
--- rows as "<uuid> <version>,<uuid> <version>,...", cut into chunks below Postgres's
+-- One notification per statement, not per row: the ids and new versions of the changed,
+-- inserted or deleted rows as "<uuid> <version>,<uuid> <version>,...", cut into chunks below Postgres's
 -- 8000-byte payload limit, on one channel (the trigger's argument). Nodes read the rows
 -- they have subscribers for.
 CREATE OR REPLACE FUNCTION public.taskcast_notify()
@@ -149,14 +158,19 @@ DECLARE
   channel text := coalesce(TG_ARGV[0], 'taskcast');
   payload text := '';
   entry text;
-  r record;
+  entries text[];
 BEGIN
-  -- Every updated row, without joining old_rows (a nested loop over the transition tables
+  -- Every changed row, without joining old_rows (a nested loop over the transition tables
   -- cost more than the UPDATE itself); a row whose version did not change is ignored by
-  -- the listeners, which only read versions newer than they hold.
-  FOR r IN SELECT n.id, n.taskcast_version FROM new_rows n
+  -- the listeners, which only read versions newer than they hold. Inserted and deleted
+  -- rows are sent too: they move other tasks' places in line.
+  IF TG_OP = 'DELETE' THEN
+    entries := ARRAY(SELECT o.id::text || ' ' || o.taskcast_version::text FROM old_rows o);
+  ELSE
+    entries := ARRAY(SELECT n.id::text || ' ' || n.taskcast_version::text FROM new_rows n);
+  END IF;
+  FOREACH entry IN ARRAY entries
   LOOP
-    entry := r.id::text || ' ' || r.taskcast_version::text;
     IF payload <> '' AND octet_length(payload) + 1 + octet_length(entry) > 7999 THEN
       PERFORM pg_notify(channel, payload);
       payload := '';
@@ -187,11 +201,18 @@ CREATE TRIGGER taskcast_notify
   REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');
 
--- New rows too (taskcast's POST /api/tasks on any node, or the app's plain INSERT), so a
--- user's feed shows a task created after it subscribed. Same function, same channel
--- (migrate --notify-channel recreates this one with NAME as well).
+-- New rows and deleted rows notify too (a trigger with transition tables takes one event):
+-- taskcast's POST /api/tasks on any node or the app's plain INSERT, so a user's feed shows
+-- a task created after it subscribed, and places in line follow tasks created or deleted
+-- in plain SQL. Same function, same channel (migrate --notify-channel recreates both).
 DROP TRIGGER IF EXISTS taskcast_notify_insert ON public.image_tasks;
 CREATE TRIGGER taskcast_notify_insert
   AFTER INSERT ON public.image_tasks
   REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');
+
+DROP TRIGGER IF EXISTS taskcast_notify_delete ON public.image_tasks;
+CREATE TRIGGER taskcast_notify_delete
+  AFTER DELETE ON public.image_tasks
+  REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');

@@ -185,6 +185,7 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
     pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
     pub const MAX_BATCH_ITEMS: usize = 1000;
+    pub const STALL_SECS: u64 = 60;
 }
 
 #[derive(Args, Debug, Clone)]
@@ -332,6 +333,13 @@ pub struct ServeArgs {
     /// built-in aliases; pushes write the first word given for a status.
     #[arg(long, env = "TASKCAST_STATUS_MAP", default_value = "")]
     pub status_map: String,
+    /// Seconds without a change after which a processing task is marked stalled.
+    #[arg(long, env = "TASKCAST_STALL_SECS", default_value_t = defaults::STALL_SECS)]
+    pub stall_secs: u64,
+    /// Seconds without a change after which a processing task becomes failed ("the
+    /// generator stopped reporting"). Unset: stalled tasks are only marked.
+    #[arg(long, env = "TASKCAST_STALL_FAIL_SECS")]
+    pub stall_fail_secs: Option<u64>,
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(long, env = "TASKCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -99,6 +99,11 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     pub shutdown_timeout: Duration,
     pub limits: Limits,
+    /// When processing tasks are marked stalled or failed (TASKCAST_STALL_SECS,
+    /// TASKCAST_STALL_FAIL_SECS).
+    pub stall: crate::stall::StallOptions,
+    /// How places in line are recounted.
+    pub queue: crate::queue::QueueOptions,
 }
 
 impl Config {
@@ -120,6 +125,8 @@ impl Config {
             metrics_token: None,
             shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
+            stall: crate::stall::StallOptions::default(),
+            queue: crate::queue::QueueOptions::default(),
         }
     }
 
@@ -181,6 +188,11 @@ impl Config {
             ("TASKCAST_DB_POOL_SIZE", args.db_pool_size),
             ("TASKCAST_TOKEN_TTL_SECS", args.token_ttl_secs as usize),
             ("TASKCAST_DB_TIMEOUT_MS", args.db_timeout_ms as usize),
+            ("TASKCAST_STALL_SECS", args.stall_secs as usize),
+            (
+                "TASKCAST_STALL_FAIL_SECS",
+                args.stall_fail_secs.unwrap_or(1) as usize,
+            ),
             (
                 "TASKCAST_IDLE_TIMEOUT_SECS",
                 args.idle_timeout_secs as usize,
@@ -276,6 +288,11 @@ impl Config {
                 pong_timeout: Duration::from_secs(args.pong_timeout_secs),
                 feed_recent: args.feed_recent,
             },
+            stall: crate::stall::StallOptions {
+                after: Duration::from_secs(args.stall_secs),
+                fail_after: args.stall_fail_secs.map(Duration::from_secs),
+            },
+            queue: crate::queue::QueueOptions::default(),
         })
     }
 }

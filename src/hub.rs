@@ -11,6 +11,11 @@
 //! delivered with the estimate (`eta_ms`, `eta_at`). The estimator is timed by the
 //! change's own `updated_at`, so the same version arriving twice (writer and listener, or
 //! a snapshot read) is the same observation and teaches it nothing twice.
+//!
+//! A `pending` task's frame may carry its place in line (see [`crate::queue`]). A new
+//! place is the same state at the same version, re-sent with `"derived":true`: the one
+//! frame that may follow a frame of equal version. Every state offered also marks the
+//! queue changed, for the queue's conflated recount.
 
 mod feed;
 
@@ -20,11 +25,12 @@ use std::task::{Context, Poll};
 
 use dashmap::DashMap;
 use futures::Stream;
+use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::domain::{Eta, TaskId, TaskState, TaskStatus};
+use crate::domain::{Eta, QueuePlace, TaskId, TaskState, TaskStatus};
 use crate::eta::{Estimator, EtaOptions, Observation, Phase};
 use crate::telemetry;
 
@@ -42,20 +48,44 @@ pub struct Frame {
     /// An error about the task (its row cannot be read), not a state: delivered to the
     /// subscribers present once, never as a snapshot, and replaced by the next state.
     notice: bool,
+    /// The state is `pending`: it has a place in line.
+    pending: bool,
+    /// The place in line the text carries, if known.
+    place: Option<QueuePlace>,
+    /// Only the place changed since the frame of this version before it.
+    derived: bool,
 }
 
 /// How every frame's text ends: `snapshot` is the last field written when neither
 /// `applied` nor `token` is set.
 const LIVE_END: &str = r#""snapshot":false}"#;
+const SNAPSHOT_END: &str = r#""snapshot":true}"#;
+const DERIVED: &str = r#""derived":true,"#;
+
+/// `text` (a state message ending in `end`) with `place` written just before the end.
+fn with_place(text: String, end: &str, place: Option<QueuePlace>) -> String {
+    let Some(place) = place else {
+        return text;
+    };
+    let body = text
+        .strip_suffix(end)
+        .expect("a state message ends with its snapshot flag");
+    format!("{body}{}{end}", place.json_fields())
+}
 
 impl Frame {
-    fn new(state: &TaskState, eta: Option<Eta>) -> Self {
-        let text = state.to_json_with_eta(false, eta);
+    fn new(state: &TaskState, eta: Option<Eta>, place: Option<QueuePlace>) -> Self {
+        let pending = state.status == TaskStatus::Pending;
+        let place = place.filter(|_| pending);
+        let text = with_place(state.to_json_with_eta(false, eta), LIVE_END, place);
         debug_assert!(text.ends_with(LIVE_END));
         Frame {
             version: state.version,
             text: Utf8Bytes::from(text),
             notice: false,
+            pending,
+            place,
+            derived: false,
         }
     }
 
@@ -65,7 +95,42 @@ impl Frame {
             version: state.version,
             text: Utf8Bytes::from(state.to_feed_json(feed, false, eta)),
             notice: false,
+            pending: false,
+            place: None,
+            derived: false,
         }
+    }
+
+    /// The text before the place fields (and the `derived` mark), without the end.
+    fn base(&self) -> &str {
+        let mut suffix = self.place.map(|p| p.json_fields()).unwrap_or_default();
+        if self.derived {
+            suffix.push_str(DERIVED);
+        }
+        suffix.push_str(LIVE_END);
+        self.text
+            .as_str()
+            .strip_suffix(suffix.as_str())
+            .expect("the text ends with the place it records")
+    }
+
+    /// The same state at the same version with a new place, marked derived.
+    fn placed(&self, place: QueuePlace) -> Frame {
+        let text = format!("{}{}{DERIVED}{LIVE_END}", self.base(), place.json_fields());
+        Frame {
+            version: self.version,
+            text: Utf8Bytes::from(text),
+            notice: false,
+            pending: true,
+            place: Some(place),
+            derived: true,
+        }
+    }
+
+    /// A place-only update: the same version as the frame before it, and only
+    /// `queue_position` and `queue_length` changed.
+    pub fn is_derived(&self) -> bool {
+        self.derived
     }
 
     pub fn is_notice(&self) -> bool {
@@ -82,7 +147,13 @@ impl Frame {
         let body = text
             .strip_suffix(LIVE_END)
             .expect("Frame::new encodes the snapshot flag last");
-        format!(r#"{body}"snapshot":true}}"#)
+        let body = if self.derived {
+            body.strip_suffix(DERIVED)
+                .expect("a derived frame is marked")
+        } else {
+            body
+        };
+        format!("{body}{SNAPSHOT_END}")
     }
 }
 
@@ -100,6 +171,9 @@ struct Inner {
     /// User feeds with subscribers on this node, by user id.
     feeds: DashMap<uuid::Uuid, feed::Feed>,
     estimates: Estimates,
+    /// Set by every state offered and by [`Hub::queue_changed`]; a stored permit, so any
+    /// number of changes wake the queue's recount once.
+    queue_changes: Notify,
 }
 
 /// The node's time-left estimator. std Mutex, not tokio: nothing awaits while it is held.
@@ -173,20 +247,26 @@ impl Hub {
     /// or when the hub already holds this version or a newer one, so duplicates from two
     /// paths collapse into one and nothing ever goes backwards.
     pub fn publish(&self, state: &TaskState) {
-        self.offer(state);
+        self.offer(state, None);
     }
 
     /// [`Hub::publish`], returning the state as a subscription's first message (with the
     /// time left, like every frame): for a snapshot read from the store.
     pub fn publish_snapshot(&self, state: &TaskState) -> String {
-        let eta = self.offer(state);
-        state.to_json_with_eta(true, eta)
+        self.publish_snapshot_placed(state, None)
+    }
+
+    /// [`Hub::publish_snapshot`] for a pending task whose place in line was just read.
+    pub fn publish_snapshot_placed(&self, state: &TaskState, place: Option<QueuePlace>) -> String {
+        let eta = self.offer(state, place);
+        let place = place.filter(|_| state.status == TaskStatus::Pending);
+        with_place(state.to_json_with_eta(true, eta), SNAPSHOT_END, place)
     }
 
     /// Feeds the estimator, publishes to the task's subscribers and its user's feed, and
     /// returns the state's time left.
-    fn offer(&self, state: &TaskState) -> Option<Eta> {
-        let eta = self.offer_task(state);
+    fn offer(&self, state: &TaskState, place: Option<QueuePlace>) -> Option<Eta> {
+        let eta = self.offer_task(state, place);
         if let Some(user) = state.user_id {
             self.offer_feed(user, state, eta);
         }
@@ -225,7 +305,7 @@ impl Hub {
     /// the task's own subscribers (as a store read for a task subscription does), and
     /// returns the state as a feed snapshot frame.
     pub fn feed_snapshot(&self, state: &TaskState, feed: &str) -> String {
-        let eta = self.offer_task(state);
+        let eta = self.offer_task(state, None);
         state.to_feed_json(feed, true, eta)
     }
 
@@ -252,8 +332,10 @@ impl Hub {
     }
 
     /// Feeds the estimator, publishes to the task's own subscribers, and returns the
-    /// state's time left.
-    fn offer_task(&self, state: &TaskState) -> Option<Eta> {
+    /// state's time left. A pending state keeps the place the hub held (until the queue's
+    /// recount says otherwise) unless `place` is given.
+    fn offer_task(&self, state: &TaskState, place: Option<QueuePlace>) -> Option<Eta> {
+        self.queue_changed();
         let eta = self.inner.estimates.observe(state);
         // Clone the sender out so no shard lock is held while encoding.
         let Some(slot) = self
@@ -269,9 +351,30 @@ impl Hub {
             .as_ref()
             .is_some_and(|f| f.version() >= state.version)
         {
+            // The same version may have got in first without a place (the listener read
+            // it): keep the place read for a snapshot, without waking anyone, so the next
+            // recount does not send it again.
+            if let Some(place) = place {
+                slot.send_if_modified(|current| {
+                    if let Some(held) = current.as_ref()
+                        && held.version() == state.version
+                        && held.pending
+                        && !held.notice
+                        && held.place.is_none()
+                    {
+                        *current = Some(Arc::new(Frame::new(state, eta, Some(place))));
+                    }
+                    false
+                });
+            }
             return eta;
         }
-        let frame = Arc::new(Frame::new(state, eta));
+        let place = place.or_else(|| {
+            (slot.borrow().as_ref())
+                .filter(|f| !f.notice)
+                .and_then(|f| f.place)
+        });
+        let frame = Arc::new(Frame::new(state, eta, place));
         slot.send_if_modified(|current| {
             if current
                 .as_ref()
@@ -306,6 +409,9 @@ impl Hub {
             version: seen,
             text: Utf8Bytes::from(text),
             notice: true,
+            pending: false,
+            place: None,
+            derived: false,
         });
         slot.send_if_modified(|current| {
             let held = current.as_ref().map_or(i64::MIN, |f| f.version());
@@ -315,6 +421,51 @@ impl Hub {
             *current = Some(notice);
             true
         });
+    }
+
+    /// Says the queue may have moved (a task created, deleted or changed anywhere).
+    pub fn queue_changed(&self) {
+        self.inner.queue_changes.notify_one();
+    }
+
+    /// Resolves once the queue may have moved since the last call returned.
+    pub async fn queue_change(&self) {
+        self.inner.queue_changes.notified().await;
+    }
+
+    /// The tasks with subscribers whose latest state is `pending`.
+    pub fn pending_tasks(&self) -> Vec<TaskId> {
+        (self.inner.tasks.iter())
+            .filter(|entry| {
+                (entry.value().borrow().as_ref()).is_some_and(|f| f.pending && !f.notice)
+            })
+            .map(|entry| *entry.key())
+            .collect()
+    }
+
+    /// Sends `task`'s subscribers its new place in line: the state they hold, same
+    /// version, marked derived. Nothing is sent when the place is unchanged or the task
+    /// is no longer pending here. Returns whether a frame was sent.
+    pub fn set_place(&self, task: TaskId, place: QueuePlace) -> bool {
+        let Some(slot) = self.inner.tasks.get(&task).map(|e| e.value().clone()) else {
+            return false;
+        };
+        let Some(held) = slot.borrow().clone() else {
+            return false;
+        };
+        if held.notice || !held.pending || held.place == Some(place) {
+            return false;
+        }
+        let frame = Arc::new(held.placed(place));
+        // Only over the frame it was built from: a newer state that got in meanwhile
+        // marked the queue changed, and the next recount places it.
+        slot.send_if_modified(|current| match current {
+            Some(now) if Arc::ptr_eq(now, &held) => {
+                *current = Some(frame);
+                true
+            }
+            _ => false,
+        })
     }
 
     /// The tasks that have subscribers now (a snapshot; it may change right after).
@@ -387,6 +538,12 @@ impl Stream for Subscription {
                 Poll::Ready(Some(Some(frame))) if frame.notice => {
                     return Poll::Ready(Some(frame));
                 }
+                // A new place in line for the state the subscriber has.
+                Poll::Ready(Some(Some(frame)))
+                    if frame.derived && frame.version() == this.delivered =>
+                {
+                    return Poll::Ready(Some(frame));
+                }
                 Poll::Ready(Some(Some(frame))) if frame.version() > this.delivered => {
                     // Versions between the last delivered one and this one were skipped.
                     if this.delivered != i64::MIN {
@@ -437,6 +594,7 @@ mod tests {
             total_steps: None,
             preview_url: None,
             user_id: None,
+            stalled_since: None,
         }
     }
 
@@ -483,7 +641,7 @@ mod tests {
         full.image_url = Some("https://example.com/a.png".to_string());
         full.error = Some("snapshot\":false}".to_string());
         for state in [state(TaskId::random(), 1), full] {
-            let frame = Frame::new(&state, None);
+            let frame = Frame::new(&state, None, None);
             assert_eq!(frame.text.as_str(), state.to_json(false, None));
             assert_eq!(frame.snapshot_json(), state.to_json(true, None));
         }
@@ -511,6 +669,57 @@ mod tests {
         hub.publish(&state(task, 3));
         hub.publish(&state(task, 5));
         assert_eq!(sub.next().await.unwrap().version(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_new_place_follows_at_the_same_version_and_the_snapshot_keeps_it() {
+        let hub = Hub::new();
+        let task = TaskId::random();
+        let mut waiting = state(task, 0);
+        waiting.status = TaskStatus::Pending;
+        let (mut sub, _) = hub.subscribe(task);
+        let first = QueuePlace {
+            position: 3,
+            length: 4,
+        };
+        let snapshot = hub.publish_snapshot_placed(&waiting, Some(first));
+        sub.mark_delivered(0);
+        assert!(snapshot.contains(r#""queue_position":3,"queue_length":4,"snapshot":true}"#));
+        assert!(
+            !hub.set_place(task, first),
+            "an unchanged place sends nothing"
+        );
+        let moved = QueuePlace {
+            position: 2,
+            length: 3,
+        };
+        assert!(hub.set_place(task, moved));
+        let frame = sub.next().await.unwrap();
+        assert_eq!(frame.version(), 0);
+        assert!(frame.is_derived());
+        assert!(
+            frame.text.as_str().ends_with(
+                r#""queue_position":2,"queue_length":3,"derived":true,"snapshot":false}"#
+            )
+        );
+        assert!(
+            frame
+                .snapshot_json()
+                .ends_with(r#""queue_position":2,"queue_length":3,"snapshot":true}"#)
+        );
+        // A newer state keeps the place until the next recount; a running one has none.
+        waiting.version = 1;
+        hub.publish(&waiting);
+        let frame = sub.next().await.unwrap();
+        assert!(!frame.is_derived());
+        assert!(frame.text.as_str().contains(r#""queue_position":2"#));
+        let mut running = state(task, 2);
+        running.status = TaskStatus::Processing;
+        hub.publish(&running);
+        let frame = sub.next().await.unwrap();
+        assert!(!frame.text.as_str().contains("queue_position"));
+        assert!(!hub.set_place(task, moved), "a running task has no place");
+        assert!(hub.pending_tasks().is_empty());
     }
 
     #[test]

@@ -29,12 +29,14 @@ pub mod hub;
 pub mod listener;
 pub mod origin;
 pub mod query;
+pub mod queue;
 pub mod reporter;
 pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod sse;
+pub mod stall;
 pub mod store;
 pub mod subscribers;
 pub mod telemetry;
@@ -72,6 +74,8 @@ pub struct App {
     http: server::HttpOptions,
     shutdown_timeout: Duration,
     demo: bool,
+    stall: stall::StallOptions,
+    queue: queue::QueueOptions,
 }
 
 impl App {
@@ -191,6 +195,8 @@ impl App {
             },
             shutdown_timeout: config.shutdown_timeout,
             demo: config.demo,
+            stall: config.stall,
+            queue: config.queue,
         })
     }
 
@@ -216,9 +222,29 @@ impl App {
             http,
             shutdown_timeout,
             demo,
+            stall,
+            queue,
             ..
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
+        let (hub, store) = (
+            state.subscribers.hub.clone(),
+            state.subscribers.store.clone(),
+        );
+        let derived_tasks = [
+            queue::Queue {
+                hub: hub.clone(),
+                store: store.clone(),
+                options: queue,
+            }
+            .spawn(stop.clone()),
+            stall::Stall {
+                hub,
+                store,
+                options: stall,
+            }
+            .spawn(stop.clone()),
+        ];
         tracing::info!(%local_addr, store = state.subscribers.store.kind(), "taskcast listening");
         if demo {
             tracing::info!("demo: {}", demo_url(local_addr));
@@ -249,6 +275,9 @@ impl App {
             tracing::warn!("some WebSocket connections did not close in time");
         }
         if let Some(task) = listener_task {
+            let _ = task.await;
+        }
+        for task in derived_tasks {
             let _ = task.await;
         }
         match tokio::time::timeout(shutdown_timeout, writer_task).await {

@@ -191,6 +191,8 @@ impl Listener {
 
     /// Reads the rows a notification names that local subscribers have not seen yet.
     async fn apply(&self, payload: &str) -> Result<(), Error> {
+        // Any insert, delete or change may move places in line (see crate::queue).
+        self.hub.queue_changed();
         let wanted: Vec<(TaskId, i64)> = parse_payload(payload)
             .filter(|&(task, version)| self.hub.wants(task, version))
             .collect();

@@ -372,8 +372,9 @@ async fn create(state: Arc<AppState>, body: bytes::Bytes) -> Response {
         async {
             let task = NewTask::from_json(&body)?;
             let created = state.subscribers.store.create(task).await?;
-            // Its user's feed subscribers here see it at once; other nodes hear of it
-            // through the insert trigger's NOTIFY.
+            // Its user's feed subscribers here see it at once, and it is last in line
+            // (publishing marks the queue changed); other nodes hear of it through the
+            // insert trigger's NOTIFY.
             state.subscribers.hub.publish(&created);
             let token = state
                 .subscribers

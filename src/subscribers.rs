@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::auth::subscribe::{Access, SubscribeAuth, now_unix};
-use crate::domain::TaskId;
+use crate::domain::{TaskId, TaskStatus};
 use crate::error::Error;
 use crate::hub::{FeedSubscription, Frame, Hub, Subscription, feed_name};
 use crate::shutdown::{DoneGuard, Shutdown};
@@ -182,8 +182,14 @@ impl Subscribers {
                     .get(task)
                     .await?
                     .ok_or_else(|| Error::NotFound(task.to_string()))?;
-                // Published (with its time left), and the snapshot carries the same estimate.
-                (state.version, self.hub.publish_snapshot(&state))
+                let place = match state.status {
+                    TaskStatus::Pending => self.place(task).await,
+                    _ => None,
+                };
+                // Published (with its time left and place in line), and the snapshot
+                // carries the same.
+                let snapshot = self.hub.publish_snapshot_placed(&state, place);
+                (state.version, snapshot)
             }
         };
         subscription.mark_delivered(version);
@@ -224,6 +230,19 @@ impl Subscribers {
         match target {
             Target::Task(task) => self.may_watch(token, task).await,
             Target::User(user) => self.auth.authorize_user(token, user).await,
+        }
+    }
+
+    /// A pending task's place in line for its snapshot. Not knowing it does not refuse
+    /// the subscription: the snapshot goes without it, and the queue's recount sends it.
+    async fn place(&self, task: TaskId) -> Option<crate::domain::QueuePlace> {
+        match self.store.queue_places(&[task]).await {
+            Ok(places) => places.get(&task).copied(),
+            Err(e) => {
+                tracing::debug!(error = %e.chain(), task = %task, "reading a place in line");
+                self.hub.queue_changed();
+                None
+            }
         }
     }
 

@@ -54,6 +54,9 @@ pub const UNREADABLE_ROWS: &str = "taskcast_unreadable_rows_total";
 pub const CONNECTIONS: &str = "taskcast_connections_open";
 pub const HUB_TASKS: &str = "taskcast_hub_tasks";
 pub const DB_TIMEOUTS: &str = "taskcast_db_timeouts_total";
+pub const QUEUE_QUERIES: &str = "taskcast_queue_queries_total";
+pub const QUEUE_FRAMES: &str = "taskcast_queue_frames_total";
+pub const STALLED_TASKS: &str = "taskcast_stalled_tasks";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -113,6 +116,18 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open WebSocket and SSE connections.");
     describe_gauge!(HUB_TASKS, "Tasks with at least one local subscriber.");
+    describe_counter!(
+        QUEUE_QUERIES,
+        "Statements run to count places in line (at most one recount per window)."
+    );
+    describe_counter!(
+        QUEUE_FRAMES,
+        "Place-in-line updates sent (one per pending task whose place changed)."
+    );
+    describe_gauge!(
+        STALLED_TASKS,
+        "Processing tasks marked stalled, as this node's last stall sweep counted them."
+    );
     describe_counter!(
         DB_TIMEOUTS,
         "Database calls that missed TASKCAST_DB_TIMEOUT_MS; each connection was discarded."

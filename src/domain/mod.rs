@@ -10,12 +10,14 @@ use serde_json::Value;
 use crate::error::Error;
 
 mod id;
+mod place;
 mod state;
 mod status_map;
 mod stored;
 mod update;
 
 pub use id::{IdKind, MAX_ID_BYTES, TaskId};
+pub use place::{QueuePlace, STALL_ERROR};
 pub use state::{Decision, Eta, Outcome, TaskRow, TaskState};
 pub use status_map::{StatusMap, StatusWords};
 pub use stored::{StoredRow, Unreadable};

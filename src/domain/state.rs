@@ -34,6 +34,9 @@ pub struct TaskState {
     /// goes to. Not part of a task subscription's frames (a task token would learn its
     /// owner's id); a feed's frames name the feed instead.
     pub user_id: Option<uuid::Uuid>,
+    /// When the stall sweep found the task without a change (see [`crate::stall`]);
+    /// cleared by the next change. Shown only while the task is `processing`.
+    pub stalled_since: Option<DateTime<Utc>>,
 }
 
 /// An estimate of the time left: `ms` milliseconds from `at`, the time of the change it
@@ -76,6 +79,10 @@ struct Wire<'a> {
     /// `user:<id>` on the frames of a user's feed, so a client can tell them apart.
     #[serde(skip_serializing_if = "Option::is_none")]
     feed: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stalled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stalled_since: Option<DateTime<Utc>>,
     snapshot: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     applied: Option<bool>,
@@ -125,6 +132,9 @@ impl TaskState {
         eta: Option<Eta>,
         feed: Option<&str>,
     ) -> String {
+        let stalled_since = self
+            .stalled_since
+            .filter(|_| self.status == TaskStatus::Processing);
         let wire = Wire {
             kind: "state",
             task_id: self.task_id,
@@ -143,6 +153,8 @@ impl TaskState {
             eta_ms: eta.map(|eta| eta.ms),
             eta_at: eta.map(|eta| eta.at),
             feed,
+            stalled: stalled_since.map(|_| true),
+            stalled_since,
             snapshot,
             applied,
             token,
@@ -225,6 +237,7 @@ impl TaskRow {
         if update.seq().is_some() {
             self.last_seq = update.seq();
         }
+        state.stalled_since = None;
         state.version += 1;
         state.updated_at = Some(now);
     }
@@ -277,6 +290,7 @@ mod tests {
                 total_steps: None,
                 preview_url: None,
                 user_id: None,
+                stalled_since: None,
             },
             last_seq,
             owner: None,

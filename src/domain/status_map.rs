@@ -105,6 +105,8 @@ impl StatusMap {
 pub struct StatusWords {
     write: [Option<String>; 5],
     open: Vec<String>,
+    /// Every known word, lowercase, with what it reads as (for [`StatusWords::meaning`]).
+    known: Vec<(String, TaskStatus)>,
 }
 
 impl StatusWords {
@@ -120,6 +122,7 @@ impl StatusWords {
         StatusWords {
             write,
             open: open_words(map, map.known_words()),
+            known: known_words(map, map.known_words()),
         }
     }
 
@@ -139,10 +142,11 @@ impl StatusWords {
                 })
                 .map(str::to_string)
         });
-        let words = map.known_words().chain(labels.iter().map(String::as_str));
+        let words = || map.known_words().chain(labels.iter().map(String::as_str));
         StatusWords {
             write,
-            open: open_words(map, words),
+            open: open_words(map, words()),
+            known: known_words(map, words()),
         }
     }
 
@@ -159,6 +163,28 @@ impl StatusWords {
     pub fn open(&self) -> &[String] {
         &self.open
     }
+
+    /// Lowercase words known to read as `status` (the app's, taskcast's, the aliases), for
+    /// SQL that selects by status (`lower(status::text) = ANY(...)`): the queue's pending
+    /// tasks, the stall sweep's processing ones.
+    pub fn meaning(&self, status: TaskStatus) -> Vec<String> {
+        (self.known.iter())
+            .filter(|(_, s)| *s == status)
+            .map(|(w, _)| w.clone())
+            .collect()
+    }
+}
+
+fn known_words<'a>(
+    map: &StatusMap,
+    words: impl Iterator<Item = &'a str>,
+) -> Vec<(String, TaskStatus)> {
+    let mut known: Vec<(String, TaskStatus)> = words
+        .filter_map(|w| Some((w.to_ascii_lowercase(), map.read(w)?)))
+        .collect();
+    known.sort_by(|a, b| a.0.cmp(&b.0));
+    known.dedup_by(|a, b| a.0 == b.0);
+    known
 }
 
 fn index(status: TaskStatus) -> usize {

@@ -43,6 +43,8 @@ pub struct StoredRow {
     pub step: Option<String>,
     pub total_steps: Option<String>,
     pub preview_url: Option<String>,
+    /// `date_part('epoch', stalled_since)`; `NULL` when the table has no such column.
+    pub stalled_epoch: Option<f64>,
 }
 
 /// A row taskcast cannot place: which task (when its id is readable) and which column.
@@ -105,6 +107,7 @@ impl StoredRow {
                     .owner
                     .as_deref()
                     .and_then(|o| uuid::Uuid::parse_str(o).ok()),
+                stalled_since: self.stalled_epoch.and_then(timestamp),
             },
             last_seq: self.seq,
             owner: self.owner,

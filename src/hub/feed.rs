@@ -182,6 +182,9 @@ impl FeedSubscription {
             version: i64::MAX,
             text: Utf8Bytes::from(error.to_ws_json(Some(&feed_name(self.user)))),
             notice: true,
+            pending: false,
+            place: None,
+            derived: false,
         })
     }
 }

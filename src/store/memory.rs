@@ -1,13 +1,16 @@
 //! The in-memory store: the embedded default when `DATABASE_URL` is unset.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::Utc;
 
 use super::BatchResult;
 use crate::domain::{
-    Decision, NewTask, Outcome, ProgressUpdate, TaskId, TaskRow, TaskState, TaskStatus,
+    Decision, NewTask, Outcome, ProgressUpdate, QueuePlace, STALL_ERROR, TaskId, TaskRow,
+    TaskState, TaskStatus,
 };
 use crate::error::Error;
 
@@ -19,6 +22,9 @@ pub const MEMORY_STORE_CAPACITY: usize = 100_000;
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     tasks: Arc<Mutex<HashMap<TaskId, TaskRow>>>,
+    /// Creation order, the order of the line (see [`MemoryStore::queue_places`]).
+    created: Arc<AtomicU64>,
+    order: Arc<Mutex<HashMap<TaskId, u64>>>,
 }
 
 impl MemoryStore {
@@ -98,7 +104,15 @@ impl MemoryStore {
             total_steps: None,
             preview_url: None,
             user_id: task.user_id,
+            stalled_since: None,
         };
+        let nth = self.created.fetch_add(1, Ordering::Relaxed);
+        {
+            // Locked after `tasks`, as everywhere.
+            let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            order.retain(|id, _| tasks.contains_key(id));
+            order.insert(state.task_id, nth);
+        }
         tasks.insert(
             state.task_id,
             TaskRow {
@@ -108,5 +122,79 @@ impl MemoryStore {
             },
         );
         Ok(state)
+    }
+}
+
+impl MemoryStore {
+    /// The places in line of those of `tasks` that are pending, by creation order.
+    pub fn queue_places(&self, tasks: &[TaskId]) -> HashMap<TaskId, QueuePlace> {
+        let rows = self.lock();
+        let order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line: Vec<(u64, TaskId)> = (rows.values())
+            .filter(|row| row.state.status == TaskStatus::Pending)
+            .map(|row| {
+                (
+                    order.get(&row.state.task_id).copied().unwrap_or(u64::MAX),
+                    row.state.task_id,
+                )
+            })
+            .collect();
+        line.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.as_str().cmp(b.1.as_str())));
+        let length = line.len() as u64;
+        let wanted: std::collections::HashSet<&TaskId> = tasks.iter().collect();
+        (line.iter().enumerate())
+            .filter(|(_, (_, id))| wanted.contains(id))
+            .map(|(i, (_, id))| {
+                let place = QueuePlace {
+                    position: i as u64 + 1,
+                    length,
+                };
+                (*id, place)
+            })
+            .collect()
+    }
+
+    /// The in-memory stall sweep (see [`crate::stall`]): marks processing tasks without a
+    /// change for `after`, fails those without one for `fail_after`; returns the states
+    /// changed, to publish, and how many are stalled now.
+    pub fn sweep_stalled(
+        &self,
+        after: Duration,
+        fail_after: Option<Duration>,
+    ) -> (Vec<TaskState>, u64) {
+        let now = Utc::now();
+        let quiet_for = |state: &TaskState, d: Duration| {
+            let since = state.updated_at.unwrap_or(now);
+            now.signed_duration_since(since)
+                .to_std()
+                .is_ok_and(|quiet| quiet >= d)
+        };
+        let mut tasks = self.lock();
+        let mut changed = Vec::new();
+        let mut stalled = 0;
+        for row in tasks.values_mut() {
+            let state = &mut row.state;
+            if state.status != TaskStatus::Processing || state.version == i64::MAX {
+                continue;
+            }
+            if fail_after.is_some_and(|d| quiet_for(state, d)) {
+                state.status = TaskStatus::Failed;
+                state.status_raw = None;
+                state.error = Some(STALL_ERROR.to_string());
+                state.preview_url = None;
+                state.stalled_since = None;
+                state.version += 1;
+                state.updated_at = Some(now);
+                changed.push(state.clone());
+            } else if state.stalled_since.is_none() && quiet_for(state, after) {
+                state.stalled_since = Some(now);
+                state.version += 1;
+                changed.push(state.clone());
+                stalled += 1;
+            } else if state.stalled_since.is_some() {
+                stalled += 1;
+            }
+        }
+        (changed, stalled)
     }
 }

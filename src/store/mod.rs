@@ -16,9 +16,14 @@ pub mod schema;
 pub mod shape;
 
 pub use memory::MemoryStore;
-pub use postgres::{PgStore, PoolOptions};
+pub use postgres::{PgStore, PoolOptions, Sweep};
 
-use crate::domain::{IdKind, NewTask, Outcome, ProgressUpdate, TaskId, TaskState};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::domain::{
+    IdKind, NewTask, Outcome, ProgressUpdate, QueuePlace, TaskId, TaskState, TaskStatus,
+};
 use crate::error::Error;
 
 /// The result of each push in a batch, in the batch's order.
@@ -121,6 +126,43 @@ impl Store {
         match self {
             Store::Postgres(pg) => pg.hazards().await,
             Store::Memory(_) => Vec::new(),
+        }
+    }
+
+    /// The places in line of those of `tasks` that are pending (see [`crate::queue`]).
+    pub async fn queue_places(
+        &self,
+        tasks: &[TaskId],
+    ) -> Result<HashMap<TaskId, QueuePlace>, Error> {
+        match self {
+            Store::Postgres(pg) => pg.queue_places(tasks).await,
+            Store::Memory(mem) => Ok(mem.queue_places(tasks)),
+        }
+    }
+
+    /// One stall sweep (see [`crate::stall`]). The states it changed come back only from
+    /// the in-memory store, to publish; Postgres delivers them through NOTIFY.
+    pub async fn sweep_stalled(
+        &self,
+        after: Duration,
+        fail_after: Option<Duration>,
+    ) -> Result<(Sweep, Vec<TaskState>), Error> {
+        match self {
+            Store::Postgres(pg) => Ok((pg.sweep_stalled(after, fail_after).await?, Vec::new())),
+            Store::Memory(mem) => {
+                let (changed, stalled) = mem.sweep_stalled(after, fail_after);
+                let failed = changed
+                    .iter()
+                    .filter(|s| s.status == TaskStatus::Failed)
+                    .count() as u64;
+                let sweep = Sweep {
+                    marked: changed.len() as u64 - failed,
+                    failed,
+                    stalled,
+                    no_column: false,
+                };
+                Ok((sweep, changed))
+            }
         }
     }
 

@@ -37,6 +37,9 @@ use crate::domain::{
 use crate::error::Error;
 use crate::secret::Secret;
 
+mod derived;
+pub use derived::Sweep;
+
 /// What the pool takes from the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct PoolOptions {
@@ -395,6 +398,7 @@ fn stored_row(row: &Row) -> StoredRow {
         step: row.try_get(10).ok().flatten(),
         total_steps: row.try_get(11).ok().flatten(),
         preview_url: row.try_get(12).ok().flatten(),
+        stalled_epoch: row.try_get(13).ok().flatten(),
     }
 }
 

@@ -81,7 +81,23 @@ pub fn describe(
     ));
     out.extend(status_findings(&shape, map));
     out.extend(rows_findings(counts, map));
+    out.extend(stall_finding(&shape));
     out
+}
+
+/// Stall detection needs `stalled_since`; without it pushes still work.
+fn stall_finding(shape: &Shape) -> Option<Finding> {
+    if !shape.absent.contains(&"stalled_since") {
+        return None;
+    }
+    let mut f = finding(
+        "stalled",
+        Severity::Warn,
+        "image_tasks has no stalled_since column: stall detection is off (quiet tasks are not marked stalled; TASKCAST_STALL_FAIL_SECS still fails them); pushes work"
+            .to_string(),
+    );
+    f.fix = Some("taskcast migrate (adds the column)".to_string());
+    Some(f)
 }
 
 fn status_findings(shape: &Shape, map: &StatusMap) -> Vec<Finding> {

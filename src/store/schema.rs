@@ -182,6 +182,10 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
                  DROP TRIGGER taskcast_notify_insert ON public.image_tasks; \
                  CREATE TRIGGER taskcast_notify_insert AFTER INSERT ON public.image_tasks \
                  REFERENCING NEW TABLE AS new_rows \
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('{channel}'); \
+                 DROP TRIGGER taskcast_notify_delete ON public.image_tasks; \
+                 CREATE TRIGGER taskcast_notify_delete AFTER DELETE ON public.image_tasks \
+                 REFERENCING OLD TABLE AS old_rows \
                  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('{channel}')"
             ))
             .await

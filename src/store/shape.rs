@@ -31,7 +31,8 @@ pub const REQUIRED_COLUMNS: &[&str] = &[
 ];
 
 /// Columns taskcast reads when the table has them; a push that sets one needs it.
-pub const OPTIONAL_COLUMNS: &[&str] = &["step", "total_steps", "preview_url"];
+/// `stalled_since` is never set by a push: the stall sweep sets it, a push clears it.
+pub const OPTIONAL_COLUMNS: &[&str] = &["step", "total_steps", "preview_url", "stalled_since"];
 
 /// Every column of the table with its type: name, `regtype` text (safe to paste into a
 /// cast: Postgres quotes it as needed), `typtype`, `typcategory`, enum labels in order.
@@ -72,6 +73,10 @@ pub struct Shape {
     /// The [`OPTIONAL_COLUMNS`] the table lacks: read as `NULL`, and a push that sets one
     /// is refused.
     pub absent: Vec<&'static str>,
+    /// The table has a `queue` column: places in line are counted per queue.
+    pub has_queue: bool,
+    /// The table has `created_at`, the order of the line (else ids alone order it).
+    pub has_created_at: bool,
 }
 
 /// The statements for one shape. `$1` is always ids as text.
@@ -166,6 +171,8 @@ impl Shape {
             words,
             sql,
             absent,
+            has_queue: find("queue").is_some(),
+            has_created_at: find("created_at").is_some(),
         })
     }
 
@@ -222,8 +229,12 @@ fn id_kind(column: &Column) -> Result<IdKind, Error> {
 /// An optional column the table lacks (in `absent`) reads as `NULL`.
 fn read_columns(t: &str, absent: &[&str]) -> String {
     let optional = |name: &str| {
-        if absent.contains(&name) {
+        if absent.contains(&name) && name == "stalled_since" {
+            "NULL::float8".to_string()
+        } else if absent.contains(&name) {
             "NULL::text".to_string()
+        } else if name == "stalled_since" {
+            format!("date_part('epoch', {t}{name})")
         } else if name == "preview_url" {
             format!("left({t}{name}::text, {})", MAX_IMAGE_URL_CHARS + 1)
         } else {
@@ -234,13 +245,15 @@ fn read_columns(t: &str, absent: &[&str]) -> String {
         "{t}id::text, {t}progress::text, left({t}stage::text, {stage}), {t}status::text, \
          {t}taskcast_version::int8, date_part('epoch', {t}updated_at), \
          left({t}image_url::text, {url}), left({t}error::text, {error}), \
-         {t}taskcast_seq::int8, {t}user_id::text, {step}, {total_steps}, {preview_url}",
+         {t}taskcast_seq::int8, {t}user_id::text, {step}, {total_steps}, {preview_url}, \
+         {stalled_since}",
         stage = MAX_STAGE_CHARS + 1,
         url = MAX_IMAGE_URL_CHARS + 1,
         error = MAX_ERROR_CHARS + 1,
         step = optional("step"),
         total_steps = optional("total_steps"),
         preview_url = optional("preview_url"),
+        stalled_since = optional("stalled_since"),
     )
 }
 
@@ -252,7 +265,10 @@ fn set_optional(present: &[Column]) -> String {
         .iter()
         .map(|column| {
             let (name, type_name) = (&column.name, &column.type_name);
-            if name == "preview_url" {
+            if name == "stalled_since" {
+                // A change clears the stall mark (see crate::stall).
+                format!("{name} = NULL, ")
+            } else if name == "preview_url" {
                 format!(
                     "{name} = CASE WHEN u.{name} = '' THEN NULL \
                      ELSE COALESCE(u.{name}::{type_name}, t.{name}) END, "

@@ -45,6 +45,24 @@ export interface TaskState {
   eta_ms?: number;
   /** RFC 3339 time the estimate was made for (the change's `updated_at`). */
   eta_at?: string;
+  /**
+   * Pending tasks only: place in line (1 is next) among the pending tasks of its queue,
+   * ordered by creation time, and how many are pending in it.
+   */
+  queue_position?: number;
+  queue_length?: number;
+  /**
+   * `true` on a place-in-line update: the same state and version as before, with a new
+   * `queue_position` and `queue_length` (derived by the server, never a new version).
+   */
+  derived?: boolean;
+  /**
+   * Processing tasks only: the generator sent no change for TASKCAST_STALL_SECS. Cleared
+   * (absent) from the next change on.
+   */
+  stalled?: true;
+  /** RFC 3339 time the task was found stalled. */
+  stalled_since?: string;
   /** `true` in the first message of a (re)subscription and in GET and create answers. */
   snapshot: boolean;
   /** Only in answers to a push: whether it changed anything (`false` for a stale `seq`). */
@@ -171,7 +189,10 @@ export interface WatchOptions {
   /** A subscribe token for this task. */
   token?: string | null;
   getToken?: GetToken;
-  /** Every state, in version order: the snapshot first, then each newer one. */
+  /**
+   * Every state, in version order: the snapshot first, then each newer one; a pending
+   * task's new place in line comes as the same version again with `derived: true`.
+   */
   onState?: (state: TaskState) => void;
   /** Errors; the watch goes on unless `error.fatal`. */
   onError?: (error: TaskcastError) => void;

@@ -15,7 +15,9 @@
 //
 // All tasks watched against one server share one WebSocket (ref-counted). After every
 // reconnect the server's snapshot is the truth; otherwise a state whose version is not
-// newer than the last one seen is ignored, so a task never goes backwards. When a
+// newer than the last one seen is ignored, so a task never goes backwards; the one
+// exception is a place-in-line update (`derived: true`): the same version with a new
+// `queue_position` and `queue_length`, passed on as the state it updates. When a
 // WebSocket cannot be opened while the server itself answers HTTP (a proxy that drops
 // Upgrade, say), or when WebSocket does not exist, each task is streamed over
 // Server-Sent Events (GET /api/tasks/{id}/events) instead.
@@ -435,7 +437,9 @@ class Connection {
   onState(sub, state) {
     // Versions are per task; a feed keeps the last one of each of its tasks.
     const last = sub.feed ? sub.states.get(state.task_id) : sub.state;
-    if (!state.snapshot && last && state.version <= last.version) return;
+    // A place-in-line update re-sends the state held, same version, marked `derived`.
+    const placed = state.derived === true && last && state.version === last.version;
+    if (!state.snapshot && !placed && last && state.version <= last.version) return;
     if (sub.feed) sub.states.set(state.task_id, state);
     sub.state = state;
     sub.refreshes = 0;

@@ -71,6 +71,23 @@ describe("watchTask", () => {
     assert.deepEqual(seen.errors, []);
   });
 
+  test("a new place in line (same version, derived) reaches onState and the handle's state", async () => {
+    const ahead = await server.createTask();
+    const task = await server.createTask();
+    const seen = watch(task.task_id, { token: task.token });
+    await seen.version(0);
+    const first = seen.states[0];
+    assert.ok(first.queue_position >= 2, `a snapshot behind a pending task: ${JSON.stringify(first)}`);
+    // The task ahead starts: this one moves up one place without a new version.
+    await server.push(ahead.task_id, { status: "processing" });
+    const moved = await until("the new place", () =>
+      seen.states.find((s) => s.queue_position === first.queue_position - 1),
+    );
+    assert.equal(moved.version, 0);
+    assert.equal(moved.derived, true);
+    assert.equal(seen.handle.state.queue_position, first.queue_position - 1);
+  });
+
   test("reconnects by itself after a server restart and delivers the pushes made after it", async () => {
     const task = await server.createTask();
     const seen = watch(task.task_id, { token: task.token });
