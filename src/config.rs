@@ -121,6 +121,9 @@ pub struct TokenArgs {
     /// The signing secret.
     #[arg(long, env = "TASKCAST_SUBSCRIBE_SECRET", hide_env_values = true)]
     pub subscribe_secret: String,
+    /// Also grant the right to cancel the tasks (the `"cancel": true` claim).
+    #[arg(long)]
+    pub cancel: bool,
 }
 
 /// Parses `90s`, `30m`, `1h`, `7d`, or plain seconds.
@@ -322,6 +325,10 @@ pub struct ServeArgs {
     /// built-in aliases; pushes write the first word given for a status.
     #[arg(long, env = "TASKCAST_STATUS_MAP", default_value = "")]
     pub status_map: String,
+    /// Seconds a generator has to stop after a subscriber's cancel request before the
+    /// server marks the task cancelled itself. Unset or 0: never (the generator decides).
+    #[arg(long, env = "TASKCAST_CANCEL_GRACE_SECS")]
+    pub cancel_grace_secs: Option<u64>,
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(long, env = "TASKCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -436,6 +443,9 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     pub shutdown_timeout: Duration,
     pub limits: Limits,
+    /// After a cancel request, how long the generator has before the server marks the
+    /// task cancelled; `None` (the default): never.
+    pub cancel_grace: Option<Duration>,
 }
 
 impl Config {
@@ -457,6 +467,7 @@ impl Config {
             metrics_token: None,
             shutdown_timeout: Duration::from_secs(10),
             limits: Limits::default(),
+            cancel_grace: None,
         }
     }
 
@@ -584,6 +595,10 @@ impl Config {
                 .filter(|t| !t.is_empty())
                 .map(Secret::new),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+            cancel_grace: args
+                .cancel_grace_secs
+                .filter(|&secs| secs > 0)
+                .map(Duration::from_secs),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_batch_body_bytes: args.max_batch_body_bytes,

@@ -348,6 +348,7 @@ mod tests {
             step: None,
             total_steps: None,
             preview_url: None,
+            cancel_requested_at: None,
         }
     }
 

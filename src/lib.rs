@@ -17,6 +17,7 @@
 //! ```
 
 pub mod auth;
+pub mod cancel;
 pub mod config;
 pub mod demo;
 pub mod doctor;
@@ -71,6 +72,8 @@ pub struct App {
     http: server::HttpOptions,
     shutdown_timeout: Duration,
     demo: bool,
+    /// The cancel grace sweep's options, when TASKCAST_CANCEL_GRACE_SECS is set.
+    cancel_grace: Option<cancel::GraceOptions>,
 }
 
 impl App {
@@ -189,6 +192,9 @@ impl App {
             },
             shutdown_timeout: config.shutdown_timeout,
             demo: config.demo,
+            cancel_grace: config
+                .cancel_grace
+                .map(|grace| cancel::GraceOptions { grace }),
         })
     }
 
@@ -214,9 +220,18 @@ impl App {
             http,
             shutdown_timeout,
             demo,
+            cancel_grace,
             ..
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
+        let sweep_task = cancel_grace.map(|options| {
+            cancel::spawn(
+                options,
+                state.subscribers.store.clone(),
+                state.subscribers.hub.clone(),
+                stop.clone(),
+            )
+        });
         tracing::info!(%local_addr, store = state.subscribers.store.kind(), "taskcast listening");
         if demo {
             tracing::info!("demo: {}", demo_url(local_addr));
@@ -248,6 +263,10 @@ impl App {
         }
         if let Some(task) = listener_task {
             let _ = task.await;
+        }
+        if let Some(task) = sweep_task {
+            // A sweep in flight is bounded by TASKCAST_DB_TIMEOUT_MS.
+            let _ = tokio::time::timeout(shutdown_timeout, task).await;
         }
         match tokio::time::timeout(shutdown_timeout, writer_task).await {
             Ok(Ok(())) => {}

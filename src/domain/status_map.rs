@@ -105,6 +105,7 @@ impl StatusMap {
 pub struct StatusWords {
     write: [Option<String>; 5],
     open: Vec<String>,
+    finished: Vec<String>,
 }
 
 impl StatusWords {
@@ -120,6 +121,7 @@ impl StatusWords {
         StatusWords {
             write,
             open: open_words(map, map.known_words()),
+            finished: finished_words(map, map.known_words()),
         }
     }
 
@@ -139,10 +141,11 @@ impl StatusWords {
                 })
                 .map(str::to_string)
         });
-        let words = map.known_words().chain(labels.iter().map(String::as_str));
+        let words = || map.known_words().chain(labels.iter().map(String::as_str));
         StatusWords {
             write,
-            open: open_words(map, words),
+            open: open_words(map, words()),
+            finished: finished_words(map, words()),
         }
     }
 
@@ -159,6 +162,25 @@ impl StatusWords {
     pub fn open(&self) -> &[String] {
         &self.open
     }
+}
+
+impl StatusWords {
+    /// Lowercase words known to read as a finished status, for the cancel statements
+    /// (`NOT lower(status::text) = ANY(...)`): a deny-list, because a word that maps to
+    /// nothing reads as `processing`, which a subscriber may cancel.
+    pub fn finished(&self) -> &[String] {
+        &self.finished
+    }
+}
+
+fn finished_words<'a>(map: &StatusMap, words: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut finished: Vec<String> = words
+        .filter(|w| map.read(w).is_some_and(TaskStatus::is_terminal))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    finished.sort();
+    finished.dedup();
+    finished
 }
 
 fn index(status: TaskStatus) -> usize {
@@ -214,6 +236,9 @@ mod tests {
         assert!(words.open().contains(&"running".to_string()));
         assert!(!words.open().contains(&"done".to_string()));
         assert!(!words.open().contains(&"canceled".to_string()));
+        assert!(words.finished().contains(&"done".to_string()));
+        assert!(words.finished().contains(&"canceled".to_string()));
+        assert!(!words.finished().contains(&"queued".to_string()));
     }
 
     #[test]

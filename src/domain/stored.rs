@@ -43,6 +43,9 @@ pub struct StoredRow {
     pub step: Option<String>,
     pub total_steps: Option<String>,
     pub preview_url: Option<String>,
+    /// `date_part('epoch', cancel_requested_at)`; `NULL` too when the table has no such
+    /// column.
+    pub cancel_requested_epoch: Option<f64>,
 }
 
 /// A row taskcast cannot place: which task (when its id is readable) and which column.
@@ -101,6 +104,7 @@ impl StoredRow {
                 step: self.step.as_deref().and_then(steps),
                 total_steps: self.total_steps.as_deref().and_then(steps),
                 preview_url,
+                cancel_requested_at: self.cancel_requested_epoch.and_then(cancel_time),
             },
             last_seq: self.seq,
             owner: self.owner,
@@ -130,6 +134,12 @@ fn whole_url(
         truncated.push(field);
         None
     }
+}
+
+/// A cancel request at a time that cannot be shown (`infinity`, set in SQL) is still a
+/// request: it reads as the Unix epoch.
+fn cancel_time(epoch: f64) -> Option<DateTime<Utc>> {
+    timestamp(epoch).or(Some(DateTime::UNIX_EPOCH))
 }
 
 fn timestamp(epoch: f64) -> Option<DateTime<Utc>> {

@@ -215,6 +215,17 @@ impl Connection {
                 }
                 self.subscribe(task, token).await
             }
+            Ok(ClientMessage::Cancel { task, token }) => {
+                // Rate-limited with subscribes: each may write to the database.
+                if self.over_rate() {
+                    return self.send_error(&self.rate_error(), None).await;
+                }
+                let task = match self.ctx.store.parse_id(&task).await {
+                    Ok(task) => task,
+                    Err(e) => return self.send_error(&e, None).await,
+                };
+                Box::pin(self.cancel(task, token)).await
+            }
             Ok(ClientMessage::Unsubscribe { task }) => {
                 match self.ctx.store.parse_id(&task).await {
                     Ok(task) => self.remove(task),
@@ -270,6 +281,27 @@ impl Connection {
         self.subscriptions.insert(task, watch.subscription);
         self.deadlines.watch(task, watch.expires_at);
         self.send(Message::text(watch.snapshot)).await
+    }
+
+    /// [`Subscribers::cancel`], answered on the socket: `{"type":"cancel_requested",
+    /// "task_id", "version", "cancel_requested_at", "applied"}`, or an error message with
+    /// the code HTTP would give. Subscribers of the task get the new state as usual.
+    async fn cancel(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
+        let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
+        match self.ctx.cancel(token.as_deref(), task).await {
+            Ok(outcome) => {
+                let state = outcome.state();
+                let answer = serde_json::json!({
+                    "type": "cancel_requested",
+                    "task_id": task.as_str(),
+                    "version": state.version,
+                    "cancel_requested_at": state.cancel_requested_at,
+                    "applied": outcome.applied(),
+                });
+                self.send(Message::text(answer.to_string())).await
+            }
+            Err(e) => self.send_error(&e, Some(task)).await,
+        }
     }
 
     fn remove(&mut self, task: TaskId) {
