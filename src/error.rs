@@ -129,6 +129,10 @@ struct Wire<'a> {
     kind: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     task_id: Option<&'a str>,
+    /// The client message a WebSocket error answers, when it is not about the
+    /// subscription (`"cancel"`): a refused cancel must not end the task's subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     /// The code, as HTTP bodies and batch items name it.
@@ -350,6 +354,18 @@ impl Error {
         self.encode(|wire, code| {
             wire.kind = Some("error");
             wire.task_id = task_id;
+            wire.code = Some(code);
+        })
+    }
+
+    /// [`Error::to_ws_json`] for the answer to a client `request` (`"cancel"`), which
+    /// says so in `request`.
+    pub fn to_ws_reply_json(&self, task_id: &str, request: &'static str) -> String {
+        self.log();
+        self.encode(|wire, code| {
+            wire.kind = Some("error");
+            wire.task_id = Some(task_id);
+            wire.request = Some(request);
             wire.code = Some(code);
         })
     }

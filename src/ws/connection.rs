@@ -285,7 +285,8 @@ impl Connection {
 
     /// [`Subscribers::cancel`], answered on the socket: `{"type":"cancel_requested",
     /// "task_id", "version", "cancel_requested_at", "applied"}`, or an error message with
-    /// the code HTTP would give. Subscribers of the task get the new state as usual.
+    /// the code HTTP would give and `"request": "cancel"` (so a client does not take it
+    /// for the end of its subscription). Subscribers of the task get the new state as usual.
     async fn cancel(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
         let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
         match self.ctx.cancel(token.as_deref(), task).await {
@@ -300,7 +301,10 @@ impl Connection {
                 });
                 self.send(Message::text(answer.to_string())).await
             }
-            Err(e) => self.send_error(&e, Some(task)).await,
+            Err(e) => {
+                let error = e.to_ws_reply_json(task.as_str(), "cancel");
+                self.send(Message::text(error)).await
+            }
         }
     }
 

@@ -221,6 +221,7 @@ async fn a_token_without_the_cancel_right_gets_403_on_http_and_websocket(kind: S
     assert_eq!(refused["type"], "error");
     assert_eq!(refused["code"], "forbidden");
     assert_eq!(refused["task_id"], task.to_string());
+    assert_eq!(refused["request"], "cancel", "{refused}");
     assert!(stored(&app, task).await.get("cancel_requested").is_none());
 }
 

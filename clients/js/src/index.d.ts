@@ -45,6 +45,10 @@ export interface TaskState {
   eta_ms?: number;
   /** RFC 3339 time the estimate was made for (the change's `updated_at`). */
   eta_at?: string;
+  /** `true` once a subscriber asked to cancel the task (it stays set after it ends). */
+  cancel_requested?: boolean;
+  /** RFC 3339 time of that request. */
+  cancel_requested_at?: string;
   /** `true` in the first message of a (re)subscription and in GET and create answers. */
   snapshot: boolean;
   /** Only in answers to a push: whether it changed anything (`false` for a stale `seq`). */
@@ -91,6 +95,8 @@ export type ErrorCode = ServerErrorCode | ClientErrorCode;
 export interface ErrorMessage {
   type: "error";
   task_id?: string;
+  /** Set when the error answers a client request other than a subscription (`"cancel"`). */
+  request?: "cancel";
   code: ServerErrorCode;
   message: string;
   hint: string;
@@ -103,8 +109,19 @@ export interface ErrorBody {
   hint: string;
 }
 
+/** The answer to a WebSocket cancel message (and what `WatchHandle.cancel()` resolves to). */
+export interface CancelRequested {
+  type: "cancel_requested";
+  task_id: string;
+  /** The task's version with the request recorded. */
+  version: number;
+  cancel_requested_at: string;
+  /** `false` when it had been requested before (nothing changed). */
+  applied: boolean;
+}
+
 /** Every message the server sends on a WebSocket. */
-export type ServerMessage = TaskState | ErrorMessage;
+export type ServerMessage = TaskState | ErrorMessage | CancelRequested;
 
 /** Watch a task; `token` overrides the connection URL's `?token=` for this task. */
 export interface SubscribeMessage {
@@ -118,8 +135,18 @@ export interface UnsubscribeMessage {
   task_id: string;
 }
 
+/** Ask to cancel a task; `token` overrides the connection URL's `?token=`. */
+export interface CancelMessage {
+  type: "cancel";
+  task_id: string;
+  token?: string;
+}
+
 /** Every message a client may send on a WebSocket. */
-export type ClientMessage = SubscribeMessage | UnsubscribeMessage;
+export type ClientMessage = SubscribeMessage | UnsubscribeMessage | CancelMessage;
+
+/** What `WatchHandle.cancel()` resolves to. */
+export type CancelResult = Omit<CancelRequested, "type">;
 
 export type Transport = "websocket" | "sse";
 
@@ -173,6 +200,14 @@ export interface WatchHandle {
   readonly state: TaskState | null;
   /** Stops watching (idempotent). A watch also ends by itself on a final status or a fatal error. */
   close(): void;
+  /**
+   * Asks the server to cancel the task (a WebSocket message when connected, else
+   * `POST /api/tasks/{id}/cancel`), with the watch's current token: one with the cancel
+   * right, or the owner's Supabase session. Idempotent. Rejects with a TaskcastError:
+   * `forbidden` (no right), `task_finished` (already ended), `unavailable`, ...
+   * The generator stops when it next pushes; the state then ends as `cancelled`.
+   */
+  cancel(): Promise<CancelResult>;
 }
 
 /** Backoff and fallback settings, shared by every watch; apps and tests may tune them. */
@@ -187,6 +222,8 @@ export interface Settings {
   maxTokenRefreshes: number;
   /** How long an unused socket is kept for the next `watchTask`. */
   lingerMs: number;
+  /** A cancel sent on the socket and not answered within this is rejected (`unavailable`). */
+  cancelTimeoutMs: number;
 }
 
 export const settings: Settings;
