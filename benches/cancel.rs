@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use taskcast::App;
-use taskcast::auth::subscribe::{SubscribeAuth, mint_with};
+use taskcast::auth::subscribe::SubscribeAuth;
 use taskcast::auth::{PushKey, Secret};
 use taskcast::config::Config;
 use taskcast::domain::TaskId;
