@@ -120,8 +120,11 @@ export interface CancelRequested {
   applied: boolean;
 }
 
-/** Every message the server sends on a WebSocket. */
-export type ServerMessage = TaskState | ErrorMessage | CancelRequested;
+/**
+ * Every message the server sends on a WebSocket on its own. A socket that sent a
+ * `CancelMessage` also gets a `CancelRequested` (or an `ErrorMessage` with `request`).
+ */
+export type ServerMessage = TaskState | ErrorMessage;
 
 /** Watch a task; `token` overrides the connection URL's `?token=` for this task. */
 export interface SubscribeMessage {
