@@ -63,6 +63,15 @@ ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS preview_url text;
 -- UPDATE (one node wins), cleared by the next change.
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS stalled_since timestamptz;
 
+-- Cancel requests (optional like the three above: a table without it refuses only a
+-- cancel): when a subscriber asked to stop the task. taskcast sets it with one conditional
+-- UPDATE (only on an unfinished task, only once); the generator sees it in the answer to
+-- its next push. The partial index keeps the grace-period sweep
+-- (TASKCAST_CANCEL_GRACE_SECS) from reading the whole table.
+ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS cancel_requested_at timestamptz;
+CREATE INDEX IF NOT EXISTS image_tasks_cancel_requested_at
+  ON public.image_tasks (cancel_requested_at) WHERE cancel_requested_at IS NOT NULL;
+
 -- Versioning, owned by taskcast (prefixed so they never collide with an app's own columns):
 -- taskcast_version grows by one with every applied change, so no subscriber ever sees a
 -- task go backwards; taskcast_seq is the last applied `seq` from the generator, so a
@@ -113,9 +122,9 @@ $$;
 -- Fan-out across nodes, and for writes that do not come through taskcast.
 --
 -- Any UPDATE that changes what browsers see (progress, stage, status, image_url, error,
--- step, total_steps, preview_url), from any writer, gets a new taskcast_version:
--- taskcast's own UPDATE bumps it itself, so the trigger only bumps when the writer did
--- not (the app's plain SQL). The optional columns are read through jsonb, so a table
+-- step, total_steps, preview_url, cancel_requested_at), from any writer, gets a new
+-- taskcast_version: taskcast's own UPDATE bumps it itself, so the trigger only bumps when
+-- the writer did not (the app's plain SQL). The optional columns are read through jsonb, so a table
 -- without them keeps working.
 CREATE OR REPLACE FUNCTION public.taskcast_bump_version()
 RETURNS trigger
@@ -130,10 +139,10 @@ BEGIN
     OR NEW.image_url IS DISTINCT FROM OLD.image_url
     OR NEW.error IS DISTINCT FROM OLD.error
     OR jsonb_build_array(to_jsonb(NEW) -> 'step', to_jsonb(NEW) -> 'total_steps',
-                         to_jsonb(NEW) -> 'preview_url')
+                         to_jsonb(NEW) -> 'preview_url', to_jsonb(NEW) -> 'cancel_requested_at')
        IS DISTINCT FROM
        jsonb_build_array(to_jsonb(OLD) -> 'step', to_jsonb(OLD) -> 'total_steps',
-                         to_jsonb(OLD) -> 'preview_url')) THEN
+                         to_jsonb(OLD) -> 'preview_url', to_jsonb(OLD) -> 'cancel_requested_at')) THEN
     NEW.taskcast_version := OLD.taskcast_version + 1;
     NEW.updated_at := now();
     -- A change clears the stall mark (through jsonb: a table may lack the column).

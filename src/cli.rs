@@ -126,6 +126,9 @@ pub struct TokenArgs {
     /// The signing secret.
     #[arg(long, env = "TASKCAST_SUBSCRIBE_SECRET", hide_env_values = true)]
     pub subscribe_secret: String,
+    /// Also grant the right to cancel the tasks (the `"cancel": true` claim).
+    #[arg(long)]
+    pub cancel: bool,
 }
 
 /// Parses `90s`, `30m`, `1h`, `7d`, or plain seconds.
@@ -340,6 +343,10 @@ pub struct ServeArgs {
     /// generator stopped reporting"). Unset: stalled tasks are only marked.
     #[arg(long, env = "TASKCAST_STALL_FAIL_SECS")]
     pub stall_fail_secs: Option<u64>,
+    /// Seconds a generator has to stop after a subscriber's cancel request before the
+    /// server marks the task cancelled itself. Unset or 0: never (the generator decides).
+    #[arg(long, env = "TASKCAST_CANCEL_GRACE_SECS")]
+    pub cancel_grace_secs: Option<u64>,
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(long, env = "TASKCAST_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

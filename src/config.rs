@@ -104,6 +104,9 @@ pub struct Config {
     pub stall: crate::stall::StallOptions,
     /// How places in line are recounted.
     pub queue: crate::queue::QueueOptions,
+    /// After a cancel request, how long the generator has before the server marks the
+    /// task cancelled; `None` (the default): never.
+    pub cancel_grace: Option<Duration>,
 }
 
 impl Config {
@@ -127,6 +130,7 @@ impl Config {
             limits: Limits::default(),
             stall: crate::stall::StallOptions::default(),
             queue: crate::queue::QueueOptions::default(),
+            cancel_grace: None,
         }
     }
 
@@ -266,6 +270,10 @@ impl Config {
                 .filter(|t| !t.is_empty())
                 .map(Secret::new),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+            cancel_grace: args
+                .cancel_grace_secs
+                .filter(|&secs| secs > 0)
+                .map(Duration::from_secs),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 max_batch_body_bytes: args.max_batch_body_bytes,

@@ -51,6 +51,9 @@ pub enum Error {
     MethodNotAllowed,
     #[error("task {task} is already {status}; a finished task accepts no more pushes")]
     Conflict { task: String, status: &'static str },
+    /// A cancel request for a task that is already finished.
+    #[error("task {task} is already {status}; a finished task cannot be cancelled")]
+    CancelFinished { task: String, status: &'static str },
     /// A per-connection bound was reached (subscriptions, subscribe rate).
     #[error("{0}")]
     RateLimited(String),
@@ -126,6 +129,10 @@ struct Wire<'a> {
     kind: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     task_id: Option<&'a str>,
+    /// The client message a WebSocket error answers, when it is not about the
+    /// subscription (`"cancel"`): a refused cancel must not end the task's subscription.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     /// The code, as HTTP bodies and batch items name it.
@@ -183,7 +190,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::RouteNotFound => "route_not_found",
             Error::MethodNotAllowed => "method_not_allowed",
-            Error::Conflict { .. } => "task_finished",
+            Error::Conflict { .. } | Error::CancelFinished { .. } => "task_finished",
             Error::RateLimited(_) => "limit_exceeded",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::RequestTimeout { .. } => "request_timeout",
@@ -209,7 +216,7 @@ impl Error {
             Error::Forbidden(_) | Error::OriginRefused { .. } => StatusCode::FORBIDDEN,
             Error::NotFound(_) | Error::RouteNotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Error::Conflict { .. } => StatusCode::CONFLICT,
+            Error::Conflict { .. } | Error::CancelFinished { .. } => StatusCode::CONFLICT,
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -259,6 +266,9 @@ impl Error {
             Error::MethodNotAllowed => "see README.md for the methods each route accepts",
             Error::Conflict { .. } => {
                 "completed, failed and cancelled are final; create a new task to generate again"
+            }
+            Error::CancelFinished { .. } => {
+                "nothing to cancel: the task already ended; its state says how"
             }
             Error::RateLimited(_) => "stay within the limit named in the message",
             Error::PayloadTooLarge { .. } => {
@@ -344,6 +354,18 @@ impl Error {
         self.encode(|wire, code| {
             wire.kind = Some("error");
             wire.task_id = task_id;
+            wire.code = Some(code);
+        })
+    }
+
+    /// [`Error::to_ws_json`] for the answer to a client `request` (`"cancel"`), which
+    /// says so in `request`.
+    pub fn to_ws_reply_json(&self, task_id: &str, request: &'static str) -> String {
+        self.log();
+        self.encode(|wire, code| {
+            wire.kind = Some("error");
+            wire.task_id = Some(task_id);
+            wire.request = Some(request);
             wire.code = Some(code);
         })
     }

@@ -595,6 +595,7 @@ mod tests {
             preview_url: None,
             user_id: None,
             stalled_since: None,
+            cancel_requested_at: None,
         }
     }
 

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod auth;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -76,6 +77,8 @@ pub struct App {
     demo: bool,
     stall: stall::StallOptions,
     queue: queue::QueueOptions,
+    /// The cancel grace sweep's options, when TASKCAST_CANCEL_GRACE_SECS is set.
+    cancel_grace: Option<cancel::GraceOptions>,
 }
 
 impl App {
@@ -197,6 +200,9 @@ impl App {
             demo: config.demo,
             stall: config.stall,
             queue: config.queue,
+            cancel_grace: config
+                .cancel_grace
+                .map(|grace| cancel::GraceOptions { grace }),
         })
     }
 
@@ -224,6 +230,7 @@ impl App {
             demo,
             stall,
             queue,
+            cancel_grace,
             ..
         } = self;
         let listener_task = notify_listener.map(|l| l.spawn(stop.clone()));
@@ -231,6 +238,8 @@ impl App {
             state.subscribers.hub.clone(),
             state.subscribers.store.clone(),
         );
+        let sweep_task = cancel_grace
+            .map(|options| cancel::spawn(options, store.clone(), hub.clone(), stop.clone()));
         let derived_tasks = [
             queue::Queue {
                 hub: hub.clone(),
@@ -279,6 +288,10 @@ impl App {
         }
         for task in derived_tasks {
             let _ = task.await;
+        }
+        if let Some(task) = sweep_task {
+            // A sweep in flight is bounded by TASKCAST_DB_TIMEOUT_MS.
+            let _ = tokio::time::timeout(shutdown_timeout, task).await;
         }
         match tokio::time::timeout(shutdown_timeout, writer_task).await {
             Ok(Ok(())) => {}

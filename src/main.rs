@@ -94,7 +94,8 @@ async fn main() -> ExitCode {
             match tasks {
                 Ok(tasks) => {
                     let secret = Secret::new(args.subscribe_secret.trim());
-                    out(&format!("{}\n", subscribe::mint(&secret, &tasks, args.ttl)));
+                    let token = subscribe::mint_with(&secret, &tasks, args.ttl, args.cancel);
+                    out(&format!("{token}\n"));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

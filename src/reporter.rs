@@ -220,6 +220,9 @@ struct Queue {
     /// `dropped + failed` when the previous `flush` returned.
     lost_at_flush: u64,
     closed: bool,
+    /// Tasks whose push answer said `cancel_requested: true`; a task leaves when a final
+    /// update is reported for it, so the set stays as small as the cancels in flight.
+    cancel_requested: HashSet<TaskId>,
 }
 
 impl Queue {
@@ -340,6 +343,9 @@ impl Reporter {
         };
         let (dropped, total) = {
             let mut queue = shared.queue();
+            if pending.update.is_final() {
+                queue.cancel_requested.remove(&task);
+            }
             let dropped = queue.push(task, pending, shared.options.capacity);
             (dropped, queue.stats.dropped)
         };
@@ -377,6 +383,14 @@ impl Reporter {
 
     pub fn stats(&self) -> Stats {
         self.0.0.queue().stats
+    }
+
+    /// True once the answer to a push for `task` said `cancel_requested: true`: a subscriber
+    /// asked to stop it. Check it between steps, stop, and report
+    /// `Update::new().status(TaskStatus::Cancelled)`. It is learned from push answers only,
+    /// so a task reported every second learns it within about a second.
+    pub fn is_cancel_requested(&self, task: TaskId) -> bool {
+        self.0.0.queue().cancel_requested.contains(&task)
     }
 }
 
@@ -472,7 +486,7 @@ impl Shared {
                     tracing::debug!(%task, seq, error = %why, "progress update not delivered");
                 }
             };
-            let retry_after = match self.attempt(&url, &pending).await {
+            let retry_after = match self.attempt(task, &url, &pending).await {
                 Verdict::Delivered => {
                     self.queue().stats.sent += 1;
                     return;
@@ -488,7 +502,7 @@ impl Shared {
         }
     }
 
-    async fn attempt(&self, url: &str, pending: &Pending) -> Verdict {
+    async fn attempt(&self, task: TaskId, url: &str, pending: &Pending) -> Verdict {
         let body = serde_json::to_vec(pending).expect("an update serializes to JSON");
         let bearer = format!("Bearer {}", self.key.expose());
         let headers = [
@@ -513,6 +527,10 @@ impl Shared {
         };
         let status = reply.status;
         if status.is_success() {
+            // A final update's answer still says so; the task is over, so it is not kept.
+            if !pending.update.is_final() && cancel_requested(&reply.body) {
+                self.queue().cancel_requested.insert(task);
+            }
             return Verdict::Delivered;
         }
         let retry_after = (reply.headers.get(hyper::header::RETRY_AFTER))
@@ -537,6 +555,14 @@ impl Shared {
         let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
         step / 2 + (step / 2).mul_f64(fraction)
     }
+}
+
+/// Whether a push answer carries `"cancel_requested": true` (a cheap byte search first: most
+/// answers do not).
+fn cancel_requested(body: &[u8]) -> bool {
+    body.windows(18).any(|w| w == b"\"cancel_requested\"")
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .is_ok_and(|v| v["cancel_requested"] == serde_json::Value::Bool(true))
 }
 
 /// `message (hint)` from an error body of ours, or the start of any other body.

@@ -81,6 +81,13 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         ))
         .then(push_batch);
 
+    let cancel = warp::path!("api" / "tasks" / String / "cancel")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(query())
+        .then(cancel);
+
     let events = warp::path!("api" / "tasks" / String / "events")
         .and(warp::get())
         .and(with_state.clone())
@@ -139,6 +146,8 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         .or(batch)
         .unify()
         .or(create)
+        .unify()
+        .or(cancel)
         .unify()
         .or(get)
         .unify()
@@ -370,18 +379,42 @@ fn parse_batch(body: &[u8], max: usize) -> Result<Vec<serde_json::Value>, Error>
 async fn create(state: Arc<AppState>, body: bytes::Bytes) -> Response {
     respond(
         async {
-            let task = NewTask::from_json(&body)?;
+            let (task, cancel) = NewTask::from_json_with_rights(&body)?;
             let created = state.subscribers.store.create(task).await?;
             // Its user's feed subscribers here see it at once, and it is last in line
             // (publishing marks the queue changed); other nodes hear of it through the
             // insert trigger's NOTIFY.
             state.subscribers.hub.publish(&created);
-            let token = state
-                .subscribers
-                .auth
-                .mint(&[created.task_id], state.token_ttl);
+            let token =
+                state
+                    .subscribers
+                    .auth
+                    .mint_with(&[created.task_id], state.token_ttl, cancel);
             let body = created.to_created_json(token.as_deref());
             Ok(json_response(StatusCode::CREATED, body))
+        }
+        .await,
+    )
+}
+
+/// `POST /api/tasks/{id}/cancel`, with the subscriber's credential (a subscribe token with
+/// the cancel right, or the owner's Supabase session) as `Authorization: Bearer` or
+/// `?token=`. The body, if any, is not read. 200 with the state (`cancel_requested: true`);
+/// `applied: false` when it was asked before.
+async fn cancel(
+    raw_id: String,
+    state: Arc<AppState>,
+    authorization: Option<String>,
+    query: Query,
+) -> Response {
+    respond(
+        async {
+            let task = state.subscribers.store.parse_id(&raw_id).await?;
+            let bearer = authorization.as_deref().and_then(crate::auth::bearer);
+            let token = bearer.or(query.token.as_deref());
+            let outcome = state.subscribers.cancel(token, task).await?;
+            let body = outcome.state().to_json(false, Some(outcome.applied()));
+            Ok(json_response(StatusCode::OK, body))
         }
         .await,
     )

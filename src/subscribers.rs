@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::auth::subscribe::{Access, SubscribeAuth, now_unix};
-use crate::domain::{TaskId, TaskStatus};
+use crate::domain::{Outcome, TaskId, TaskStatus};
 use crate::error::Error;
 use crate::hub::{FeedSubscription, Frame, Hub, Subscription, feed_name};
 use crate::shutdown::{DoneGuard, Shutdown};
@@ -264,5 +264,31 @@ impl Subscribers {
             )));
         }
         Ok(access)
+    }
+
+    /// A cancel request, whatever its transport (HTTP, WebSocket): who may cancel (see
+    /// [`SubscribeAuth::authorize_cancel`]; a session must own the task), then the store's
+    /// one conditional write, then the new state to this node's subscribers (other nodes
+    /// get it through NOTIFY). Anyone not allowed gets the same 403 whether or not the
+    /// task exists.
+    pub async fn cancel(&self, token: Option<&str>, task: TaskId) -> Result<Outcome, Error> {
+        let access = self.auth.authorize_cancel(token, task).await?;
+        if let Access::Owner { user_id, .. } = access
+            && !self
+                .store
+                .owner(task)
+                .await?
+                .flatten()
+                .is_some_and(|owner| owner.eq_ignore_ascii_case(&user_id.to_string()))
+        {
+            return Err(Error::Forbidden(format!(
+                "this Supabase user may not cancel task {task}"
+            )));
+        }
+        let outcome = self.store.request_cancel(task).await?;
+        if outcome.applied() {
+            self.hub.publish(outcome.state());
+        }
+        Ok(outcome)
     }
 }

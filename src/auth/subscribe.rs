@@ -49,6 +49,10 @@ struct TaskClaims {
     task_id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     task_ids: Vec<String>,
+    /// The right to cancel the tasks the token names (`POST /api/tasks` with
+    /// `"cancel": true`, `taskcast token --cancel`). Absent: watch only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cancel: bool,
     exp: u64,
 }
 
@@ -255,12 +259,57 @@ impl SubscribeAuth {
         }
     }
 
+    /// [`Self::mint`], with the right to cancel the tasks when `cancel` is set.
+    pub fn mint_with(&self, tasks: &[TaskId], ttl: Duration, cancel: bool) -> Option<String> {
+        self.tokens
+            .as_ref()
+            .map(|secret| mint_with(secret, tasks, ttl, cancel))
+    }
+
     /// Decides whether `token` lets its holder watch `task`. Ownership of an
     /// [`Access::Owner`] grant is for the caller to check against the store.
     pub async fn authorize(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
         if self.public {
             return Ok(Access::Public);
         }
+        self.authorize_token(token, task).await
+    }
+
+    /// Decides whether `token` lets its holder cancel `task`: a subscribe token that names
+    /// the task and carries `"cancel": true`, or a Supabase session (an [`Access::Owner`],
+    /// whose ownership the caller checks). `--public-subscribe` grants watching only: a
+    /// development server open to anyone must not let anyone stop generations.
+    pub async fn authorize_cancel(
+        &self,
+        token: Option<&str>,
+        task: TaskId,
+    ) -> Result<Access, Error> {
+        let present = token.map(str::trim).filter(|t| !t.is_empty());
+        if self.public && present.is_none() {
+            return Err(Error::Forbidden(format!(
+                "--public-subscribe lets anyone watch, not cancel; cancelling task {task} \
+                 needs a subscribe token with the cancel right or the owner's session"
+            )));
+        }
+        let access = self.authorize_token(present, task).await?;
+        if let Access::Granted { .. } = access {
+            let cancel = self.tokens.as_ref().is_some_and(|secret| {
+                present.is_some_and(|token| {
+                    verify::<TaskClaims>(token, secret, &validation()).is_ok_and(|c| c.cancel)
+                })
+            });
+            if !cancel {
+                return Err(Error::Forbidden(format!(
+                    "this subscribe token may watch task {task} but not cancel it \
+                     (it has no \"cancel\": true claim)"
+                )));
+            }
+        }
+        Ok(access)
+    }
+
+    /// [`Self::authorize`] without public mode: what the token itself grants.
+    async fn authorize_token(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
         let token = token
             .map(str::trim)
             .filter(|t| !t.is_empty())
@@ -327,10 +376,16 @@ fn names(claim: &str, task: TaskId) -> bool {
 
 /// Signs a subscribe token; used by `POST /api/tasks`, `taskcast token` and tests.
 pub fn mint(secret: &Secret, tasks: &[TaskId], ttl: Duration) -> String {
+    mint_with(secret, tasks, ttl, false)
+}
+
+/// [`mint`], with the `cancel` claim when `cancel` is set.
+pub fn mint_with(secret: &Secret, tasks: &[TaskId], ttl: Duration, cancel: bool) -> String {
     let mut ids: Vec<String> = tasks.iter().map(TaskId::to_string).collect();
     let claims = TaskClaims {
         task_id: (ids.len() == 1).then(|| ids.remove(0)),
         task_ids: ids,
+        cancel,
         exp: now_unix() + ttl.as_secs(),
     };
     let key = EncodingKey::from_secret(secret.expose().as_bytes());

@@ -18,7 +18,7 @@ mod update;
 
 pub use id::{IdKind, MAX_ID_BYTES, TaskId};
 pub use place::{QueuePlace, STALL_ERROR};
-pub use state::{Decision, Eta, Outcome, TaskRow, TaskState};
+pub use state::{CancelDecision, Decision, Eta, Outcome, TaskRow, TaskState};
 pub use status_map::{StatusMap, StatusWords};
 pub use stored::{StoredRow, Unreadable};
 pub use update::{NewTask, ProgressUpdate};

@@ -37,6 +37,9 @@ pub struct TaskState {
     /// When the stall sweep found the task without a change (see [`crate::stall`]);
     /// cleared by the next change. Shown only while the task is `processing`.
     pub stalled_since: Option<DateTime<Utc>>,
+    /// When a subscriber asked to cancel the task (`image_tasks.cancel_requested_at`);
+    /// the generator reads it in the answer to its next push.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
 /// An estimate of the time left: `ms` milliseconds from `at`, the time of the change it
@@ -72,6 +75,10 @@ struct Wire<'a> {
     total_steps: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     preview_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cancel_requested: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancel_requested_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     eta_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,6 +157,8 @@ impl TaskState {
             step: self.step,
             total_steps: self.total_steps,
             preview_url: self.preview_url.as_deref(),
+            cancel_requested: self.cancel_requested_at.is_some(),
+            cancel_requested_at: self.cancel_requested_at,
             eta_ms: eta.map(|eta| eta.ms),
             eta_at: eta.map(|eta| eta.at),
             feed,
@@ -243,6 +252,52 @@ impl TaskRow {
     }
 }
 
+/// What a cancel request did, decided the same way by every store.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CancelDecision {
+    /// Set `cancel_requested_at`: the task gets a new version.
+    Request,
+    /// Already requested: nothing changes, the answer is the same.
+    AlreadyRequested,
+}
+
+impl TaskRow {
+    /// A finished task cannot be cancelled (409); a second request changes nothing. The
+    /// Postgres store expresses the same rules in its one conditional UPDATE.
+    pub fn decide_cancel(&self) -> Result<CancelDecision, Error> {
+        if self.state.status.is_terminal() {
+            return Err(Error::CancelFinished {
+                task: self.state.task_id.to_string(),
+                status: self.state.status.as_str(),
+            });
+        }
+        if self.state.cancel_requested_at.is_some() {
+            return Ok(CancelDecision::AlreadyRequested);
+        }
+        if self.state.version == i64::MAX {
+            return Err(Error::VersionExhausted(self.state.task_id.to_string()));
+        }
+        Ok(CancelDecision::Request)
+    }
+
+    /// Records a cancel request at `now` (used by the in-memory store).
+    pub fn request_cancel(&mut self, now: DateTime<Utc>) {
+        self.state.cancel_requested_at = Some(now);
+        self.state.version += 1;
+        self.state.updated_at = Some(now);
+    }
+
+    /// Marks a task whose cancel went unanswered for the grace period as cancelled (used
+    /// by the in-memory store; Postgres does it in one conditional UPDATE).
+    pub fn cancel_overdue(&mut self, now: DateTime<Utc>) {
+        self.state.status = TaskStatus::Cancelled;
+        self.state.status_raw = None;
+        self.state.preview_url = None;
+        self.state.version += 1;
+        self.state.updated_at = Some(now);
+    }
+}
+
 /// The result of one push.
 #[derive(Clone, PartialEq, Debug)]
 pub enum Outcome {
@@ -291,6 +346,7 @@ mod tests {
                 preview_url: None,
                 user_id: None,
                 stalled_since: None,
+                cancel_requested_at: None,
             },
             last_seq,
             owner: None,

@@ -107,6 +107,7 @@ pub struct StatusWords {
     open: Vec<String>,
     /// Every known word, lowercase, with what it reads as (for [`StatusWords::meaning`]).
     known: Vec<(String, TaskStatus)>,
+    finished: Vec<String>,
 }
 
 impl StatusWords {
@@ -123,6 +124,7 @@ impl StatusWords {
             write,
             open: open_words(map, map.known_words()),
             known: known_words(map, map.known_words()),
+            finished: finished_words(map, map.known_words()),
         }
     }
 
@@ -147,6 +149,7 @@ impl StatusWords {
             write,
             open: open_words(map, words()),
             known: known_words(map, words()),
+            finished: finished_words(map, words()),
         }
     }
 
@@ -185,6 +188,25 @@ fn known_words<'a>(
     known.sort_by(|a, b| a.0.cmp(&b.0));
     known.dedup_by(|a, b| a.0 == b.0);
     known
+}
+
+impl StatusWords {
+    /// Lowercase words known to read as a finished status, for the cancel statements
+    /// (`NOT lower(status::text) = ANY(...)`): a deny-list, because a word that maps to
+    /// nothing reads as `processing`, which a subscriber may cancel.
+    pub fn finished(&self) -> &[String] {
+        &self.finished
+    }
+}
+
+fn finished_words<'a>(map: &StatusMap, words: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut finished: Vec<String> = words
+        .filter(|w| map.read(w).is_some_and(TaskStatus::is_terminal))
+        .map(str::to_ascii_lowercase)
+        .collect();
+    finished.sort();
+    finished.dedup();
+    finished
 }
 
 fn index(status: TaskStatus) -> usize {
@@ -240,6 +262,9 @@ mod tests {
         assert!(words.open().contains(&"running".to_string()));
         assert!(!words.open().contains(&"done".to_string()));
         assert!(!words.open().contains(&"canceled".to_string()));
+        assert!(words.finished().contains(&"done".to_string()));
+        assert!(words.finished().contains(&"canceled".to_string()));
+        assert!(!words.finished().contains(&"queued".to_string()));
     }
 
     #[test]

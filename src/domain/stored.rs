@@ -45,6 +45,9 @@ pub struct StoredRow {
     pub preview_url: Option<String>,
     /// `date_part('epoch', stalled_since)`; `NULL` when the table has no such column.
     pub stalled_epoch: Option<f64>,
+    /// `date_part('epoch', cancel_requested_at)`; `NULL` too when the table has no such
+    /// column.
+    pub cancel_requested_epoch: Option<f64>,
 }
 
 /// A row taskcast cannot place: which task (when its id is readable) and which column.
@@ -108,6 +111,7 @@ impl StoredRow {
                     .as_deref()
                     .and_then(|o| uuid::Uuid::parse_str(o).ok()),
                 stalled_since: self.stalled_epoch.and_then(timestamp),
+                cancel_requested_at: self.cancel_requested_epoch.and_then(cancel_time),
             },
             last_seq: self.seq,
             owner: self.owner,
@@ -137,6 +141,12 @@ fn whole_url(
         truncated.push(field);
         None
     }
+}
+
+/// A cancel request at a time that cannot be shown (`infinity`, set in SQL) is still a
+/// request: it reads as the Unix epoch.
+fn cancel_time(epoch: f64) -> Option<DateTime<Utc>> {
+    timestamp(epoch).or(Some(DateTime::UNIX_EPOCH))
 }
 
 fn timestamp(epoch: f64) -> Option<DateTime<Utc>> {

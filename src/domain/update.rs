@@ -293,6 +293,30 @@ pub struct NewTask {
 }
 
 impl NewTask {
+    /// The body of `POST /api/tasks` with the rights its token should carry: `"cancel":
+    /// true` asks for a token that may also cancel the task.
+    pub fn from_json_with_rights(body: &[u8]) -> Result<(Self, bool), Error> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok((NewTask::default(), false));
+        }
+        let Value::Object(mut fields) = json_body(body)? else {
+            return Self::from_json(body).map(|task| (task, false));
+        };
+        let cancel = match fields.remove("cancel") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(cancel)) => cancel,
+            Some(other) => {
+                return Err(Error::invalid(
+                    "cancel",
+                    format!("cancel must be true or false, got {}", shown(&other)),
+                ));
+            }
+        };
+        let rest =
+            serde_json::to_vec(&Value::Object(fields)).expect("a JSON object always serializes");
+        Ok((Self::from_json(&rest)?, cancel))
+    }
+
     /// An empty body creates a task with neither field.
     pub fn from_json(body: &[u8]) -> Result<Self, Error> {
         if body.iter().all(u8::is_ascii_whitespace) {
@@ -348,7 +372,9 @@ impl NewTask {
                     let shown: String = other.chars().take(40).collect();
                     return Err(Error::invalid(
                         "body",
-                        format!("unknown field {shown:?}; accepted fields are prompt, user_id"),
+                        format!(
+                            "unknown field {shown:?}; accepted fields are prompt, user_id, cancel"
+                        ),
                     ));
                 }
             }

@@ -9,8 +9,8 @@ use chrono::Utc;
 
 use super::BatchResult;
 use crate::domain::{
-    Decision, NewTask, Outcome, ProgressUpdate, QueuePlace, STALL_ERROR, TaskId, TaskRow,
-    TaskState, TaskStatus,
+    CancelDecision, Decision, NewTask, Outcome, ProgressUpdate, QueuePlace, STALL_ERROR, TaskId,
+    TaskRow, TaskState, TaskStatus,
 };
 use crate::error::Error;
 
@@ -60,6 +60,39 @@ impl MemoryStore {
             .collect()
     }
 
+    /// Asks to cancel `id`: the same rules as Postgres's conditional UPDATE
+    /// ([`TaskRow::decide_cancel`]).
+    pub fn request_cancel(&self, id: TaskId) -> Result<Outcome, Error> {
+        let mut tasks = self.lock();
+        let row = tasks.get_mut(&id).ok_or(Error::NotFound(id.to_string()))?;
+        match row.decide_cancel()? {
+            CancelDecision::AlreadyRequested => Ok(Outcome::Stale(row.state.clone())),
+            CancelDecision::Request => {
+                row.request_cancel(Utc::now());
+                Ok(Outcome::Applied(row.state.clone()))
+            }
+        }
+    }
+
+    /// Marks cancelled the unfinished tasks asked to cancel more than `grace` ago.
+    pub fn cancel_overdue(&self, grace: std::time::Duration) -> Vec<TaskState> {
+        let now = Utc::now();
+        let cutoff = now - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let mut tasks = self.lock();
+        tasks
+            .values_mut()
+            .filter(|row| {
+                !row.state.status.is_terminal()
+                    && row.state.version < i64::MAX
+                    && row.state.cancel_requested_at.is_some_and(|at| at < cutoff)
+            })
+            .map(|row| {
+                row.cancel_overdue(now);
+                row.state.clone()
+            })
+            .collect()
+    }
+
     pub fn get(&self, id: TaskId) -> Option<TaskState> {
         self.lock().get(&id).map(|row| row.state.clone())
     }
@@ -105,6 +138,7 @@ impl MemoryStore {
             preview_url: None,
             user_id: task.user_id,
             stalled_since: None,
+            cancel_requested_at: None,
         };
         let nth = self.created.fetch_add(1, Ordering::Relaxed);
         {

@@ -61,6 +61,26 @@ impl Store {
         }
     }
 
+    /// Asks to cancel a task: `Applied` when this request set `cancel_requested_at`,
+    /// `Stale` when it was set before; 409 when the task is finished, 404 when missing.
+    pub async fn request_cancel(&self, task: TaskId) -> Result<Outcome, Error> {
+        match self {
+            Store::Postgres(pg) => pg.request_cancel(task).await,
+            Store::Memory(mem) => mem.request_cancel(task),
+        }
+    }
+
+    /// Marks cancelled the tasks whose cancel request went unanswered for `grace`.
+    pub async fn cancel_overdue(
+        &self,
+        grace: std::time::Duration,
+    ) -> Result<Vec<TaskState>, Error> {
+        match self {
+            Store::Postgres(pg) => pg.cancel_overdue(grace).await,
+            Store::Memory(mem) => Ok(mem.cancel_overdue(grace)),
+        }
+    }
+
     /// What a valid task id looks like: the in-memory store's ids are UUIDs; Postgres
     /// follows the type of `image_tasks.id`.
     pub async fn id_kind(&self) -> Result<IdKind, Error> {

@@ -32,7 +32,8 @@ use super::report::Finding;
 use super::schema::missing_columns;
 use super::shape::{self, Shape};
 use crate::domain::{
-    IdKind, NewTask, StatusMap, StoredRow, TaskId, TaskRow, TaskState, Unreadable,
+    CancelDecision, IdKind, NewTask, Outcome, StatusMap, StoredRow, TaskId, TaskRow, TaskState,
+    Unreadable,
 };
 use crate::error::Error;
 use crate::secret::Secret;
@@ -224,6 +225,79 @@ impl PgStore {
         .await
     }
 
+    /// Asks to cancel `task` with one conditional UPDATE: the database sets
+    /// `cancel_requested_at` only on an unfinished task not asked before, so two nodes
+    /// asking at once bump the version once. Applied: set now; stale: asked before.
+    pub async fn request_cancel(&self, task: TaskId) -> Result<Outcome, Error> {
+        let outcome = self
+            .run(async |client: &mut Object| {
+                let mut shape = self.shape(client).await?;
+                if shape.check_cancel().is_err() {
+                    // Maybe added since (`taskcast migrate`): read the table again first.
+                    shape = self.reload_shape(client).await?;
+                    shape.check_cancel()?;
+                }
+                let sql = shape.sql.cancel.as_deref().expect("checked above");
+                let stmt = client.prepare_cached(sql).await?;
+                let finished = shape.words.finished();
+                let Some(row) = client
+                    .query_opt(&stmt, &[&task.as_str(), &finished])
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                // The statement's last column, after the read columns.
+                let applied: bool = row.try_get(row.len() - 1)?;
+                Ok(Some((decode(&row, &shape.statuses)?, applied)))
+            })
+            .await?;
+        let Some((row, applied)) = outcome else {
+            return Err(Error::NotFound(task.to_string()));
+        };
+        if applied {
+            return Ok(Outcome::Applied(row.state));
+        }
+        match row.decide_cancel()? {
+            CancelDecision::AlreadyRequested => Ok(Outcome::Stale(row.state)),
+            // Another node's request committed after this statement's snapshot: read it.
+            CancelDecision::Request => match self.get(task).await? {
+                Some(state) if state.cancel_requested_at.is_some() => Ok(Outcome::Stale(state)),
+                // The database calls the status finished where Rust does not (a word
+                // lowercased differently by its locale): refuse as finished.
+                _ => Err(Error::CancelFinished {
+                    task: task.to_string(),
+                    status: row.state.status.as_str(),
+                }),
+            },
+        }
+    }
+
+    /// Marks cancelled the unfinished tasks whose cancel request is older than `grace`
+    /// (at most 500 per call; rows another node is sweeping are skipped), returning their
+    /// new states. Nothing when the table lacks the column or the status column has no
+    /// word for cancelled.
+    pub async fn cancel_overdue(&self, grace: Duration) -> Result<Vec<TaskState>, Error> {
+        self.run(async |client: &mut Object| {
+            let shape = self.shape(client).await?;
+            let (Some(sql), Some(word)) = (
+                shape.sql.cancel_overdue.as_deref(),
+                shape.words.word(crate::domain::TaskStatus::Cancelled),
+            ) else {
+                return Ok(Vec::new());
+            };
+            let stmt = client.prepare_cached(sql).await?;
+            let finished = shape.words.finished();
+            let rows = client
+                .query(&stmt, &[&grace.as_secs_f64(), &finished, &word])
+                .await?;
+            Ok(rows
+                .iter()
+                .filter_map(|row| decode(row, &shape.statuses).ok().map(|t| t.state))
+                .collect())
+        })
+        .await
+    }
+
     /// `None` if the task does not exist, else its owner (`user_id` as text).
     pub async fn owner(&self, task: TaskId) -> Result<Option<Option<String>>, Error> {
         self.run(async |client: &mut Object| {
@@ -399,6 +473,7 @@ fn stored_row(row: &Row) -> StoredRow {
         total_steps: row.try_get(11).ok().flatten(),
         preview_url: row.try_get(12).ok().flatten(),
         stalled_epoch: row.try_get(13).ok().flatten(),
+        cancel_requested_epoch: row.try_get(14).ok().flatten(),
     }
 }
 

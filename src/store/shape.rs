@@ -30,9 +30,19 @@ pub const REQUIRED_COLUMNS: &[&str] = &[
     "taskcast_seq",
 ];
 
-/// Columns taskcast reads when the table has them; a push that sets one needs it.
-/// `stalled_since` is never set by a push: the stall sweep sets it, a push clears it.
-pub const OPTIONAL_COLUMNS: &[&str] = &["step", "total_steps", "preview_url", "stalled_since"];
+/// Columns taskcast reads when the table has them; a push that sets one needs it, and a
+/// cancel request needs [`CANCEL_COLUMN`]. `stalled_since` is never set by a push: the
+/// stall sweep sets it, a push clears it.
+pub const OPTIONAL_COLUMNS: &[&str] = &[
+    "step",
+    "total_steps",
+    "preview_url",
+    "stalled_since",
+    CANCEL_COLUMN,
+];
+
+/// When a subscriber asked to cancel the task; set only by a cancel request.
+pub const CANCEL_COLUMN: &str = "cancel_requested_at";
 
 /// Every column of the table with its type: name, `regtype` text (safe to paste into a
 /// cast: Postgres quotes it as needed), `typtype`, `typcategory`, enum labels in order.
@@ -95,6 +105,14 @@ pub struct Statements {
     pub apply: String,
     /// [`Statements::apply`] narrowed by the push rules; `$11` is [`StatusWords::open`].
     pub apply_open: String,
+    /// The cancel request (`None` without [`CANCEL_COLUMN`]): one conditional UPDATE that
+    /// sets it on an unfinished task not yet asked, then the row (read columns plus
+    /// whether this statement set it). `$2` is [`StatusWords::finished`].
+    pub cancel: Option<String>,
+    /// The grace-period sweep (`None` without [`CANCEL_COLUMN`]): marks cancelled the
+    /// unfinished tasks asked to cancel more than `$1` seconds ago (and less than a day
+    /// before that); `$2` is [`StatusWords::finished`], `$3` the word for cancelled.
+    pub cancel_overdue: Option<String>,
 }
 
 /// Reads the table's columns; empty when the table does not exist.
@@ -176,6 +194,17 @@ impl Shape {
         })
     }
 
+    /// Refuses a cancel request when the table has no [`CANCEL_COLUMN`].
+    pub fn check_cancel(&self) -> Result<(), Error> {
+        if self.absent.contains(&CANCEL_COLUMN) {
+            Err(Error::SchemaMissing {
+                missing: vec![format!("column {CANCEL_COLUMN} (needed to cancel a task)")],
+            })
+        } else {
+            Ok(())
+        }
+    }
+
     /// Refuses a push that sets a column the table lacks, naming it.
     pub fn check_columns(&self, update: &ProgressUpdate) -> Result<(), Error> {
         let missing: Vec<String> = update
@@ -229,11 +258,13 @@ fn id_kind(column: &Column) -> Result<IdKind, Error> {
 /// An optional column the table lacks (in `absent`) reads as `NULL`.
 fn read_columns(t: &str, absent: &[&str]) -> String {
     let optional = |name: &str| {
-        if absent.contains(&name) && name == "stalled_since" {
+        // The two timestamps are read as epoch seconds, like updated_at.
+        let epoch = name == "stalled_since" || name == CANCEL_COLUMN;
+        if absent.contains(&name) && epoch {
             "NULL::float8".to_string()
         } else if absent.contains(&name) {
             "NULL::text".to_string()
-        } else if name == "stalled_since" {
+        } else if epoch {
             format!("date_part('epoch', {t}{name})")
         } else if name == "preview_url" {
             format!("left({t}{name}::text, {})", MAX_IMAGE_URL_CHARS + 1)
@@ -246,7 +277,7 @@ fn read_columns(t: &str, absent: &[&str]) -> String {
          {t}taskcast_version::int8, date_part('epoch', {t}updated_at), \
          left({t}image_url::text, {url}), left({t}error::text, {error}), \
          {t}taskcast_seq::int8, {t}user_id::text, {step}, {total_steps}, {preview_url}, \
-         {stalled_since}",
+         {stalled_since}, {cancel}",
         stage = MAX_STAGE_CHARS + 1,
         url = MAX_IMAGE_URL_CHARS + 1,
         error = MAX_ERROR_CHARS + 1,
@@ -254,6 +285,7 @@ fn read_columns(t: &str, absent: &[&str]) -> String {
         total_steps = optional("total_steps"),
         preview_url = optional("preview_url"),
         stalled_since = optional("stalled_since"),
+        cancel = optional(CANCEL_COLUMN),
     )
 }
 
@@ -263,6 +295,7 @@ fn read_columns(t: &str, absent: &[&str]) -> String {
 fn set_optional(present: &[Column]) -> String {
     present
         .iter()
+        .filter(|column| column.name != CANCEL_COLUMN)
         .map(|column| {
             let (name, type_name) = (&column.name, &column.type_name);
             if name == "stalled_since" {
@@ -325,7 +358,42 @@ impl Statements {
                 read_columns("t.", absent)
             )
         };
+        // Finished is a deny-list of words (see StatusWords::finished), compared as Rust
+        // reads them: trimmed, ASCII case ignored.
+        let open = "(t.status IS NULL OR NOT lower(btrim(t.status::text, E' \\t\\n\\r\\f\\013')) \
+                    = ANY($2::text[])) AND t.taskcast_version < 9223372036854775807";
+        let has_cancel = !absent.contains(&CANCEL_COLUMN);
+        let cancel = has_cancel.then(|| {
+            format!(
+                "WITH requested AS (\
+                   UPDATE public.image_tasks AS t SET cancel_requested_at = now(), \
+                     taskcast_version = t.taskcast_version + 1, updated_at = now() \
+                   WHERE t.{one} AND t.cancel_requested_at IS NULL AND {open} \
+                   RETURNING {}, true) \
+                 SELECT * FROM requested UNION ALL \
+                 SELECT {columns}, false {from} WHERE {one} \
+                   AND NOT EXISTS (SELECT 1 FROM requested)",
+                read_columns("t.", absent)
+            )
+        });
+        let cancel_overdue = has_cancel.then(|| {
+            format!(
+                "UPDATE public.image_tasks AS u SET status = $3::text::{status_type}, \
+                   taskcast_version = u.taskcast_version + 1, updated_at = now() \
+                 FROM (SELECT t.id FROM public.image_tasks AS t \
+                       WHERE t.cancel_requested_at < now() - make_interval(secs => $1) \
+                         AND t.cancel_requested_at > now() - make_interval(secs => $1) \
+                                                       - interval '1 day' \
+                         AND {open} \
+                       ORDER BY t.id LIMIT 500 FOR UPDATE SKIP LOCKED) AS due \
+                 WHERE u.id = due.id \
+                 RETURNING {}",
+                read_columns("u.", absent)
+            )
+        });
         Statements {
+            cancel,
+            cancel_overdue,
             get: format!("SELECT {columns} {from} WHERE {one}"),
             get_many: format!("SELECT {columns} {from} WHERE {many}"),
             owner: format!("SELECT user_id::text {from} WHERE {one}"),

@@ -221,6 +221,17 @@ impl Connection {
                 }
                 self.subscribe(target, token).await
             }
+            Ok(ClientMessage::Cancel { task, token }) => {
+                // Rate-limited with subscribes: each may write to the database.
+                if self.over_rate() {
+                    return self.send_error(&self.rate_error(), None).await;
+                }
+                let task = match self.ctx.store.parse_id(&task).await {
+                    Ok(task) => task,
+                    Err(e) => return self.send_error(&e, None).await,
+                };
+                Box::pin(self.cancel(task, token)).await
+            }
             Ok(ClientMessage::Unsubscribe { task }) => {
                 match self.ctx.parse_target(&task).await {
                     Ok(target) => self.remove(target),
@@ -279,6 +290,31 @@ impl Connection {
             self.send(Message::text(message)).await?;
         }
         Ok(())
+    }
+
+    /// [`Subscribers::cancel`], answered on the socket: `{"type":"cancel_requested",
+    /// "task_id", "version", "cancel_requested_at", "applied"}`, or an error message with
+    /// the code HTTP would give and `"request": "cancel"` (so a client does not take it
+    /// for the end of its subscription). Subscribers of the task get the new state as usual.
+    async fn cancel(&mut self, task: TaskId, token: Option<String>) -> Result<(), End> {
+        let token = token.or_else(|| self.default_token.as_deref().map(str::to_owned));
+        match self.ctx.cancel(token.as_deref(), task).await {
+            Ok(outcome) => {
+                let state = outcome.state();
+                let answer = serde_json::json!({
+                    "type": "cancel_requested",
+                    "task_id": task.as_str(),
+                    "version": state.version,
+                    "cancel_requested_at": state.cancel_requested_at,
+                    "applied": outcome.applied(),
+                });
+                self.send(Message::text(answer.to_string())).await
+            }
+            Err(e) => {
+                let error = e.to_ws_reply_json(task.as_str(), "cancel");
+                self.send(Message::text(error)).await
+            }
+        }
     }
 
     fn remove(&mut self, task: Target) {

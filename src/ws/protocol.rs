@@ -15,10 +15,15 @@ pub enum ClientMessage {
     Unsubscribe {
         task: String,
     },
+    /// Ask to cancel a task; `token` overrides the connection's `?token=`.
+    Cancel {
+        task: String,
+        token: Option<String>,
+    },
 }
 
 const EXPECTED: &str =
-    r#"expected {"type":"subscribe"|"unsubscribe","task_id":"<id>","token"?:"<token>"}"#;
+    r#"expected {"type":"subscribe"|"unsubscribe"|"cancel","task_id":"<id>","token"?:"<token>"}"#;
 
 /// Parses one text message; every error says what was expected.
 pub fn parse(text: &str) -> Result<ClientMessage, Error> {
@@ -40,23 +45,23 @@ pub fn parse(text: &str) -> Result<ClientMessage, Error> {
                 )
             })
     };
+    let token = || match value.get("token") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) => Ok(Some(t.clone())),
+        Some(_) => Err(Error::invalid(
+            "token",
+            format!("token must be a string; {EXPECTED}"),
+        )),
+    };
     match value.get("type").and_then(Value::as_str) {
-        Some("subscribe") => {
-            let token = match value.get("token") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(t)) => Some(t.clone()),
-                Some(_) => {
-                    return Err(Error::invalid(
-                        "token",
-                        format!("token must be a string; {EXPECTED}"),
-                    ));
-                }
-            };
-            Ok(ClientMessage::Subscribe {
-                task: task()?,
-                token,
-            })
-        }
+        Some("subscribe") => Ok(ClientMessage::Subscribe {
+            token: token()?,
+            task: task()?,
+        }),
+        Some("cancel") => Ok(ClientMessage::Cancel {
+            token: token()?,
+            task: task()?,
+        }),
         Some("unsubscribe") => Ok(ClientMessage::Unsubscribe { task: task()? }),
         _ => Err(Error::invalid(
             "type",
@@ -82,6 +87,8 @@ mod tests {
         );
         let m = parse(&format!(r#"{{"type":"unsubscribe","task_id":"{id}"}}"#)).unwrap();
         assert!(matches!(m, ClientMessage::Unsubscribe { task } if task == id));
+        let m = parse(&format!(r#"{{"type":"cancel","task_id":"{id}"}}"#)).unwrap();
+        assert!(matches!(m, ClientMessage::Cancel { task, token: None } if task == id));
     }
 
     #[test]
@@ -93,6 +100,7 @@ mod tests {
             r#"{"type":"subscribe"}"#,
             r#"{"type":"subscribe","task_id":"1","token":5}"#,
             r#"{"type":"subscribe","task_id":7}"#,
+            r#"{"type":"cancel","task_id":"1","token":[]}"#,
         ] {
             let e = parse(bad).err().expect("refused");
             assert!(e.to_string().contains("expected"), "{e}");

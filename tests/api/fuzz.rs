@@ -432,6 +432,8 @@ fn ws_text(task_ids: Vec<String>, tokens: Vec<String>) -> BoxedStrategy<String> 
         1 => json_leaf(64),
     ];
     let kind = prop_oneof![
+        // No "cancel": the connection property below models subscriptions only; the parser
+        // property reads cancel like subscribe (see `readme_message`).
         6 => select(vec!["subscribe", "subscribe", "subscribe", "unsubscribe"]).prop_map(Value::from),
         1 => select(WORDS.to_vec()).prop_map(Value::from),
         1 => json_leaf(64),
@@ -578,6 +580,7 @@ fn readme_create(body: &[u8]) -> Result<(Option<String>, Option<Uuid>), Vec<&'st
 enum Request {
     Subscribe { task: Uuid, token: Option<String> },
     Unsubscribe { task: Uuid },
+    Cancel { task: Uuid, token: Option<String> },
 }
 
 fn readme_message(text: &str) -> Result<Request, Vec<&'static str>> {
@@ -589,14 +592,18 @@ fn readme_message(text: &str) -> Result<Request, Vec<&'static str>> {
         .and_then(Value::as_str)
         .and_then(hyphenated_uuid)
         .ok_or("task_id");
-    match value.get("type").and_then(Value::as_str) {
-        Some("subscribe") => {
+    let kind = value.get("type").and_then(Value::as_str);
+    match kind {
+        Some("subscribe" | "cancel") => {
             let token = match value.get("token") {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(t)) => Ok(Some(t.clone())),
                 Some(_) => Err("token"),
             };
             match (task, token) {
+                (Ok(task), Ok(token)) if kind == Some("cancel") => {
+                    Ok(Request::Cancel { task, token })
+                }
                 (Ok(task), Ok(token)) => Ok(Request::Subscribe { task, token }),
                 (task, token) => Err([task.err(), token.err()].into_iter().flatten().collect()),
             }
@@ -793,6 +800,7 @@ proptest! {
         let got = protocol::parse(&text).and_then(|message| match message {
             ClientMessage::Subscribe { task, token } => Ok(Request::Subscribe { task: uuid(&task)?, token }),
             ClientMessage::Unsubscribe { task } => Ok(Request::Unsubscribe { task: uuid(&task)? }),
+            ClientMessage::Cancel { task, token } => Ok(Request::Cancel { task: uuid(&task)?, token }),
         });
         match (got, readme_message(&text)) {
             (Ok(got), Ok(expected)) => prop_assert_eq!(got, expected, "for {:?}", text),
@@ -1233,6 +1241,7 @@ async fn random_websocket_messages_each_get_one_answer_and_never_close_the_socke
         let message = protocol::parse(text).and_then(|message| match message {
             ClientMessage::Subscribe { task, token } => Ok((TaskId::parse(&task)?, Some(token))),
             ClientMessage::Unsubscribe { task } => Ok((TaskId::parse(&task)?, None)),
+            ClientMessage::Cancel { .. } => unreachable!("ws_text sends no cancel messages"),
         });
         match message {
             Err(_) => Answer::Malformed,

@@ -5,6 +5,7 @@ mod helpers;
 
 mod auth;
 mod batch;
+mod cancel;
 mod cluster;
 mod concurrency;
 mod delivery;

@@ -63,6 +63,10 @@ export interface TaskState {
   stalled?: true;
   /** RFC 3339 time the task was found stalled. */
   stalled_since?: string;
+  /** `true` once a subscriber asked to cancel the task (it stays set after it ends). */
+  cancel_requested?: boolean;
+  /** RFC 3339 time of that request. */
+  cancel_requested_at?: string;
   /** `true` in the first message of a (re)subscription and in GET and create answers. */
   snapshot: boolean;
   /** Only in answers to a push: whether it changed anything (`false` for a stale `seq`). */
@@ -118,6 +122,8 @@ export type ErrorCode = ServerErrorCode | ClientErrorCode;
 export interface ErrorMessage {
   type: "error";
   task_id?: string;
+  /** Set when the error answers a client request other than a subscription (`"cancel"`). */
+  request?: "cancel";
   code: ServerErrorCode;
   message: string;
   hint: string;
@@ -130,7 +136,21 @@ export interface ErrorBody {
   hint: string;
 }
 
-/** Every message the server sends on a WebSocket. */
+/** The answer to a WebSocket cancel message (and what `WatchHandle.cancel()` resolves to). */
+export interface CancelRequested {
+  type: "cancel_requested";
+  task_id: string;
+  /** The task's version with the request recorded. */
+  version: number;
+  cancel_requested_at: string;
+  /** `false` when it had been requested before (nothing changed). */
+  applied: boolean;
+}
+
+/**
+ * Every message the server sends on a WebSocket on its own. A socket that sent a
+ * `CancelMessage` also gets a `CancelRequested` (or an `ErrorMessage` with `request`).
+ */
 export type ServerMessage = TaskState | ErrorMessage | SnapshotComplete;
 
 /**
@@ -148,8 +168,18 @@ export interface UnsubscribeMessage {
   task_id: string;
 }
 
+/** Ask to cancel a task; `token` overrides the connection URL's `?token=`. */
+export interface CancelMessage {
+  type: "cancel";
+  task_id: string;
+  token?: string;
+}
+
 /** Every message a client may send on a WebSocket. */
-export type ClientMessage = SubscribeMessage | UnsubscribeMessage;
+export type ClientMessage = SubscribeMessage | UnsubscribeMessage | CancelMessage;
+
+/** What `WatchHandle.cancel()` resolves to. */
+export type CancelResult = Omit<CancelRequested, "type">;
 
 export type Transport = "websocket" | "sse";
 
@@ -206,6 +236,14 @@ export interface WatchHandle {
   readonly state: TaskState | null;
   /** Stops watching (idempotent). A watch also ends by itself on a final status or a fatal error. */
   close(): void;
+  /**
+   * Asks the server to cancel the task (a WebSocket message when connected, else
+   * `POST /api/tasks/{id}/cancel`), with the watch's current token: one with the cancel
+   * right, or the owner's Supabase session. Idempotent. Rejects with a TaskcastError:
+   * `forbidden` (no right), `task_finished` (already ended), `unavailable`, ...
+   * The generator stops when it next pushes; the state then ends as `cancelled`.
+   */
+  cancel(): Promise<CancelResult>;
 }
 
 /** Backoff and fallback settings, shared by every watch; apps and tests may tune them. */
@@ -220,6 +258,8 @@ export interface Settings {
   maxTokenRefreshes: number;
   /** How long an unused socket is kept for the next `watchTask`. */
   lingerMs: number;
+  /** A cancel sent on the socket and not answered within this is rejected (`unavailable`). */
+  cancelTimeoutMs: number;
 }
 
 export const settings: Settings;

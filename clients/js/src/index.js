@@ -10,6 +10,8 @@
 //     onState: (state) => render(state), // {task_id, progress, stage, status, version, ...}
 //     onError: (error) => console.warn(error.code, error.message, error.fatal),
 //   });
+//   await handle.cancel();               // ask to stop the generation (needs a token with the
+//                                        // cancel right, or the owner's Supabase session)
 //   handle.close();                      // stop watching (it also stops by itself when the
 //                                        // task is completed, failed or cancelled)
 //
@@ -46,6 +48,7 @@ export const settings = {
   wsFailuresBeforeSse: 3, // failed WS opens, with the server reachable, before SSE
   maxTokenRefreshes: 3, // consecutive refreshes that did not help before giving up
   lingerMs: 1000, // an unused socket is kept this long for the next watchTask
+  cancelTimeoutMs: 10000, // a cancel sent on the socket and not answered by then is rejected
 };
 
 const connections = new Map(); // http base URL -> Connection
@@ -84,6 +87,7 @@ export function watchTask(taskId, options = {}) {
       return watcher.state;
     },
     close: () => connection.remove(watcher),
+    cancel: () => connection.cancel(watcher),
   };
 }
 
@@ -136,6 +140,30 @@ function endpoints(url) {
     http: `${scheme}//${u.host}${path}`,
     ws: `${scheme === "https:" ? "wss:" : "ws:"}//${u.host}${path}/ws`,
   };
+}
+
+/** `POST /api/tasks/{id}/cancel` with `token` as `Authorization: Bearer`. */
+async function cancelOverHttp(base, taskId, token) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const response = await fetch(`${base.http}/api/tasks/${encodeURIComponent(taskId)}/cancel`, {
+    method: "POST",
+    headers,
+    cache: "no-store",
+  });
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    body = null;
+  }
+  if (!response.ok) {
+    throw new TaskcastError(body?.error ?? "unavailable", body?.message ?? `HTTP ${response.status}`, {
+      hint: body?.hint ?? "",
+      taskId,
+    });
+  }
+  const { task_id, version, cancel_requested_at, applied } = body;
+  return { task_id, version, cancel_requested_at, applied };
 }
 
 function backoff(attempt) {
@@ -223,6 +251,7 @@ class Connection {
     this.lingerTimer = null;
     this.mode = typeof WebSocket === "function" ? "websocket" : "sse";
     this.connected = null;
+    this.cancels = new Map(); // task id -> cancel requests waiting for their answer, in order
     this.onOnline = () => {
       if (this.timer !== null) {
         this.clearTimer();
@@ -366,6 +395,7 @@ class Connection {
       this.socket = null;
       socket.close();
       this.open = false;
+      this.failCancels();
       for (const sub of this.subs.values()) sub.sent = false;
       if (this.subs.size === 0) return;
       this.setConnected(false);
@@ -405,6 +435,68 @@ class Connection {
     if (this.socket && this.open) this.socket.send(JSON.stringify(message));
   }
 
+  // ---- cancel ----
+
+  /**
+   * Asks the server to cancel the watcher's task with the subscription's current token:
+   * as a WebSocket message when the socket is open, else `POST /api/tasks/{id}/cancel`.
+   * Resolves {task_id, version, cancel_requested_at, applied}; rejects a TaskcastError
+   * with the server's code (403 forbidden, 409 task_finished, ...).
+   */
+  async cancel(watcher) {
+    const taskId = watcher.taskId;
+    const sub = this.subs.get(taskId);
+    let token = sub?.token ?? watcher.options.token ?? null;
+    if (!token && typeof watcher.options.getToken === "function") {
+      token = (await watcher.options.getToken(taskId, null)) ?? null;
+    }
+    if (this.mode === "websocket" && this.socket && this.open) {
+      return new Promise((resolve, reject) => {
+        const waiting = this.cancels.get(taskId) ?? [];
+        const entry = { resolve, reject };
+        entry.timer = setTimeout(() => {
+          const list = this.cancels.get(taskId) ?? [];
+          const at = list.indexOf(entry);
+          if (at >= 0) list.splice(at, 1);
+          reject(new TaskcastError("unavailable", "no answer to the cancel request in time", {
+            hint: "retry; the request is idempotent",
+            taskId,
+          }));
+        }, settings.cancelTimeoutMs);
+        waiting.push(entry);
+        this.cancels.set(taskId, waiting);
+        const message = { type: "cancel", task_id: taskId };
+        if (token) message.token = token;
+        this.send(message);
+      });
+    }
+    return cancelOverHttp(this.base, taskId, token);
+  }
+
+  /** Settles the oldest cancel request waiting for `taskId`; answers come in order. */
+  settleCancel(taskId, settle) {
+    const waiting = this.cancels.get(taskId);
+    const entry = waiting?.shift();
+    if (!entry) return;
+    if (waiting.length === 0) this.cancels.delete(taskId);
+    clearTimeout(entry.timer);
+    settle(entry);
+  }
+
+  /** The socket closed with cancel requests unanswered: they may or may not have landed. */
+  failCancels() {
+    for (const [taskId, waiting] of this.cancels) {
+      for (const entry of waiting) {
+        clearTimeout(entry.timer);
+        entry.reject(new TaskcastError("unavailable", "the connection closed before the cancel was answered", {
+          hint: "retry; the request is idempotent",
+          taskId,
+        }));
+      }
+    }
+    this.cancels.clear();
+  }
+
   sendSubscribe(sub) {
     const message = { type: "subscribe", task_id: sub.taskId };
     if (sub.token) message.token = sub.token;
@@ -413,6 +505,19 @@ class Connection {
   }
 
   onMessage(message) {
+    if (message.type === "cancel_requested") {
+      const { task_id, version, cancel_requested_at, applied } = message;
+      this.settleCancel(task_id, (e) => e.resolve({ task_id, version, cancel_requested_at, applied }));
+      return;
+    }
+    if (message.type === "error" && message.request === "cancel") {
+      const error = new TaskcastError(message.code, message.message, {
+        hint: message.hint,
+        taskId: message.task_id ?? null,
+      });
+      this.settleCancel(message.task_id, (e) => e.reject(error));
+      return;
+    }
     // A feed's frames name it in `feed`; their task_id is the task's.
     const key = message.feed ?? message.task_id;
     const sub = key ? this.subs.get(key) : null;

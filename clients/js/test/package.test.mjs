@@ -38,6 +38,8 @@ test("npm pack makes a tarball of the sources and types that installs into an ap
     "src/index.js",
     "src/react.d.ts",
     "src/react.js",
+    "src/reporter.d.ts",
+    "src/reporter.js",
   ]);
   tarball = path.join(scratch, packed.filename);
   await rm(path.join(CONSUMER, "node_modules"), { recursive: true, force: true });

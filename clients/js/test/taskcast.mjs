@@ -136,6 +136,11 @@ export class Taskcast {
     if (this.db) await this.psql(this.admin, `DROP DATABASE IF EXISTS ${this.db} WITH (FORCE)`);
   }
 
+  /** The push key the server was started with (for the reporter under test). */
+  get pushKey() {
+    return PUSH_KEY;
+  }
+
   async request(method, pathname, body) {
     const response = await fetch(`${this.base}${pathname}`, {
       method,
@@ -157,9 +162,10 @@ export class Taskcast {
     return this.request("POST", `/api/tasks/${taskId}/progress`, fields);
   }
 
-  /** A subscribe token from `taskcast token` (e.g. ttl "1s"). */
-  async token(taskId, ttl = "1h") {
-    const { stdout } = await run(this.binary, ["token", "--task", taskId, "--ttl", ttl], { env: this.env() });
+  /** A subscribe token from `taskcast token` (e.g. ttl "1s"; `extra` flags such as "--cancel"). */
+  async token(taskId, ttl = "1h", extra = []) {
+    const args = ["token", "--task", taskId, "--ttl", ttl, ...extra];
+    const { stdout } = await run(this.binary, args, { env: this.env() });
     return stdout.trim();
   }
 }

@@ -41,6 +41,7 @@ class Outcome:
     code: str = ""
     why: str = ""
     after: float = 0.0  # Retry-After, seconds
+    cancel_requested: bool = False  # the answer said a subscriber asked to cancel
 
     @property
     def retry(self) -> bool:
@@ -56,6 +57,9 @@ class Queue:
         self.waiting: Dict[str, Entry] = {}
         self.in_flight = 0
         self.finished: Dict[str, str] = {}
+        #: Tasks whose push answer said `cancel_requested: true`; a task leaves once a
+        #: final status is reported for it.
+        self.cancel_requested: set = set()
         self.stats: Dict[str, int] = dict(
             sent=0, retried=0, dropped=0, failed=0, conflated=0, batches=0
         )
@@ -67,6 +71,8 @@ class Queue:
         update = {k: v for k, v in fields.items() if v is not None}
         if not update:
             return False
+        if update.get("status") in FINAL:
+            self.cancel_requested.discard(task)
         # Microseconds since the epoch: still increasing after a generator restart.
         self._seq = update["seq"] = max(self._seq + 1, time.time_ns() // 1000)
         entry = self.waiting.get(task)
@@ -104,6 +110,8 @@ class Queue:
         self.in_flight -= 1
         if outcome.ok:
             self.stats["sent"] += 1
+            if outcome.cancel_requested and entry.update.get("status") not in FINAL:
+                self.cancel_requested.add(task)
             return
         if outcome.code == "task_finished":
             self.finished[task] = outcome.why
@@ -150,7 +158,9 @@ class Client:
             if len(batch) == 1:
                 task, entry = batch[0]
                 path = f"/api/tasks/{urllib.parse.quote(task, safe='')}/progress"
-                return [self._post(path, entry.update)[0]]
+                outcome, state = self._post(path, entry.update)
+                outcome.cancel_requested = is_cancel_requested(state)
+                return [outcome]
             updates = [{"task_id": task, **entry.update} for task, entry in batch]
             whole, body = self._post("/api/progress", {"updates": updates})
             if not whole.ok:
@@ -194,10 +204,15 @@ def item_outcome(item: Any) -> Outcome:
     """One entry of `POST /api/progress`'s `results`."""
     status = item.get("status", 0) if isinstance(item, dict) else 0
     if status == 200:
-        return Outcome(True, 200)
+        return Outcome(True, 200, cancel_requested=is_cancel_requested(item.get("state")))
     code = str(item.get("error", "")) if isinstance(item, dict) else ""
     message = item.get("message", "") if isinstance(item, dict) else ""
     return Outcome(False, status, code, f"{status} {code}: {message}")
+
+
+def is_cancel_requested(state: Any) -> bool:
+    """Whether a pushed task's state says a subscriber asked to cancel it."""
+    return isinstance(state, dict) and state.get("cancel_requested") is True
 
 
 def note(text: str) -> None:

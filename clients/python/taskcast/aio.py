@@ -66,6 +66,11 @@ class AsyncReporter:
         """Why taskcast refused pushes for this task as finished (409), or None."""
         return self._queue.finished.get(str(task_id))
 
+    def is_cancel_requested(self, task_id: Any) -> bool:
+        """True once a push answer for this task said `cancel_requested: true` (a subscriber
+        asked to stop it); stop and report `status="cancelled"`."""
+        return str(task_id) in self._queue.cancel_requested
+
     async def flush(self, timeout: float = 5.0) -> bool:
         """Wait until nothing is queued or in flight, at most `timeout` seconds. True if
         drained and nothing was dropped or failed since the previous flush."""

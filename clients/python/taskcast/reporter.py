@@ -62,6 +62,13 @@ class Reporter:
         with self._cond:
             return self._queue.finished.get(str(task_id))
 
+    def is_cancel_requested(self, task_id: Any) -> bool:
+        """True once a push answer for this task said `cancel_requested: true`: a subscriber
+        asked to stop it. Stop between steps and report `status="cancelled"`. Learned from
+        push answers, so it arrives with the answer to the next push after the request."""
+        with self._cond:
+            return str(task_id) in self._queue.cancel_requested
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until nothing is queued or in flight, at most `timeout` seconds. True if
         drained and nothing was dropped or failed since the previous flush."""

@@ -20,6 +20,8 @@ class _Reports(Protocol):
 
     def finished(self, task_id: Any) -> Optional[str]: ...
 
+    def is_cancel_requested(self, task_id: Any) -> bool: ...
+
 
 class StepReporter:
     """Reports step `n` of `total` as `progress` (scaled into `progress_range`).
@@ -32,9 +34,10 @@ class StepReporter:
       (or None); called every `preview_every` steps, and its URL is pushed as
       `preview_url` (the latest wins; taskcast clears it when the task finishes). It runs in the sampling loop, so keep it quick or hand
       the work to a thread; an exception in it is reported to stderr and ignored.
-    - Cancellation: the loop stops when `should_cancel()` returns True (then `cancelled` is
-      pushed) or when taskcast has refused this task's pushes as finished (409: someone
-      set it to cancelled, failed or completed).
+    - Cancellation: the loop stops when a subscriber asked to cancel the task (the answer
+      to a push said `cancel_requested: true`; then `cancelled` is pushed), when
+      `should_cancel()` returns True (likewise), or when taskcast has refused this task's
+      pushes as finished (409: someone set it to cancelled, failed or completed).
     """
 
     def __init__(
@@ -81,8 +84,12 @@ class StepReporter:
 
     def _must_stop(self) -> bool:
         refused = self.reporter.finished(self.task_id)
+        asked = getattr(self.reporter, "is_cancel_requested", None)
         if refused is not None:
             self.stopped = refused
+        elif asked is not None and asked(self.task_id):
+            self.stopped = "a subscriber asked to cancel the task"
+            self.reporter.report(self.task_id, status="cancelled", stage="cancelled")
         elif self.should_cancel is not None and self.should_cancel():
             self.stopped = "should_cancel() returned True"
             self.reporter.report(self.task_id, status="cancelled", stage="cancelled")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import pytest
 
@@ -30,6 +30,21 @@ class Server:
 
     def create_task(self) -> str:
         return self.call("POST", "/api/tasks", {"prompt": "pytest"})["task_id"]
+
+    def create_cancellable(self) -> Tuple[str, str]:
+        """A task, and a subscribe token that may cancel it (`"cancel": true`)."""
+        created = self.call("POST", "/api/tasks", {"prompt": "pytest", "cancel": True})
+        return created["task_id"], created["token"]
+
+    def cancel(self, task: str, token: str) -> Dict[str, Any]:
+        """What a page does: `POST /api/tasks/{id}/cancel` with its token."""
+        request = urllib.request.Request(
+            f"{self.url}/api/tasks/{task}/cancel",
+            method="POST",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
 
     def state(self, task: str) -> Dict[str, Any]:
         return self.call("GET", f"/api/tasks/{task}")

@@ -96,3 +96,32 @@ def test_the_old_module_name_still_imports_the_reporter():
     import taskcast_reporter
 
     assert taskcast_reporter.Reporter is Reporter
+
+
+def test_both_reporters_see_cancel_requested_in_push_answers_single_and_batched(server):
+    (task, token), (other, other_token) = server.create_cancellable(), server.create_cancellable()
+    reporter = Reporter(server.url, server.key)
+    reporter.report(task, status="processing", progress=10)
+    assert reporter.flush(10)
+    assert not reporter.is_cancel_requested(task)
+    server.cancel(task, token)
+    server.cancel(other, other_token)
+    reporter.report(task, progress=20)  # alone: POST /api/tasks/{id}/progress
+    assert reporter.flush(10)
+    assert reporter.is_cancel_requested(task)
+    with reporter._cond:  # both wait together: one POST /api/progress
+        reporter.report(other, progress=5)
+        reporter.report(task, status="cancelled")
+    assert reporter.flush(10)
+    assert reporter.stats["batches"] == 1, reporter.stats
+    assert reporter.is_cancel_requested(other)
+    assert not reporter.is_cancel_requested(task), "forgotten once reported final"
+    assert server.state(task)["status"] == "cancelled"
+
+    async def run_async() -> bool:
+        async with AsyncReporter(server.url, server.key) as aio:
+            aio.report(other, progress=6)
+            assert await aio.flush(10)
+            return aio.is_cancel_requested(other)
+
+    assert asyncio.run(run_async())

@@ -129,6 +129,25 @@ def test_a_task_cancelled_elsewhere_stops_the_pipeline(server):
     assert server.state(task)["status"] == "cancelled"
 
 
+def test_a_subscribers_cancel_request_stops_the_pipeline_and_pushes_cancelled(server):
+    task, token = server.create_cancellable()
+    reporter = Reporter(server.url, server.key)
+    pipe = StandInPipeline(step_seconds=0.05)
+
+    def page_cancels(step, latents):
+        if step == 3:  # the page asks while the generator is at step 3
+            assert server.cancel(task, token)["cancel_requested"] is True
+        return None
+
+    steps = StepReporter(reporter, task, preview=page_cancels, preview_every=1)
+    pipe(num_inference_steps=40, callback_on_step_end=steps)
+    assert reporter.flush(10)
+    assert 3 <= pipe.steps_run < 40, pipe.steps_run
+    assert steps.stopped == "a subscriber asked to cancel the task", steps.stopped
+    state = server.state(task)
+    assert (state["status"], state["cancel_requested"]) == ("cancelled", True)
+
+
 def test_a_failing_preview_upload_does_not_stop_the_generation(server, capsys):
     task = server.create_task()
     reporter = Reporter(server.url, server.key)
