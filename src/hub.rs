@@ -305,7 +305,10 @@ impl Hub {
     /// the task's own subscribers (as a store read for a task subscription does), and
     /// returns the state as a feed snapshot frame.
     pub fn feed_snapshot(&self, state: &TaskState, feed: &str) -> String {
-        let eta = self.offer_task(state, None);
+        // Offered to every feed of its user too: this read may be the first this node sees
+        // of the version, and the listener skips a version the hub holds, so the user's
+        // other feed subscribers would never get it otherwise.
+        let eta = self.offer(state, None);
         state.to_feed_json(feed, true, eta)
     }
 

@@ -262,6 +262,7 @@ impl App {
             enabled: demo,
             store: state.subscribers.store.clone(),
             writer: state.writer.clone(),
+            hub: state.subscribers.hub.clone(),
             subscribe: state.subscribers.auth.clone(),
             token_ttl: state.token_ttl,
             shutdown: state.subscribers.shutdown.clone(),
@@ -287,7 +288,8 @@ impl App {
             let _ = task.await;
         }
         for task in derived_tasks {
-            let _ = task.await;
+            // Each database call in them is bounded by TASKCAST_DB_TIMEOUT_MS.
+            let _ = tokio::time::timeout(shutdown_timeout, task).await;
         }
         if let Some(task) = sweep_task {
             // A sweep in flight is bounded by TASKCAST_DB_TIMEOUT_MS.

@@ -5,6 +5,10 @@
 //! steps, uploads, and completes. Some fail part-way; some stall: they stop pushing for
 //! longer than the server's stall period and then carry on, unless the server has failed
 //! them by then (`TASKCAST_STALL_FAIL_SECS`), which their next push learns as a 409.
+//!
+//! Like a real generator, a running generation learns of a cancel request from the answer
+//! to its next push (`cancel_requested_at` in the state) and then pushes `cancelled`. One
+//! still waiting for a GPU pushes nothing, so it looks at its task every half second.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,17 +21,22 @@ use super::{FAILURES, Rng, TOTAL_STEPS};
 use crate::domain::{ProgressUpdate, TaskId};
 use crate::error::Error;
 use crate::shutdown::Shutdown;
+use crate::store::Store;
 use crate::writer::Writer;
 
 /// Simulated GPUs: this many generations run at once; the others wait `pending`.
 pub(super) const GPUS: usize = 2;
 /// A preview every this many steps (and one at the first step).
 const PREVIEW_EVERY: u32 = 3;
+/// How often a generation waiting for a GPU looks for a cancel request.
+const CANCEL_LOOK: Duration = Duration::from_millis(500);
 
 /// One simulated generation: queued, waiting for a GPU, loading, steps, uploading, completed
 /// (or failed).
 pub(super) struct Generation {
     pub writer: Writer,
+    /// Read while waiting for a GPU, for a cancel request.
+    pub store: Store,
     pub shutdown: Shutdown,
     pub task: TaskId,
     /// The result picture's URL, and the previews' URL with `{step}` to fill in.
@@ -75,20 +84,36 @@ impl Pace {
 enum Stop {
     Shutdown,
     Finished,
+    /// A subscriber asked to cancel: push `cancelled` and stop.
+    Cancelled,
 }
 
 impl Generation {
     pub async fn run(mut self) {
-        let _ = self.steps().await;
+        if let Err(Stop::Cancelled) = self.steps().await {
+            // A 409 here means it ended meanwhile (completed, or failed by the server).
+            let cancelled = json!({"status": "cancelled", "stage": "cancelled"});
+            let _ = self.push(cancelled).await;
+        }
     }
 
     async fn steps(&mut self) -> Result<(), Stop> {
         let queued = json!({"status": "pending", "stage": "queued", "progress": 0,
             "step": 0, "total_steps": TOTAL_STEPS});
         self.push(queued).await?;
-        let gpu = tokio::select! {
-            gpu = &mut self.gpu => gpu.map_err(|_| Stop::Shutdown)?,
-            _ = self.shutdown.wait() => return Err(Stop::Shutdown),
+        let mut look = tokio::time::interval(CANCEL_LOOK);
+        let gpu = loop {
+            tokio::select! {
+                gpu = &mut self.gpu => break gpu.map_err(|_| Stop::Shutdown)?,
+                _ = self.shutdown.wait() => return Err(Stop::Shutdown),
+                _ = look.tick() => {
+                    if let Ok(Some(state)) = self.store.get(self.task).await
+                        && state.cancel_requested_at.is_some()
+                    {
+                        return Err(Stop::Cancelled);
+                    }
+                }
+            }
         };
         // Some GPUs are faster than others, and some prompts harder: ±25 %.
         let speed = 75 + self.rng.below(51);
@@ -132,6 +157,7 @@ impl Generation {
         let update = ProgressUpdate::from_json(fields.to_string().as_bytes())
             .expect("the demo's updates are valid");
         match self.writer.push(self.task, update).await {
+            Ok(outcome) if outcome.state().cancel_requested_at.is_some() => Err(Stop::Cancelled),
             Ok(_) => Ok(()),
             Err(Error::Conflict { .. }) => Err(Stop::Finished),
             Err(_) if self.shutdown.is_triggered() => Err(Stop::Shutdown),

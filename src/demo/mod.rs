@@ -28,6 +28,7 @@ use warp::reply::Response;
 use crate::auth::subscribe::SubscribeAuth;
 use crate::domain::NewTask;
 use crate::error::{Error, json_response};
+use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::writer::Writer;
@@ -84,6 +85,9 @@ struct StartQuery {
     /// `?stall_secs=N` (1 to 600): this generation stalls for N s part-way, whatever
     /// `failures` says (to see the stalled warning with a short `TASKCAST_STALL_SECS`).
     stall_secs: Option<u64>,
+    /// `?user=<uuid>`: the page's visitor (a random id it keeps in localStorage), as the
+    /// task's `user_id`, so the page's "my generations" feed shows it.
+    user: Option<uuid::Uuid>,
 }
 
 /// What the demo uses. Cloning is shallow.
@@ -93,6 +97,8 @@ pub struct Demo {
     pub enabled: bool,
     pub store: Store,
     pub writer: Writer,
+    /// New tasks are published here, so the visitor's feed and the line see them at once.
+    pub hub: Hub,
     pub subscribe: SubscribeAuth,
     pub token_ttl: Duration,
     pub shutdown: Shutdown,
@@ -188,7 +194,9 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
 }
 
 /// `POST /api/demo/tasks`: creates a task, starts its simulated generation, and answers
-/// 201 `{"task_id","token","prompt"}`. No push key: the demo is public by choice.
+/// 201 `{"task_id","token","prompt","feed_token"}`: `token` may watch and cancel the task,
+/// `feed_token` (with `?user=`) watch the visitor's feed. No push key: the demo is public
+/// by choice.
 async fn start(
     state: Demo,
     capacity: Capacity,
@@ -222,13 +230,20 @@ async fn start(
             .store
             .create(NewTask {
                 prompt: Some(prompt.to_string()),
-                user_id: None,
+                user_id: query.user,
             })
             .await?;
+        // Last in line, and in the visitor's feed, at once (other nodes hear of it from
+        // the insert's NOTIFY).
+        state.hub.publish(&created);
         (created, capacity.gpus.join())
     };
     let task = created.task_id;
-    let token = state.subscribe.mint(&[task], state.token_ttl);
+    // The page may watch and cancel its own generation, and watch its visitor's feed.
+    let token = state.subscribe.mint_with(&[task], state.token_ttl, true);
+    let feed_token = query
+        .user
+        .and_then(|user| state.subscribe.mint_user(user, state.token_ttl));
     let origin = origin(headers);
     let fail_at = (trouble && rng.below(FAILURE_ODDS) == 0)
         .then(|| 5 + rng.below(u64::from(TOTAL_STEPS) - 10) as u32);
@@ -237,6 +252,7 @@ async fn start(
         .map(|stall| (6 + rng.below(u64::from(TOTAL_STEPS) / 3) as u32, stall));
     let generation = Generation {
         writer: state.writer.clone(),
+        store: state.store.clone(),
         shutdown: state.shutdown.clone(),
         task,
         result_url: format!("{origin}/demo/result/{task}.{subject}.svg"),
@@ -254,7 +270,8 @@ async fn start(
         _slot: slot,
     };
     tokio::spawn(generation.run());
-    let body = json!({"task_id": task, "token": token, "prompt": prompt});
+    let body = json!({"task_id": task, "token": token, "prompt": prompt,
+        "feed_token": feed_token});
     Ok(json_response(StatusCode::CREATED, body.to_string()))
 }
 

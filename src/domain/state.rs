@@ -280,11 +280,12 @@ impl TaskRow {
         Ok(CancelDecision::Request)
     }
 
-    /// Records a cancel request at `now` (used by the in-memory store).
+    /// Records a cancel request at `now` (used by the in-memory store). `updated_at` stays:
+    /// a request is no word from the generator, so it neither clears a stall mark nor
+    /// restarts the stall clock.
     pub fn request_cancel(&mut self, now: DateTime<Utc>) {
         self.state.cancel_requested_at = Some(now);
         self.state.version += 1;
-        self.state.updated_at = Some(now);
     }
 
     /// Marks a task whose cancel went unanswered for the grace period as cancelled (used

@@ -367,7 +367,7 @@ impl Statements {
             format!(
                 "WITH requested AS (\
                    UPDATE public.image_tasks AS t SET cancel_requested_at = now(), \
-                     taskcast_version = t.taskcast_version + 1, updated_at = now() \
+                     taskcast_version = t.taskcast_version + 1 \
                    WHERE t.{one} AND t.cancel_requested_at IS NULL AND {open} \
                    RETURNING {}, true) \
                  SELECT * FROM requested UNION ALL \

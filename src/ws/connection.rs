@@ -117,8 +117,13 @@ impl Connection {
                 _ = &mut stop => {
                     return Ok(End::Close(CloseCode::Away, "server restarting"));
                 }
-                Some((_, frame)) = self.subscriptions.next() => {
+                Some((target, frame)) = self.subscriptions.next() => {
                     self.send(Message::Text(frame.text.clone())).await?;
+                    // A feed's only notice is its overflow, after which its stream ends:
+                    // forget its token expiry, and start the idle clock if it was the last.
+                    if frame.is_notice() && matches!(target, Target::User(_)) {
+                        self.remove(target);
+                    }
                 }
                 incoming = self.socket.next() => {
                     self.deadlines.heard(Instant::now());
@@ -223,14 +228,23 @@ impl Connection {
             }
             Ok(ClientMessage::Cancel { task, token }) => {
                 // Rate-limited with subscribes: each may write to the database.
+                // Every refusal names the request, so a client does not take it for the end
+                // of its subscriptions.
                 if self.over_rate() {
-                    return self.send_error(&self.rate_error(), None).await;
+                    let e = self.rate_error();
+                    return self
+                        .send(Message::text(e.to_ws_reply_json(&task, "cancel")))
+                        .await;
                 }
-                let task = match self.ctx.store.parse_id(&task).await {
-                    Ok(task) => task,
-                    Err(e) => return self.send_error(&e, None).await,
+                let id = match self.ctx.store.parse_id(&task).await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        return self
+                            .send(Message::text(e.to_ws_reply_json(&task, "cancel")))
+                            .await;
+                    }
                 };
-                Box::pin(self.cancel(task, token)).await
+                Box::pin(self.cancel(id, token)).await
             }
             Ok(ClientMessage::Unsubscribe { task }) => {
                 match self.ctx.parse_target(&task).await {

@@ -19,7 +19,9 @@
 //      stalled_since), then carries on to "completed";
 //   8. without WebSocket, or when no WebSocket can be opened, the client falls back to
 //      Server-Sent Events;
-//   9. no page errors, and versions never went backwards on any card;
+//   9. "my generations" (the visitor's feed, user:<id>) shows a new generation appear; Cancel
+//      on a running card ends it (card, feed and row) as cancelled;
+//  10. no page errors, and versions never went backwards on any card;
 // then saves screenshots under $CARGO_TARGET_DIR/browser (default target/browser), and
 // with TASKCAST_UPDATE_SCREENSHOT=1 copies the showcase one to docs/demo.png.
 // The last line is "N passed, N failed"; the exit code is non-zero on any failure.
@@ -642,6 +644,9 @@ step("a generation that stops reporting shows the stalled warning", async () => 
   }));
   check(shown.stalled === "true", `the card went ${shown.status} without showing a stalled warning (the server's stalled: true)`);
   check(/^the generator has not reported for \d+ s$/.test(shown.warning), `the warning reads "${shown.warning}"`);
+  // Counted from its last report, so at least the stall period (less a second of clock).
+  const silent = Number(shown.warning.match(/\d+/)?.[0]);
+  check(silent >= STALL_SECS - 1, `the warning counts ${silent} s, less than the stall period (${STALL_SECS} s)`);
   log(`     "${shown.warning}"`);
 });
 
@@ -650,6 +655,48 @@ step("the stalled generation carries on to completed, and the warning goes", asy
   await waitForCard(page, stalledTask, finishedAt100);
   const after = await page.$eval(card(stalledTask), (el) => [el.dataset.stalled, el.querySelector(".stalled").textContent]);
   check(after[0] === "false" && after[1] === "", `after completing the card shows stalled=${after[0]} "${after[1]}"`);
+});
+
+step("\"my generations\" (one feed for this visitor) shows a new generation appear and finish", async () => {
+  const visitor = await page.evaluate(() => window.taskcastDemo.visitor);
+  check(/^[0-9a-f-]{36}$/.test(visitor), `the page's visitor id is "${visitor}"`);
+  // The feed started with the page's first generation; this one is created after that.
+  const taskId = await startFromPage(page);
+  const row = `#feed-list li[data-task-id="${taskId}"]`;
+  await page.waitForSelector(row, { timeout: WAIT });
+  await page.waitForFunction((sel) => document.querySelector(sel)?.dataset.status === "completed", row, { timeout: WAIT });
+  const rows = await page.$$eval("#feed-list li", (items) => items.map((li) => li.dataset.taskId));
+  for (const id of fiveTasks) check(rows.includes(id), `the five generations are in the feed (missing ${id})`);
+  log(`     ${rows.length} generations in this visitor's feed`);
+});
+
+step("Cancel on a running card: the generator stops, the card and the feed end as cancelled", async () => {
+  const visitor = await page.evaluate(() => window.taskcastDemo.visitor);
+  // Normal pace (~20 s): the click lands while it runs, whatever the machine's load.
+  const taskId = await page.evaluate(async (visitor) => {
+    const response = await fetch(`api/demo/tasks?failures=false&user=${visitor}`, { method: "POST" });
+    const body = await response.json();
+    if (response.status !== 201) throw new Error(`POST /api/demo/tasks: ${response.status} ${JSON.stringify(body)}`);
+    window.taskcastDemo.watch(body.task_id, body.token, body.prompt);
+    return body.task_id;
+  }, visitor);
+  await waitForCard(page, taskId, (el) => el.dataset.status === "processing" && !el.querySelector(".cancel").hidden);
+  const clicked = now();
+  await page.click(`${card(taskId)} .cancel`);
+  await waitForCard(page, taskId, (el) => el.dataset.status === "cancelled");
+  const took = Math.round(now() - clicked);
+  const shown = await page.$eval(card(taskId), (el) => ({
+    percent: el.querySelector(".percent").textContent,
+    button: el.querySelector(".cancel").hidden,
+  }));
+  check(/^stopped at \d+%$/.test(shown.percent), `the cancelled card reads "${shown.percent}"`);
+  check(shown.button, "the Cancel button is gone once the task is cancelled");
+  const row = `#feed-list li[data-task-id="${taskId}"]`;
+  await page.waitForFunction((sel) => document.querySelector(sel)?.dataset.status === "cancelled", row, { timeout: WAIT });
+  const sql = `SELECT status || ' ' || (cancel_requested_at IS NOT NULL) FROM image_tasks WHERE id = '${taskId}'`;
+  const { stdout } = await run("psql", ["-X", "-At", "-d", databaseUrl(DB_NAME), "-c", sql], { timeout: 30_000 });
+  check(stdout.trim() === "cancelled true", `the row reads "${stdout.trim()}"`);
+  log(`     click → card shows cancelled: ${took} ms (the generator stops at its next step)`);
 });
 
 step("the client falls back to Server-Sent Events without WebSocket, or when it cannot open one", async () => {
