@@ -24,6 +24,8 @@ both_stores!(
     the_owner_may_cancel_and_others_get_the_same_403_for_unknown_and_foreign_tasks,
     public_mode_lets_anyone_watch_but_not_cancel,
     a_finished_task_answers_409_and_a_cancelled_push_stays_final,
+    a_websocket_cancel_refused_before_auth_names_the_request_and_the_subscription_goes_on,
+    a_cancel_request_keeps_updated_at,
     the_push_answer_carries_cancel_requested_on_single_and_batch_routes,
     the_grace_period_cancels_a_task_the_generator_did_not_stop,
     the_rust_reporter_sees_cancel_requested_in_its_push_answers,
@@ -522,4 +524,47 @@ async fn a_table_without_the_column_answers_422_until_migrated() {
     );
     let (status, body) = cancel(&app, task, Some(&cancel_token(task))).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A cancel refused before any token is read (an id the table cannot hold) is answered as a
+/// cancel refusal (`request: "cancel"`, its `task_id`), never as an error without a task,
+/// which a client takes for the end of every subscription on the socket.
+async fn a_websocket_cancel_refused_before_auth_names_the_request_and_the_subscription_goes_on(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    let token = cancel_token(task);
+    let mut sub = app.connect(&format!("?task_id={task}&token={token}")).await;
+    sub.next_state().await;
+    let bad = "user:not-a-task";
+    sub.send_json(json!({"type": "cancel", "task_id": bad}))
+        .await;
+    let refused = sub.next_message().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["request"], "cancel", "{refused}");
+    assert_eq!(refused["task_id"], bad, "{refused}");
+    // The task's subscription goes on.
+    app.push(task, json!({"progress": 5})).await;
+    let state = sub.next_state().await;
+    assert_eq!(state["progress"], 5.0, "{state}");
+}
+
+/// A cancel request is no word from the generator: it bumps the version but keeps
+/// `updated_at`, so it does not restart the stall clock (see the stalled tasks' README).
+async fn a_cancel_request_keeps_updated_at(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let task = app.create_task().await;
+    app.push(task, json!({"status": "processing", "progress": 10}))
+        .await;
+    let before = stored(&app, task).await;
+    let (status, _) = cancel(&app, task, Some(&cancel_token(task))).await;
+    assert_eq!(status, 200);
+    let after = stored(&app, task).await;
+    assert_eq!(after["cancel_requested"], true, "{after}");
+    assert_eq!(
+        after["version"].as_i64(),
+        before["version"].as_i64().map(|v| v + 1)
+    );
+    assert_eq!(after["updated_at"], before["updated_at"], "{after}");
 }
