@@ -5,22 +5,24 @@
 //! never grows memory. A frame is encoded once and its bytes are shared by every
 //! subscriber. An entry exists only while its task has subscribers.
 //!
-//! Every state published passes the node's one time-left [`Estimator`], whether or not
-//! the task has subscribers here: the writer publishes every change this node commits and
-//! the listener every change it reads (other nodes', plain SQL). A `processing` state is
-//! delivered with the estimate (`eta_ms`, `eta_at`). The estimator is timed by the
-//! change's own `updated_at`, so the same version arriving twice (writer and listener, or
-//! a snapshot read) is the same observation and teaches it nothing twice.
+//! Every state published passes the node's one time-left estimator ([`crate::eta`]),
+//! whether or not the task has subscribers here: the writer publishes every change this
+//! node commits and the listener every change it reads (other nodes', plain SQL). A
+//! `processing` state is delivered with the estimate (`eta_ms`, `eta_at`). The estimator is
+//! timed by the change's own `updated_at`, so the same version arriving twice (writer and
+//! listener, or a snapshot read) is the same observation and teaches it nothing twice.
 //!
 //! A `pending` task's frame may carry its place in line (see [`crate::queue`]). A new
 //! place is the same state at the same version, re-sent with `"derived":true`: the one
 //! frame that may follow a frame of equal version. Every state offered also marks the
 //! queue changed, for the queue's conflated recount.
 
+mod estimates;
 mod feed;
+mod frame;
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use dashmap::DashMap;
@@ -31,131 +33,12 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::domain::{Eta, QueuePlace, TaskId, TaskState, TaskStatus};
-use crate::eta::{Estimator, EtaOptions, Observation, Phase};
 use crate::telemetry;
 
+use estimates::Estimates;
 pub use feed::{FeedSubscription, MAX_PENDING_TASKS, feed_name};
-
-/// A committed state's wire encoding, built once per change. Only the bytes and the
-/// version are kept: a hub entry lives as long as its task has subscribers, so its size is
-/// part of what every idle connection costs.
-#[derive(Debug)]
-pub struct Frame {
-    version: i64,
-    /// The `{"type":"state",...,"snapshot":false}` message every subscriber is sent, or,
-    /// for a notice, the `{"type":"error",...}` message.
-    pub text: Utf8Bytes,
-    /// An error about the task (its row cannot be read), not a state: delivered to the
-    /// subscribers present once, never as a snapshot, and replaced by the next state.
-    notice: bool,
-    /// The state is `pending`: it has a place in line.
-    pending: bool,
-    /// The place in line the text carries, if known.
-    place: Option<QueuePlace>,
-    /// Only the place changed since the frame of this version before it.
-    derived: bool,
-}
-
-/// How every frame's text ends: `snapshot` is the last field written when neither
-/// `applied` nor `token` is set.
-const LIVE_END: &str = r#""snapshot":false}"#;
-const SNAPSHOT_END: &str = r#""snapshot":true}"#;
-const DERIVED: &str = r#""derived":true,"#;
-
-/// `text` (a state message ending in `end`) with `place` written just before the end.
-fn with_place(text: String, end: &str, place: Option<QueuePlace>) -> String {
-    let Some(place) = place else {
-        return text;
-    };
-    let body = text
-        .strip_suffix(end)
-        .expect("a state message ends with its snapshot flag");
-    format!("{body}{}{end}", place.json_fields())
-}
-
-impl Frame {
-    fn new(state: &TaskState, eta: Option<Eta>, place: Option<QueuePlace>) -> Self {
-        let pending = state.status == TaskStatus::Pending;
-        let place = place.filter(|_| pending);
-        let text = with_place(state.to_json_with_eta(false, eta), LIVE_END, place);
-        debug_assert!(text.ends_with(LIVE_END));
-        Frame {
-            version: state.version,
-            text: Utf8Bytes::from(text),
-            notice: false,
-            pending,
-            place,
-            derived: false,
-        }
-    }
-
-    /// The state as a frame of the feed named `feed` (`user:<id>`).
-    fn feed(state: &TaskState, eta: Option<Eta>, feed: &str) -> Self {
-        Frame {
-            version: state.version,
-            text: Utf8Bytes::from(state.to_feed_json(feed, false, eta)),
-            notice: false,
-            pending: false,
-            place: None,
-            derived: false,
-        }
-    }
-
-    /// The text before the place fields (and the `derived` mark), without the end.
-    fn base(&self) -> &str {
-        let mut suffix = self.place.map(|p| p.json_fields()).unwrap_or_default();
-        if self.derived {
-            suffix.push_str(DERIVED);
-        }
-        suffix.push_str(LIVE_END);
-        self.text
-            .as_str()
-            .strip_suffix(suffix.as_str())
-            .expect("the text ends with the place it records")
-    }
-
-    /// The same state at the same version with a new place, marked derived.
-    fn placed(&self, place: QueuePlace) -> Frame {
-        let text = format!("{}{}{DERIVED}{LIVE_END}", self.base(), place.json_fields());
-        Frame {
-            version: self.version,
-            text: Utf8Bytes::from(text),
-            notice: false,
-            pending: true,
-            place: Some(place),
-            derived: true,
-        }
-    }
-
-    /// A place-only update: the same version as the frame before it, and only
-    /// `queue_position` and `queue_length` changed.
-    pub fn is_derived(&self) -> bool {
-        self.derived
-    }
-
-    pub fn is_notice(&self) -> bool {
-        self.notice
-    }
-
-    pub fn version(&self) -> i64 {
-        self.version
-    }
-
-    /// The same state as a subscription's first message, `"snapshot":true`.
-    pub fn snapshot_json(&self) -> String {
-        let text = self.text.as_str();
-        let body = text
-            .strip_suffix(LIVE_END)
-            .expect("Frame::new encodes the snapshot flag last");
-        let body = if self.derived {
-            body.strip_suffix(DERIVED)
-                .expect("a derived frame is marked")
-        } else {
-            body
-        };
-        format!("{body}{SNAPSHOT_END}")
-    }
-}
+pub use frame::Frame;
+use frame::{SNAPSHOT_END, with_place};
 
 type Slot = watch::Sender<Option<Arc<Frame>>>;
 
@@ -174,45 +57,6 @@ struct Inner {
     /// Set by every state offered and by [`Hub::queue_changed`]; a stored permit, so any
     /// number of changes wake the queue's recount once.
     queue_changes: Notify,
-}
-
-/// The node's time-left estimator. std Mutex, not tokio: nothing awaits while it is held.
-struct Estimates(Mutex<Estimator<TaskId>>);
-
-impl Default for Estimates {
-    fn default() -> Self {
-        Estimates(Mutex::new(Estimator::new(EtaOptions::default())))
-    }
-}
-
-impl Estimates {
-    /// Feeds one state to the estimator; the time left when the task is running and there
-    /// is anything to go on.
-    fn observe(&self, state: &TaskState) -> Option<Eta> {
-        let at = state.updated_at.unwrap_or_else(chrono::Utc::now);
-        let phase = match state.status {
-            TaskStatus::Pending => Phase::Pending,
-            TaskStatus::Processing => Phase::Running,
-            TaskStatus::Completed => Phase::Finished { succeeded: true },
-            TaskStatus::Failed | TaskStatus::Cancelled => Phase::Finished { succeeded: false },
-        };
-        let fraction = state.progress.map(|p| p / 100.0).or_else(|| {
-            let (step, total) = (state.step?, state.total_steps?);
-            (total > 0).then(|| f64::from(step) / f64::from(total))
-        });
-        let observation = Observation {
-            at_ms: u64::try_from(at.timestamp_millis()).unwrap_or(0),
-            phase,
-            fraction,
-            total_steps: state.total_steps,
-        };
-        let ms = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .observe(state.task_id, observation)?;
-        Some(Eta { ms, at })
-    }
 }
 
 impl Hub {
