@@ -49,6 +49,9 @@ pub(super) struct Generation {
     pub stall: Option<(u32, Duration)>,
     /// Its turn on a GPU: answered when every generation created before it has had one.
     pub gpu: oneshot::Receiver<Gpu>,
+    /// The GPU once its turn came: held until the generation is dropped, after its last
+    /// push, so the next one in line starts only once this one's end is committed.
+    pub held: Option<Gpu>,
     pub rng: Rng,
     pub seq: i64,
     /// Holds a place of the demo's bound until the generation ends.
@@ -115,6 +118,7 @@ impl Generation {
                 }
             }
         };
+        self.held = Some(gpu);
         // Some GPUs are faster than others, and some prompts harder: ±25 %.
         let speed = 75 + self.rng.below(51);
         self.push(json!({"status": "processing", "stage": "loading model"}))
@@ -144,7 +148,6 @@ impl Generation {
         }
         self.push(json!({"stage": "uploading"})).await?;
         self.pause(pace.upload_ms, speed).await?;
-        drop(gpu);
         let done = json!({"status": "completed", "stage": "done", "image_url": self.result_url});
         self.push(done).await
     }

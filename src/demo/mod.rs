@@ -265,6 +265,7 @@ async fn start(
         fail_at,
         stall,
         gpu,
+        held: None,
         rng,
         seq: 0,
         _slot: slot,
