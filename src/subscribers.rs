@@ -251,6 +251,13 @@ impl Subscribers {
     /// owned by someone else, so a refusal never tells whether the task exists.
     pub async fn may_watch(&self, token: Option<&str>, task: TaskId) -> Result<Access, Error> {
         let access = self.auth.authorize(token, task).await?;
+        self.check_owner(access, task, "watch").await?;
+        Ok(access)
+    }
+
+    /// A Supabase session's grant holds only for the tasks whose `user_id` is its `sub`;
+    /// other grants pass. A missing task is refused like someone else's.
+    async fn check_owner(&self, access: Access, task: TaskId, verb: &str) -> Result<(), Error> {
         if let Access::Owner { user_id, .. } = access
             && !self
                 .store
@@ -260,10 +267,10 @@ impl Subscribers {
                 .is_some_and(|owner| owner.eq_ignore_ascii_case(&user_id.to_string()))
         {
             return Err(Error::Forbidden(format!(
-                "this Supabase user may not watch task {task}"
+                "this Supabase user may not {verb} task {task}"
             )));
         }
-        Ok(access)
+        Ok(())
     }
 
     /// A cancel request, whatever its transport (HTTP, WebSocket): who may cancel (see
@@ -273,18 +280,7 @@ impl Subscribers {
     /// task exists.
     pub async fn cancel(&self, token: Option<&str>, task: TaskId) -> Result<Outcome, Error> {
         let access = self.auth.authorize_cancel(token, task).await?;
-        if let Access::Owner { user_id, .. } = access
-            && !self
-                .store
-                .owner(task)
-                .await?
-                .flatten()
-                .is_some_and(|owner| owner.eq_ignore_ascii_case(&user_id.to_string()))
-        {
-            return Err(Error::Forbidden(format!(
-                "this Supabase user may not cancel task {task}"
-            )));
-        }
+        self.check_owner(access, task, "cancel").await?;
         let outcome = self.store.request_cancel(task).await?;
         if outcome.applied() {
             self.hub.publish(outcome.state());
