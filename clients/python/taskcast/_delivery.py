@@ -88,13 +88,20 @@ class Queue:
         self.waiting[task] = Entry(update)
         return True
 
-    def take(self, now: float, limit: int) -> Tuple[List[Tuple[str, Entry]], Optional[float]]:
-        """Removes up to `limit` entries that are due, oldest first. When none is due:
-        no entries and the seconds until one is (None when nothing waits)."""
+    def take(
+        self, now: float, limit: int, max_bytes: int
+    ) -> Tuple[List[Tuple[str, Entry]], Optional[float]]:
+        """Removes up to `limit` entries that are due, oldest first, whose encoded items
+        fit in about `max_bytes` (always at least one). When none is due: no entries and
+        the seconds until one is (None when nothing waits)."""
         due: List[str] = []
+        size = 0
         soonest: Optional[float] = None
         for task, entry in self.waiting.items():
             if entry.not_before <= now:
+                size += item_size(task, entry.update)
+                if due and size > max_bytes:
+                    break
                 due.append(task)
                 if len(due) >= limit:
                     break
@@ -104,7 +111,16 @@ class Queue:
         self.in_flight += len(due)
         return [(task, self.waiting.pop(task)) for task in due], (None if due else soonest)
 
-    def settle(self, task: str, entry: Entry, outcome: Outcome, now: float) -> None:
+    def settle_all(
+        self, batch: List[Tuple[str, Entry]], outcomes: List[Outcome], now: float
+    ) -> None:
+        """Records the outcomes of one exchange. Its retries share one jitter, so updates
+        that failed together (a 503 for the whole request) are retried together."""
+        jitter = random.random()
+        for (task, entry), outcome in zip(batch, outcomes):
+            self.settle(task, entry, outcome, now, jitter)
+
+    def settle(self, task: str, entry: Entry, outcome: Outcome, now: float, jitter: float) -> None:
         """Records one outcome: sent, scheduled again (merged under any newer update), or
         failed."""
         self.in_flight -= 1
@@ -124,7 +140,7 @@ class Queue:
                 self.stats["conflated"] += 1
                 return
             step = min(self.backoff * 2 ** (entry.sends - 1), self.backoff_max)
-            delay = max(step / 2 + random.random() * step / 2, min(outcome.after, 60.0))
+            delay = max(step / 2 + jitter * step / 2, min(outcome.after, 60.0))
             entry.not_before = now + delay
             self.waiting[task] = entry
             return
@@ -198,6 +214,11 @@ class Client:
             return outcome, None
         except Exception as e:  # refused, reset, timed out, DNS
             return Outcome(False, 0, "", str(getattr(e, "reason", e))), None
+
+
+def item_size(task: str, update: Update) -> int:
+    """About how many bytes the update takes as an item of `POST /api/progress`."""
+    return len(json.dumps(update)) + len(task) + 16
 
 
 def item_outcome(item: Any) -> Outcome:

@@ -32,10 +32,12 @@ class AsyncReporter:
         backoff: float = 0.2,
         backoff_max: float = 5.0,
         max_batch: int = 100,
+        max_batch_bytes: int = 256 * 1024,
     ) -> None:
         self._client = Client(url, key, timeout)
         self._queue = Queue(capacity, attempts, backoff, backoff_max)
         self._max_batch = max(1, max_batch)
+        self._max_batch_bytes = max_batch_bytes
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._sender: Optional["asyncio.Task[None]"] = None
@@ -94,7 +96,9 @@ class AsyncReporter:
 
     async def _run(self) -> None:
         while True:
-            batch, wait = self._queue.take(time.monotonic(), self._max_batch)
+            batch, wait = self._queue.take(
+                time.monotonic(), self._max_batch, self._max_batch_bytes
+            )
             if not batch:
                 if self._queue.idle():
                     self._settled.set()
@@ -108,5 +112,4 @@ class AsyncReporter:
                 self._queue.stats["batches"] += 1
             outcomes = await asyncio.to_thread(self._client.send, batch)
             now = time.monotonic()
-            for (task, entry), outcome in zip(batch, outcomes):
-                self._queue.settle(task, entry, outcome, now)
+            self._queue.settle_all(batch, outcomes, now)

@@ -15,10 +15,15 @@ class Reporter:
 
     `report()` never raises and never blocks. Updates waiting for one task merge (newest
     field wins); at most `capacity` tasks wait (the oldest unfinished one is dropped);
-    every update carries a `seq`, so a retry is harmless. When several tasks have updates
-    waiting, up to `max_batch` of them go in one `POST /api/progress`. Network errors, 5xx
-    and 429 are retried with backoff and jitter (honouring Retry-After), other refusals
-    (401 wrong key, 409 finished task) are not. Failures go to stderr and `stats`.
+    every update carries a `seq`, so a retry is harmless. One request is in flight at a
+    time, so never two for one task. A lone update goes out at once; when several tasks
+    have updates waiting, up to `max_batch` of them (about `max_batch_bytes` of JSON) go in
+    one `POST /api/progress`, whose items are answered one by one. Keep both below the
+    server's TASKCAST_MAX_BATCH_ITEMS (1000) and TASKCAST_MAX_BATCH_BODY_BYTES (1 MiB).
+    Network errors, 5xx and 429 are retried with backoff and jitter (honouring
+    Retry-After), for a whole request or a single item; other refusals (401 wrong key, 409
+    finished task) are not, and a refused item fails alone. Failures go to stderr and
+    `stats` (counted per update).
     """
 
     def __init__(
@@ -31,10 +36,12 @@ class Reporter:
         backoff: float = 0.2,
         backoff_max: float = 5.0,
         max_batch: int = 100,
+        max_batch_bytes: int = 256 * 1024,
     ) -> None:
         self._client = Client(url, key, timeout)
         self._queue = Queue(capacity, attempts, backoff, backoff_max)
         self._max_batch = max(1, max_batch)
+        self._max_batch_bytes = max_batch_bytes
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="taskcast-reporter", daemon=True).start()
         atexit.register(self.flush, 2.0)  # the daemon thread dies with the interpreter
@@ -80,7 +87,9 @@ class Reporter:
         while True:
             with self._cond:
                 while True:
-                    batch, wait = self._queue.take(time.monotonic(), self._max_batch)
+                    batch, wait = self._queue.take(
+                        time.monotonic(), self._max_batch, self._max_batch_bytes
+                    )
                     if batch:
                         break
                     self._cond.wait(wait)
@@ -89,6 +98,5 @@ class Reporter:
             outcomes = self._client.send(batch)
             with self._cond:
                 now = time.monotonic()
-                for (task, entry), outcome in zip(batch, outcomes):
-                    self._queue.settle(task, entry, outcome, now)
+                self._queue.settle_all(batch, outcomes, now)
                 self._cond.notify_all()

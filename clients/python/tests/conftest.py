@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import pytest
 
+from proxy import CountingProxy
+
 
 class Server:
     """The taskcast under test, spoken to with plain urllib (not the code under test)."""
@@ -56,3 +58,11 @@ def server() -> Server:
     if not url or not key:
         pytest.fail("TASKCAST_URL and TASKCAST_PUSH_KEY are not set: run scripts/py-test")
     return Server(url, key)
+
+
+@pytest.fixture
+def proxy(server: Server):
+    """A counting HTTP proxy in front of the server (tests/proxy.py)."""
+    counting = CountingProxy(server.url)
+    yield counting
+    counting.close()
