@@ -14,7 +14,9 @@ export interface PushFields {
 }
 
 export interface ReporterOptions {
-  /** Tries per push, the first included (5). */
+  /** Most tasks with an update waiting; past it the oldest unfinished one is dropped (1024). */
+  capacity?: number;
+  /** Tries per update, the first included (5). */
   attempts?: number;
   /** The first retry waits 0.5x to 1x of this (200). */
   backoffMs?: number;
@@ -22,12 +24,27 @@ export interface ReporterOptions {
   backoffMaxMs?: number;
   /** Bound on each request (5000). */
   timeoutMs?: number;
+  /** Most updates in one `POST /api/progress` (100); keep it under TASKCAST_MAX_BATCH_ITEMS. */
+  maxBatch?: number;
+  /** About the most JSON in one `POST /api/progress` (262144); under TASKCAST_MAX_BATCH_BODY_BYTES. */
+  maxBatchBytes?: number;
+}
+
+/** Counts per update since the reporter was made. */
+export interface ReporterStats {
+  sent: number;
+  retried: number;
+  dropped: number;
+  failed: number;
+  conflated: number;
+  /** Requests to `POST /api/progress` (several tasks in one request). */
+  batches: number;
 }
 
 /** A push refused by the server (its code), or still failing after every attempt. */
 export class ReporterError extends Error {
-  readonly code: ServerErrorCode | "unavailable" | "http_error";
-  /** The HTTP status, 0 when there was no answer. */
+  readonly code: ServerErrorCode | "unavailable" | "http_error" | "dropped";
+  /** The HTTP status (of the item, in a batch), 0 when there was no answer. */
   readonly status: number;
   readonly hint: string;
   readonly taskId: string | null;
@@ -35,8 +52,16 @@ export class ReporterError extends Error {
 
 export class Reporter {
   constructor(url: string, key: string, options?: ReporterOptions);
-  /** Pushes and resolves to the committed state (with `applied`). */
+  readonly stats: Readonly<ReporterStats>;
+  /** Queues an update and returns at once; never throws. */
+  report(taskId: string, fields: PushFields): void;
+  /** Pushes (merged with the task's waiting update) and resolves to the committed state. */
   push(taskId: string, fields: PushFields): Promise<TaskState & { applied: boolean }>;
   /** True once a push answer said a subscriber asked to cancel the task. */
   isCancelRequested(taskId: string): boolean;
+  /** Why taskcast refused this task's pushes as finished (409), or null. */
+  finished(taskId: string): string | null;
+  /** Waits until nothing is queued or in flight (at most timeoutMs, 5000): true if drained
+   * and nothing was dropped or failed since the previous flush. Never rejects. */
+  flush(timeoutMs?: number): Promise<boolean>;
 }
