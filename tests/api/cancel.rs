@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use taskcast::auth::Secret;
 use taskcast::auth::subscribe::{SubscribeAuth, mint_with, now_unix};
 use taskcast::domain::{TaskId, TaskStatus};
-use taskcast::reporter::{Options, Reporter, Update};
+use taskcast_reporter::{Options, Reporter, Update};
 
 use crate::both_stores;
 use crate::helpers::{

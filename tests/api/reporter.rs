@@ -1,4 +1,4 @@
-//! The generator side against a real server: `taskcast::reporter`, and the Python and Node
+//! The generator side against a real server: `taskcast_reporter`, and the Python and Node
 //! snippets run as subprocesses. A failed progress update must never break a generation.
 
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use taskcast::domain::{TaskId, TaskStatus};
-use taskcast::reporter::{Options, Reporter, Stats, Update};
+use taskcast_reporter::{Options, Reporter, Stats, Update};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::process::Command;

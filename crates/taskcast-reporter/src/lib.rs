@@ -6,8 +6,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use taskcast::domain::{TaskId, TaskStatus};
-//! use taskcast::reporter::{Options, Reporter, Update};
+//! use taskcast_reporter::{Options, Reporter, TaskId, TaskStatus, Update};
 //!
 //! # async fn generate(task: TaskId) {
 //! let key = std::env::var("TASK_PROCESS_SECRET_KEY").unwrap_or_default();
@@ -47,10 +46,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::auth::Secret;
-use crate::domain::{MAX_ERROR_CHARS, MAX_STAGE_CHARS, TaskId, TaskStatus};
-pub use crate::http_client::RootCa;
-use crate::http_client::{CallError, HttpClient, request};
+use taskcast_wire::Secret;
+use taskcast_wire::http::{CallError, HttpClient, request};
+// The types a report names, so a generator depends on this crate alone.
+pub use taskcast_wire::http::RootCa;
+pub use taskcast_wire::{IdKind, InvalidId, MAX_ERROR_CHARS, MAX_STAGE_CHARS, TaskId, TaskStatus};
 
 /// Tuning for a [`Reporter`]; the defaults suit a generator near its taskcast.
 #[derive(Clone, Debug)]
