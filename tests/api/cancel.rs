@@ -44,7 +44,7 @@ fn supabase_token(user: uuid::Uuid) -> String {
 }
 
 /// A subscribe token for `task` that carries the cancel right.
-fn cancel_token(task: TaskId) -> String {
+pub(crate) fn cancel_token(task: TaskId) -> String {
     mint_with(
         &Secret::new(SUBSCRIBE_SECRET),
         &[task],
@@ -53,7 +53,11 @@ fn cancel_token(task: TaskId) -> String {
     )
 }
 
-async fn cancel(app: &TestApp, task: impl std::fmt::Display, token: Option<&str>) -> (u16, Value) {
+pub(crate) async fn cancel(
+    app: &TestApp,
+    task: impl std::fmt::Display,
+    token: Option<&str>,
+) -> (u16, Value) {
     let mut request = app.http.post(app.url(&format!("/api/tasks/{task}/cancel")));
     if let Some(token) = token {
         request = request.bearer_auth(token);

@@ -24,30 +24,37 @@
 //! ```
 //!
 //! - **Bounded, latest wins.** At most [`Options::capacity`] tasks wait. A report for a task
-//!   that already waits is merged into it (newer fields win), so a burst costs one request.
+//!   that already waits is merged into it (newer fields win), so a burst costs one update.
 //!   When full, the oldest waiting update that is not final is dropped and counted.
-//! - **Ordered, idempotent.** Never two requests for one task at once; every update carries
-//!   a `seq` taken at report time, so the server ignores a retry it already applied.
-//! - **Retries** with capped exponential backoff and jitter on network errors, 5xx and 429,
-//!   honouring `Retry-After`. Other 4xx (wrong key, finished task) are logged with the
-//!   server's message and counted as failed, not retried. The key is never logged.
+//! - **Batched.** When several tasks have an update waiting, one request carries up to
+//!   [`Options::max_batch`] of them (`POST /api/progress`, at most 512 KiB); a lone update
+//!   goes out at once, alone (`POST /api/tasks/{id}/progress`), with no wait for company.
+//!   Up to [`Options::concurrency`] requests are in flight.
+//! - **Ordered, idempotent.** Never two requests for one task at once (a task's newer
+//!   update waits for the request carrying its older one); every update carries a `seq`
+//!   taken at report time, so the server ignores a retry it already applied.
+//! - **Retries, per update,** with capped exponential backoff and jitter on network errors,
+//!   5xx and 429, honouring `Retry-After`; in a batch, an update whose own result is a 5xx
+//!   or 429 is retried while the others are done. Other 4xx (wrong key, finished task) are
+//!   logged with the server's message and counted as failed, not retried; in a batch only
+//!   the update refused. [`Stats`] counts updates, except `requests`. The key is never
+//!   logged.
 //! - **Dropping** the last clone lets queued updates go out for [`Options::drain_timeout`];
 //!   a runtime that shuts down ends that early, so `flush` before returning from `main`.
 
-use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Notify;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
-
 use taskcast_wire::Secret;
-use taskcast_wire::http::{CallError, HttpClient, request};
+use taskcast_wire::http::HttpClient;
+use tokio::sync::Notify;
+
+use crate::queue::{Pending, Queue};
+
+mod queue;
+mod send;
+
 // The types a report names, so a generator depends on this crate alone.
 pub use taskcast_wire::http::RootCa;
 pub use taskcast_wire::{IdKind, InvalidId, MAX_ERROR_CHARS, MAX_STAGE_CHARS, TaskId, TaskStatus};
@@ -59,6 +66,9 @@ pub struct Options {
     pub capacity: usize,
     /// Requests in flight at once, never two for one task (at least 1). Default 4.
     pub concurrency: usize,
+    /// Most updates (one per task) in one request (1 to 1000, the server's default
+    /// `TASKCAST_MAX_BATCH_ITEMS`); 1 sends one request per update. Default 100.
+    pub max_batch: usize,
     /// Per request, connecting included. Default 5 s.
     pub request_timeout: Duration,
     /// Attempts per update, the first included (at least 1). Default 5.
@@ -78,6 +88,7 @@ impl Default for Options {
         Options {
             capacity: 1024,
             concurrency: 4,
+            max_batch: 100,
             request_timeout: Duration::from_secs(5),
             max_attempts: 5,
             backoff_base: Duration::from_millis(200),
@@ -87,12 +98,6 @@ impl Default for Options {
         }
     }
 }
-
-/// The most of an answer's body read (for the server's error message).
-const MAX_REPLY_BYTES: usize = 64 * 1024;
-
-/// The longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// One progress update. Setters make values valid rather than refuse them: progress is
 /// clamped to 0..=100, stage and error are cut to the server's limits.
@@ -161,6 +166,16 @@ impl Update {
         self.status.is_some_and(TaskStatus::is_terminal)
     }
 
+    /// At least the bytes of this update's JSON as a batch item (its task id and `seq`
+    /// included): every escaped character takes at most 6 bytes, the rest fits in 160.
+    fn json_bound(&self) -> usize {
+        let texts = [&self.stage, &self.image_url, &self.error];
+        160 + 6 * texts
+            .iter()
+            .map(|t| t.as_ref().map_or(0, String::len))
+            .sum::<usize>()
+    }
+
     /// Fills the fields this update leaves unset from an older one.
     fn fill_from(&mut self, older: Update) {
         self.progress = self.progress.or(older.progress);
@@ -171,33 +186,14 @@ impl Update {
     }
 }
 
-/// The JSON body of one push: an update and its `seq`.
-#[derive(Debug, Serialize)]
-struct Pending {
-    #[serde(flatten)]
-    update: Update,
-    seq: i64,
-}
-
-/// Process-wide, so two reporters in one process never share a `seq`; it follows the clock
-/// in microseconds, so a restarted generator still sends numbers above its earlier ones.
-static LAST_SEQ: AtomicI64 = AtomicI64::new(0);
-
-fn next_seq() -> i64 {
-    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH);
-    let now = since_epoch.map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2));
-    let bump = |last: i64| last.saturating_add(1).max(now);
-    let last = LAST_SEQ.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(bump(l)));
-    bump(last.unwrap_or_else(|l| l))
-}
-
 /// What became of the reported updates: each is counted once in `sent`, `conflated`,
-/// `dropped` or `failed`, or is still queued.
+/// `dropped` or `failed`, or is still queued or in flight.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Requests answered 2xx (including a retry the server had already applied).
+    /// Updates the server accepted (including a retry it had already applied).
     pub sent: u64,
-    /// Requests sent again after a network error, 5xx or 429.
+    /// Updates sent again after a network error, 5xx or 429 (of the request or, in a batch,
+    /// of the update's own result).
     pub retried: u64,
     /// Dropped because the queue was full, or still queued when a drop's drain ran out.
     pub dropped: u64,
@@ -207,84 +203,28 @@ pub struct Stats {
     pub conflated: u64,
     /// The most tasks that ever waited at once; never above `Options::capacity`.
     pub peak_pending: usize,
-}
-
-/// All that changes, under one lock: task → latest waiting update, the order in which
-/// tasks wait, the tasks with a request in flight, and the counts.
-#[derive(Default)]
-struct Queue {
-    waiting: HashMap<TaskId, Pending>,
-    order: VecDeque<TaskId>,
-    in_flight: HashSet<TaskId>,
-    stats: Stats,
-    /// `dropped + failed` when the previous `flush` returned.
-    lost_at_flush: u64,
-    closed: bool,
-    /// Tasks whose push answer said `cancel_requested: true`; a task leaves when a final
-    /// update is reported for it, so the set stays as small as the cancels in flight.
-    cancel_requested: HashSet<TaskId>,
-}
-
-impl Queue {
-    /// Queues `new`, merged into what waits for its task. Returns the task whose update
-    /// was dropped to stay within `capacity`.
-    fn push(&mut self, task: TaskId, new: Pending, capacity: usize) -> Option<TaskId> {
-        if let Some(waiting) = self.waiting.get_mut(&task) {
-            let older = std::mem::replace(waiting, new);
-            waiting.update.fill_from(older.update);
-            self.stats.conflated += 1;
-            return None;
-        }
-        let mut dropped = None;
-        if self.waiting.len() >= capacity {
-            self.stats.dropped += 1;
-            // A final update (completed, failed) goes only if every waiting one is final.
-            let not_final = |t: &TaskId| !self.waiting[t].update.is_final();
-            let victim = match self.order.iter().position(not_final) {
-                Some(i) => i,
-                None if new.update.is_final() => 0,
-                None => return Some(task),
-            };
-            let victim = self.order.remove(victim).expect("position is in range");
-            self.waiting.remove(&victim);
-            dropped = Some(victim);
-        }
-        self.waiting.insert(task, new);
-        self.order.push_back(task);
-        self.stats.peak_pending = self.stats.peak_pending.max(self.waiting.len());
-        dropped
-    }
-
-    /// The oldest waiting update whose task has no request in flight.
-    fn take_next(&mut self) -> Option<(TaskId, Pending)> {
-        let index = self
-            .order
-            .iter()
-            .position(|t| !self.in_flight.contains(t))?;
-        let task = self.order.remove(index).expect("position is in range");
-        self.in_flight.insert(task);
-        Some((
-            task,
-            self.waiting.remove(&task).expect("order mirrors waiting"),
-        ))
-    }
-
-    fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.in_flight.is_empty()
-    }
+    /// HTTP requests made, retries included: a batch of updates counts once.
+    pub requests: u64,
 }
 
 struct Shared {
     /// std Mutex, not tokio: nothing awaits while it is held.
     queue: Mutex<Queue>,
-    /// Wakes the background task: something was queued, or the last clone went away.
+    /// Wakes the background task: something was queued, a request ended (its tasks may
+    /// have more waiting), or the last clone went away.
     wake: Notify,
-    /// Wakes `flush`: a request finished.
+    /// Wakes `flush`: an update left the in-flight set.
     settled: Notify,
     client: HttpClient,
     base: String,
     key: Secret,
     options: Options,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The handle generators hold. Cloning is shallow: it is an `Arc`.
@@ -312,6 +252,7 @@ impl Reporter {
         let options = Options {
             capacity: options.capacity.max(1),
             concurrency: options.concurrency.max(1),
+            max_batch: options.max_batch.clamp(1, send::SERVER_MAX_BATCH_ITEMS),
             max_attempts: options.max_attempts.max(1),
             ..options
         };
@@ -326,7 +267,7 @@ impl Reporter {
             key: Secret::new(push_key.into().trim()),
             options,
         });
-        tokio::spawn(run(shared.clone()));
+        tokio::spawn(send::run(shared.clone()));
         Reporter(Arc::new(Handle(shared)))
     }
 
@@ -337,10 +278,7 @@ impl Reporter {
             return;
         }
         let shared = &self.0.0;
-        let pending = Pending {
-            update,
-            seq: next_seq(),
-        };
+        let pending = Pending::new(update);
         let (dropped, total) = {
             let mut queue = shared.queue();
             if pending.update.is_final() {
@@ -391,235 +329,5 @@ impl Reporter {
     /// so a task reported every second learns it within about a second.
     pub fn is_cancel_requested(&self, task: TaskId) -> bool {
         self.0.0.queue().cancel_requested.contains(&task)
-    }
-}
-
-/// Marks a task's request as finished however its future ends (done, panicked, aborted).
-struct InFlight(Arc<Shared>, TaskId);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.queue().in_flight.remove(&self.1);
-        self.0.settled.notify_waiters();
-    }
-}
-
-/// The background task: sends waiting updates, `concurrency` at a time, until the last
-/// clone is dropped and the queue is drained (or the drain time is up).
-async fn run(shared: Arc<Shared>) {
-    let mut jobs = JoinSet::new();
-    let mut drain_until = None;
-    loop {
-        while jobs.len() < shared.options.concurrency {
-            let Some((task, pending)) = shared.queue().take_next() else {
-                break;
-            };
-            let job = InFlight(shared.clone(), task);
-            jobs.spawn(async move { job.0.deliver(task, pending).await });
-        }
-        let (closed, idle) = {
-            let queue = shared.queue();
-            (queue.closed, queue.is_idle())
-        };
-        match (closed, idle) {
-            (true, true) => return,
-            (true, false) if drain_until.is_none() => {
-                drain_until = Some(Instant::now() + shared.options.drain_timeout);
-            }
-            _ => {}
-        }
-        let deadline = drain_until.unwrap_or_else(Instant::now);
-        tokio::select! {
-            () = shared.wake.notified() => {}
-            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
-            () = tokio::time::sleep_until(deadline), if drain_until.is_some() => break,
-        }
-    }
-    jobs.abort_all();
-    let mut queue = shared.queue();
-    let left = queue.waiting.len() + jobs.len();
-    queue.waiting.clear();
-    queue.order.clear();
-    queue.stats.dropped += left as u64;
-    tracing::warn!(
-        left,
-        "reporter dropped; updates not sent in the drain time are lost"
-    );
-}
-
-enum Verdict {
-    Delivered,
-    Refused(String),
-    Retry(String, Option<Duration>),
-}
-
-impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    async fn deliver(&self, task: TaskId, pending: Pending) {
-        let url = format!("{}/api/tasks/{task}/progress", self.base);
-        let seq = pending.seq;
-        for attempt in 1.. {
-            if attempt > 1 {
-                let mut queue = self.queue();
-                // A newer update for this task waits already: fold this one into it.
-                if let Some(newer) = queue.waiting.get_mut(&task) {
-                    newer.update.fill_from(pending.update);
-                    queue.stats.conflated += 1;
-                    return;
-                }
-                queue.stats.retried += 1;
-            }
-            let fail = |why: String| {
-                let failed = {
-                    let mut queue = self.queue();
-                    queue.stats.failed += 1;
-                    queue.stats.failed
-                };
-                // Warned at the 1st, 2nd, 4th... failure, so a wrong key does not flood the log.
-                if failed.is_power_of_two() {
-                    tracing::warn!(%task, seq, failed_total = failed, error = %why,
-                        "progress update not delivered");
-                } else {
-                    tracing::debug!(%task, seq, error = %why, "progress update not delivered");
-                }
-            };
-            let retry_after = match self.attempt(task, &url, &pending).await {
-                Verdict::Delivered => {
-                    self.queue().stats.sent += 1;
-                    return;
-                }
-                Verdict::Retry(why, after) if attempt < self.options.max_attempts => {
-                    tracing::debug!(%task, attempt, error = %why, "progress update to be retried");
-                    after.unwrap_or_default()
-                }
-                Verdict::Retry(why, _) => return fail(format!("{why} (after {attempt} attempts)")),
-                Verdict::Refused(why) => return fail(why),
-            };
-            tokio::time::sleep(self.backoff(attempt).max(retry_after)).await;
-        }
-    }
-
-    async fn attempt(&self, task: TaskId, url: &str, pending: &Pending) -> Verdict {
-        let body = serde_json::to_vec(pending).expect("an update serializes to JSON");
-        let bearer = format!("Bearer {}", self.key.expose());
-        let headers = [
-            (hyper::header::AUTHORIZATION, bearer.as_str()),
-            (hyper::header::CONTENT_TYPE, "application/json"),
-        ];
-        let sent = match request(hyper::Method::POST, url, &headers, body.into()) {
-            Ok(request) => {
-                let timeout = self.options.request_timeout;
-                self.client.call(request, timeout, MAX_REPLY_BYTES).await
-            }
-            Err(e) => Err(e),
-        };
-        let reply = match sent {
-            Ok(reply) => reply,
-            // A bad URL (or key), or a certificate we do not trust, would fail the same way
-            // again.
-            Err(e @ (CallError::Invalid(_) | CallError::Untrusted(_))) => {
-                return Verdict::Refused(e.to_string());
-            }
-            Err(e) => return Verdict::Retry(e.to_string(), None),
-        };
-        let status = reply.status;
-        if status.is_success() {
-            // A final update's answer still says so; the task is over, so it is not kept.
-            if !pending.update.is_final() && cancel_requested(&reply.body) {
-                self.queue().cancel_requested.insert(task);
-            }
-            return Verdict::Delivered;
-        }
-        let retry_after = (reply.headers.get(hyper::header::RETRY_AFTER))
-            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-            .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
-        let message = server_message(&String::from_utf8_lossy(&reply.body));
-        let why = format!("{status}: {message}");
-        if status.is_server_error() || status == hyper::StatusCode::TOO_MANY_REQUESTS {
-            Verdict::Retry(why, retry_after)
-        } else {
-            Verdict::Refused(why)
-        }
-    }
-
-    /// Exponential and capped, with jitter: a random point in the upper half of the step.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let step = (self.options.backoff_base)
-            .saturating_mul(1 << (attempt - 1).min(20))
-            .min(self.options.backoff_max);
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_u32(attempt);
-        let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
-        step / 2 + (step / 2).mul_f64(fraction)
-    }
-}
-
-/// Whether a push answer carries `"cancel_requested": true` (a cheap byte search first: most
-/// answers do not).
-fn cancel_requested(body: &[u8]) -> bool {
-    body.windows(18).any(|w| w == b"\"cancel_requested\"")
-        && serde_json::from_slice::<serde_json::Value>(body)
-            .is_ok_and(|v| v["cancel_requested"] == serde_json::Value::Bool(true))
-}
-
-/// `message (hint)` from an error body of ours, or the start of any other body.
-fn server_message(body: &str) -> String {
-    let json = serde_json::from_str::<serde_json::Value>(body).ok();
-    let parts = json
-        .as_ref()
-        .map(|v| (v["message"].as_str(), v["hint"].as_str()));
-    match parts {
-        Some((Some(message), Some(hint))) => format!("{message} ({hint})"),
-        _ => body.chars().take(200).collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pending(update: Update) -> Pending {
-        let seq = next_seq();
-        Pending { update, seq }
-    }
-
-    #[test]
-    fn a_newer_update_wins_and_keeps_the_fields_it_leaves_unset() {
-        let (mut queue, task) = (Queue::default(), TaskId::random());
-        queue.push(task, pending(Update::new().stage("uploading")), 1);
-        let first_seq = queue.waiting[&task].seq;
-        queue.push(task, pending(Update::new().progress(250.0)), 1);
-        let (_, merged) = queue.take_next().expect("one waiting");
-        assert_eq!(
-            merged.update,
-            Update::new().stage("uploading").progress(100.0)
-        );
-        assert!(merged.seq > first_seq);
-        assert_eq!(queue.stats.conflated, 1);
-    }
-
-    #[test]
-    fn a_full_queue_drops_the_oldest_update_that_is_not_final() {
-        let mut queue = Queue::default();
-        let [a, b, c, d] = [(); 4].map(|()| TaskId::random());
-        assert_eq!(
-            queue.push(a, pending(Update::completed("https://x.io/a.png")), 2),
-            None
-        );
-        assert_eq!(queue.push(b, pending(Update::new().progress(1.0)), 2), None);
-        assert_eq!(
-            queue.push(c, pending(Update::new().progress(2.0)), 2),
-            Some(b)
-        );
-        assert_eq!(
-            queue.push(d, pending(Update::new().progress(3.0)), 2),
-            Some(c)
-        );
-        assert!(queue.waiting.contains_key(&a), "the final update survives");
-        assert_eq!((queue.waiting.len(), queue.stats.peak_pending), (2, 2));
-        assert_eq!(queue.stats.dropped, 2);
     }
 }
