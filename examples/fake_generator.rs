@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::Value;
-use taskcast::domain::{TaskId, TaskStatus};
-use taskcast_reporter::{Options, Reporter, Update};
+use taskcast_reporter::{Options, Reporter, TaskId, TaskStatus, Update};
 
 #[derive(Parser)]
 struct Args {
