@@ -16,7 +16,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
 use crate::both_stores;
-use crate::helpers::{KEY, StoreKind, TestApp, WAIT, spawn_app, spawn_app_with, wait_until};
+use crate::helpers::{
+    KEY, StoreKind, TestApp, TestDb, WAIT, spawn_app, spawn_app_on_with, spawn_app_with, wait_until,
+};
+use crate::proxy::Proxy;
 
 /// Retries that give up in about a tenth of a second.
 fn fast_retries() -> Options {
@@ -575,6 +578,48 @@ async fn a_batch_answered_503_as_a_whole_is_retried_and_then_delivered() {
     assert!(proxy.requests() >= 2, "the batch went again");
     for task in &tasks {
         assert_eq!(stored(&app, *task).await["progress"].as_f64(), Some(70.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_answered_503_one_by_one_inside_a_batch_answer_are_retried_and_then_delivered() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url)
+        .await
+        .expect("migrate");
+    let database = Proxy::to(&db).await;
+    let app = spawn_app_on_with(db.url_via_port(database.port), None, |c| {
+        c.limits.db_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tasks = processing_tasks(&app, 3).await;
+    let proxy = CountingProxy::to(&app).await;
+    // The table's shape is cached by now, so the batch is read and answered 200; each of
+    // its updates gets its own 503 from the writer.
+    database.go_down();
+    let options = Options {
+        max_attempts: 20,
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let reporter = Reporter::new(&proxy.url, KEY, options);
+    for task in &tasks {
+        reporter.report(*task, Update::new().progress(60.0));
+    }
+    wait_until(|| reporter.stats().retried >= 3).await;
+    database.come_back();
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+
+    let stats = reporter.stats();
+    assert_eq!((stats.sent, stats.failed), (3, 0), "{stats:?}");
+    assert_eq!(
+        proxy.unavailable.load(Ordering::SeqCst),
+        0,
+        "the 503s came per update, inside 200 answers"
+    );
+    for task in &tasks {
+        assert_eq!(stored(&app, *task).await["progress"].as_f64(), Some(60.0));
     }
 }
 
