@@ -1,4 +1,4 @@
-//! A pretend image generator that reports its progress with `taskcast::reporter`.
+//! A pretend image generator that reports its progress with `taskcast_reporter`.
 //!
 //! ```text
 //! cargo run --example fake_generator -- [--url http://127.0.0.1:8080] [--key KEY] [--task UUID]
@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::Value;
-use taskcast::domain::{TaskId, TaskStatus};
-use taskcast::reporter::{Options, Reporter, Update};
+use taskcast_reporter::{Options, Reporter, TaskId, TaskStatus, Update};
 
 #[derive(Parser)]
 struct Args {

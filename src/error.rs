@@ -5,7 +5,6 @@
 //! `{"error": code, "message": what was wrong, "hint": what to do}`.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 
 use serde::Serialize;
 use warp::http::{StatusCode, header};
@@ -476,17 +475,15 @@ fn clone_rejected(err: &Error) -> Error {
     }
 }
 
-/// An error and its causes on one line, `error: cause: cause`: the one walker of a cause
-/// chain, for logs and for `taskcast doctor`.
-pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
+/// A bad task id is a 400 naming the `task_id` field.
+impl From<taskcast_wire::InvalidId> for Error {
+    fn from(e: taskcast_wire::InvalidId) -> Self {
+        Error::invalid("task_id", e.0)
     }
-    out
 }
+
+/// The one walker of a cause chain (`error: cause: cause`), shared with the HTTP client.
+pub use taskcast_wire::cause_chain;
 
 /// warp's `recover` hook: every rejection goes through [`Error::into_response`].
 pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {

@@ -22,8 +22,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Header};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::http_client::{HttpClient, request};
 use crate::shutdown::Shutdown;
+use taskcast_wire::http::{HttpClient, request};
 
 /// Timings and bounds of the key fetch.
 #[derive(Clone, Debug)]

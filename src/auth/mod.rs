@@ -6,7 +6,7 @@ pub mod subscribe;
 
 pub use push_key::{KeySource, MIN_KEY_CHARS, PushKey};
 
-pub use crate::secret::Secret;
+pub use taskcast_wire::Secret;
 
 /// The credential in an `Authorization: Bearer <credential>` value (scheme case-insensitive,
 /// surrounding whitespace ignored).

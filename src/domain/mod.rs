@@ -4,33 +4,29 @@
 //! whose constructors reject bad input with a message that names the field and says what
 //! a valid value looks like. Past the route, nothing checks these values again.
 
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::Error;
 
-mod id;
 mod place;
 mod state;
 mod status_map;
 mod stored;
 mod update;
 
-pub use id::{IdKind, MAX_ID_BYTES, TaskId};
 pub use place::{QueuePlace, STALL_ERROR};
 pub use state::{CancelDecision, Decision, Eta, Outcome, TaskRow, TaskState};
 pub use status_map::{StatusMap, StatusWords};
 pub use stored::{StoredRow, Unreadable};
+pub use taskcast_wire::{
+    IdKind, InvalidId, MAX_ERROR_CHARS, MAX_ID_BYTES, MAX_STAGE_CHARS, TaskId, TaskStatus,
+};
 pub use update::{NewTask, ProgressUpdate};
 
-/// Longest accepted `stage` text, in characters.
-pub const MAX_STAGE_CHARS: usize = 256;
 /// Longest accepted `image_url`, in characters.
 pub const MAX_IMAGE_URL_CHARS: usize = 2048;
 /// Largest accepted `step` and `total_steps`.
 pub const MAX_STEPS: u32 = 1_000_000;
-/// Longest accepted `error` text, in characters.
-pub const MAX_ERROR_CHARS: usize = 1024;
 
 /// Percent complete, a finite number from 0 to 100 inclusive.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -78,49 +74,6 @@ impl Stage {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-/// The lifecycle of a task. The last three are terminal: once reached, nothing changes.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskStatus {
-    Pending,
-    Processing,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl TaskStatus {
-    pub const ALL: [TaskStatus; 5] = [
-        TaskStatus::Pending,
-        TaskStatus::Processing,
-        TaskStatus::Completed,
-        TaskStatus::Failed,
-        TaskStatus::Cancelled,
-    ];
-
-    pub fn parse(raw: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == raw)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskStatus::Pending => "pending",
-            TaskStatus::Processing => "processing",
-            TaskStatus::Completed => "completed",
-            TaskStatus::Failed => "failed",
-            TaskStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Completed, failed and cancelled are final: further pushes get 409.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
-        )
     }
 }
 

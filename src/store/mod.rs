@@ -93,7 +93,7 @@ impl Store {
     /// Parses a client's task id for this store's table (a 400 that says what an id looks
     /// like when it does not fit).
     pub async fn parse_id(&self, raw: &str) -> Result<TaskId, Error> {
-        self.id_kind().await?.parse(raw)
+        Ok(self.id_kind().await?.parse(raw)?)
     }
 
     /// A user's feed snapshot: up to `unfinished` of `user`'s unfinished tasks, then up to

@@ -36,7 +36,7 @@ use crate::domain::{
     Unreadable,
 };
 use crate::error::Error;
-use crate::secret::Secret;
+use taskcast_wire::Secret;
 
 mod derived;
 pub use derived::Sweep;

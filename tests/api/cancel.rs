@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use taskcast::auth::Secret;
 use taskcast::auth::subscribe::{SubscribeAuth, mint_with, now_unix};
 use taskcast::domain::{TaskId, TaskStatus};
-use taskcast::reporter::{Options, Reporter, Update};
+use taskcast_reporter::{Options, Reporter, Update};
 
 use crate::both_stores;
 use crate::helpers::{
@@ -44,7 +44,7 @@ fn supabase_token(user: uuid::Uuid) -> String {
 }
 
 /// A subscribe token for `task` that carries the cancel right.
-fn cancel_token(task: TaskId) -> String {
+pub(crate) fn cancel_token(task: TaskId) -> String {
     mint_with(
         &Secret::new(SUBSCRIBE_SECRET),
         &[task],
@@ -53,7 +53,11 @@ fn cancel_token(task: TaskId) -> String {
     )
 }
 
-async fn cancel(app: &TestApp, task: impl std::fmt::Display, token: Option<&str>) -> (u16, Value) {
+pub(crate) async fn cancel(
+    app: &TestApp,
+    task: impl std::fmt::Display,
+    token: Option<&str>,
+) -> (u16, Value) {
     let mut request = app.http.post(app.url(&format!("/api/tasks/{task}/cancel")));
     if let Some(token) = token {
         request = request.bearer_auth(token);

@@ -768,7 +768,7 @@ proptest! {
                 prop_assert_eq!(id.to_string(), raw.trim().to_ascii_lowercase());
             }
             (Err(e), None) => {
-                let (_, message) = invalid_field(e, &["task_id"])?;
+                let (_, message) = invalid_field(e.into(), &["task_id"])?;
                 prop_assert!(message.contains("UUID"), "{}", message);
             }
             (Ok(id), None) => prop_assert!(false, "{raw:?} accepted as {id:?}"),
@@ -839,7 +839,7 @@ proptest! {
             invalid_field(e, &["message", "type", "task_id", "token"])?;
         }
         if let Err(e) = TaskId::parse(&text) {
-            invalid_field(e, &["task_id"])?;
+            invalid_field(e.into(), &["task_id"])?;
         }
     }
 }

@@ -273,3 +273,43 @@ fn the_readme_map_names_every_top_level_module() {
         "modules missing from the map: {missing:?}"
     );
 }
+
+/// The crates under crates/ are what a generator links: none may name the server package or
+/// a server-only dependency, so `taskcast-reporter` never drags warp or Postgres along.
+#[test]
+fn the_workspace_crates_depend_on_no_server_part() {
+    const SERVER_ONLY: [&str; 7] = [
+        "taskcast",
+        "warp",
+        "tokio-postgres",
+        "deadpool-postgres",
+        "tokio-tungstenite",
+        "jsonwebtoken",
+        "metrics",
+    ];
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&crates).expect("crates/ is a readable directory") {
+        let manifest = entry.expect("a directory entry").path().join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).expect("each crate has a Cargo.toml");
+        // Dependency names start a line inside a [*dependencies] table.
+        let mut in_deps = false;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_deps = line.ends_with("dependencies]") && !line.contains("dev-");
+                continue;
+            }
+            let name = line.split(['=', ' ']).next().unwrap_or_default();
+            assert!(
+                !(in_deps && SERVER_ONLY.contains(&name)),
+                "{} depends on {name}",
+                manifest.display()
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 2,
+        "crates/ holds the reporter and the wire crate"
+    );
+}

@@ -1,20 +1,25 @@
-//! The generator side against a real server: `taskcast::reporter`, and the Python and Node
+//! The generator side against a real server: `taskcast_reporter`, and the Python and Node
 //! snippets run as subprocesses. A failed progress update must never break a generation.
 
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use taskcast::domain::{TaskId, TaskStatus};
-use taskcast::reporter::{Options, Reporter, Stats, Update};
+use taskcast_reporter::{Options, Reporter, Stats, Update};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
 use crate::both_stores;
-use crate::helpers::{KEY, StoreKind, TestApp, WAIT, spawn_app};
+use crate::helpers::{
+    KEY, StoreKind, TestApp, TestDb, WAIT, spawn_app, spawn_app_on_with, spawn_app_with, wait_until,
+};
+use crate::proxy::Proxy;
 
 /// Retries that give up in about a tenth of a second.
 fn fast_retries() -> Options {
@@ -355,6 +360,289 @@ async fn answer(listener: TcpListener, arrivals: Arc<Mutex<Vec<Instant>>>) {
         let _ = socket.write_all(response).await;
         let _ = socket.shutdown().await;
     }
+}
+
+/// A TCP proxy in front of the real server that counts what goes through: requests
+/// (request lines starting `POST /api/`) and answers that are 503. No answer is made up.
+struct CountingProxy {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    unavailable: Arc<AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn to(app: &TestApp) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let unavailable = Arc::new(AtomicUsize::new(0));
+        let (to_server, to_client) = (Arc::clone(&requests), Arc::clone(&unavailable));
+        let server = app.addr;
+        let accept = tokio::spawn(async move {
+            let mut flows = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(server).await else {
+                    continue;
+                };
+                let (client_in, client_out) = client.into_split();
+                let (server_in, server_out) = upstream.into_split();
+                flows.spawn(copy_counting(
+                    client_in,
+                    server_out,
+                    b"POST /api/",
+                    to_server.clone(),
+                ));
+                flows.spawn(copy_counting(
+                    server_in,
+                    client_out,
+                    b"HTTP/1.1 503",
+                    to_client.clone(),
+                ));
+            }
+        });
+        CountingProxy {
+            url,
+            requests,
+            unavailable,
+            accept,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies one direction of a connection, counting `needle` (also across reads).
+async fn copy_counting(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    needle: &'static [u8],
+    seen: Arc<AtomicUsize>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        tail.extend_from_slice(&buffer[..n]);
+        let found = tail.windows(needle.len()).filter(|w| *w == needle).count();
+        seen.fetch_add(found, Ordering::SeqCst);
+        let keep = tail.len().min(needle.len() - 1);
+        tail.drain(..tail.len() - keep);
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Tasks created in the app and moved to `processing` (through the app, not the reporter).
+async fn processing_tasks(app: &TestApp, count: usize) -> Vec<TaskId> {
+    let mut tasks = Vec::new();
+    for _ in 0..count {
+        let task = app.create_task().await;
+        app.push_ok(task, json!({"status": "processing", "progress": 1}))
+            .await;
+        tasks.push(task);
+    }
+    tasks
+}
+
+#[tokio::test]
+async fn fifty_tasks_reported_at_once_are_all_delivered_in_far_fewer_than_fifty_requests() {
+    let app = spawn_app(StoreKind::Postgres).await;
+    let tasks = processing_tasks(&app, 50).await;
+    let proxy = CountingProxy::to(&app).await;
+    let reporter = Reporter::new(&proxy.url, KEY, Options::default());
+    for (i, task) in tasks.iter().enumerate() {
+        reporter.report(
+            *task,
+            Update::new().progress(50.0).stage(format!("step {i}")),
+        );
+    }
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+
+    for (i, task) in tasks.iter().enumerate() {
+        let state = stored(&app, *task).await;
+        assert_eq!(
+            (state["progress"].as_f64(), state["stage"].as_str()),
+            (Some(50.0), Some(format!("step {i}").as_str())),
+            "{state}"
+        );
+    }
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.sent, stats.failed, stats.retried),
+        (50, 0, 0),
+        "{stats:?}"
+    );
+    let requests = proxy.requests();
+    assert_eq!(
+        requests as u64, stats.requests,
+        "the reporter counts what the proxy saw"
+    );
+    assert!(requests <= 5, "50 updates took {requests} requests");
+    eprintln!("50 tasks reported at once: {requests} request(s)");
+}
+
+#[tokio::test]
+async fn an_update_refused_in_a_batch_is_counted_failed_and_the_others_of_its_request_are_delivered()
+ {
+    let app = spawn_app(StoreKind::Postgres).await;
+    let tasks = processing_tasks(&app, 5).await;
+    let finished = tasks[2];
+    let done = json!({"status": "completed", "progress": 100, "image_url": "https://cdn.example.com/f.png"});
+    app.push_ok(finished, done).await;
+    let proxy = CountingProxy::to(&app).await;
+    let reporter = Reporter::new(&proxy.url, KEY, fast_retries());
+    for task in &tasks {
+        reporter.report(*task, Update::new().progress(30.0));
+    }
+    assert!(
+        !reporter.flush(WAIT).await,
+        "a refused update makes flush say so"
+    );
+
+    assert_eq!(proxy.requests(), 1, "the five went in one request");
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.sent, stats.failed, stats.retried),
+        (4, 1, 0),
+        "{stats:?}"
+    );
+    for task in &tasks {
+        let state = stored(&app, *task).await;
+        if *task == finished {
+            assert_eq!(
+                (state["status"].as_str(), state["progress"].as_f64()),
+                (Some("completed"), Some(100.0)),
+                "{state}"
+            );
+        } else {
+            assert_eq!(state["progress"].as_f64(), Some(30.0), "{state}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_answered_503_as_a_whole_is_retried_and_then_delivered() {
+    let app = spawn_app_with(StoreKind::Postgres, |c| {
+        c.limits.max_http_connections = 1;
+        c.limits.body_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let tasks = processing_tasks(&app, 3).await;
+    // The only HTTP slot, held by a request in flight: the server answers any other
+    // connection 503 with Retry-After until it is let go.
+    let mut hog = TcpStream::connect(app.addr).await.expect("connect");
+    let head = format!(
+        "POST /api/tasks/{}/progress HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Length: 20\r\nExpect: 100-continue\r\n\r\n",
+        tasks[0]
+    );
+    hog.write_all(head.as_bytes()).await.expect("write");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("100 Continue") {
+        let mut buffer = [0u8; 256];
+        let n = tokio::time::timeout(WAIT, hog.read(&mut buffer))
+            .await
+            .expect("100 Continue in time")
+            .expect("read");
+        assert!(n > 0, "the server closed the held request");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+
+    let proxy = CountingProxy::to(&app).await;
+    let reporter = Reporter::new(&proxy.url, KEY, Options::default());
+    for task in &tasks {
+        reporter.report(*task, Update::new().progress(70.0));
+    }
+    wait_until(|| proxy.unavailable.load(Ordering::SeqCst) > 0).await;
+    assert_eq!(reporter.stats().sent, 0, "{:?}", reporter.stats());
+    drop(hog);
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+
+    let stats = reporter.stats();
+    assert_eq!((stats.sent, stats.failed), (3, 0), "{stats:?}");
+    assert!(stats.retried >= 3, "each update was sent again: {stats:?}");
+    assert!(proxy.requests() >= 2, "the batch went again");
+    for task in &tasks {
+        assert_eq!(stored(&app, *task).await["progress"].as_f64(), Some(70.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_answered_503_one_by_one_inside_a_batch_answer_are_retried_and_then_delivered() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url)
+        .await
+        .expect("migrate");
+    let database = Proxy::to(&db).await;
+    let app = spawn_app_on_with(db.url_via_port(database.port), None, |c| {
+        c.limits.db_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tasks = processing_tasks(&app, 3).await;
+    let proxy = CountingProxy::to(&app).await;
+    // The table's shape is cached by now, so the batch is read and answered 200; each of
+    // its updates gets its own 503 from the writer.
+    database.go_down();
+    let options = Options {
+        max_attempts: 20,
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let reporter = Reporter::new(&proxy.url, KEY, options);
+    for task in &tasks {
+        reporter.report(*task, Update::new().progress(60.0));
+    }
+    wait_until(|| reporter.stats().retried >= 3).await;
+    database.come_back();
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+
+    let stats = reporter.stats();
+    assert_eq!((stats.sent, stats.failed), (3, 0), "{stats:?}");
+    assert_eq!(
+        proxy.unavailable.load(Ordering::SeqCst),
+        0,
+        "the 503s came per update, inside 200 answers"
+    );
+    for task in &tasks {
+        assert_eq!(stored(&app, *task).await["progress"].as_f64(), Some(60.0));
+    }
+}
+
+#[tokio::test]
+async fn cancel_requested_is_read_per_update_of_a_batch_answer() {
+    let app = spawn_app(StoreKind::Postgres).await;
+    let tasks = processing_tasks(&app, 3).await;
+    let (code, _) =
+        crate::cancel::cancel(&app, tasks[1], Some(&crate::cancel::cancel_token(tasks[1]))).await;
+    assert_eq!(code, 200);
+    let proxy = CountingProxy::to(&app).await;
+    let reporter = Reporter::new(&proxy.url, KEY, Options::default());
+    for task in &tasks {
+        reporter.report(*task, Update::new().progress(40.0));
+    }
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+
+    assert_eq!(proxy.requests(), 1, "the three went in one request");
+    let asked: Vec<bool> = tasks
+        .iter()
+        .map(|t| reporter.is_cancel_requested(*t))
+        .collect();
+    assert_eq!(asked, [false, true, false]);
 }
 
 /// Runs a snippet's CLI; `None` (after saying so on stderr) when its interpreter is missing.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use taskcast::domain::TaskStatus;
-use taskcast::reporter::{Options, Reporter, RootCa, Update};
+use taskcast_reporter::{Options, Reporter, RootCa, Update};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 

@@ -28,3 +28,18 @@ impl fmt::Display for Secret {
         f.write_str("***")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_prints_as_stars_whichever_way_it_is_formatted() {
+        let key = Secret::new("push-key-0123456789");
+        assert_eq!(
+            format!("{key} {key:?} {:?}", Some(&key)),
+            "*** *** Some(***)"
+        );
+        assert_eq!(key.expose(), "push-key-0123456789");
+    }
+}

@@ -1,4 +1,4 @@
-//! Outgoing HTTP and HTTPS: the reporter's pushes and the Supabase JWKS fetch.
+//! Outgoing HTTP and HTTPS: the reporter's pushes and the server's Supabase JWKS fetch.
 //!
 //! TLS is rustls with the ring provider, set on the connector itself rather than installed
 //! process-wide, so nothing here depends on (or changes) a global rustls default. The trust
@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::error::cause_chain;
+use crate::cause_chain;
 
 /// An extra certificate authority to trust (a private CA in front of taskcast, or a test's).
 #[derive(Clone, Debug)]
@@ -166,8 +166,6 @@ pub fn request(
         .map_err(|e| CallError::Invalid(format!("{url:?}: {e}")))
 }
 
-/// An error and its causes on one line ("client error (Connect): tcp connect error:
-/// Connection refused (os error 111)").
 /// Whether rustls refused the server's certificate somewhere in `error`'s causes (hyper-rustls
 /// wraps it in an `io::Error`, whose `source` skips the wrapped error, hence `get_ref`).
 fn untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -10,10 +10,14 @@ use std::fmt;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::error::Error;
-
 /// Longest id, in bytes. Longer text ids cannot be watched or pushed to (a clear 400).
 pub const MAX_ID_BYTES: usize = 63;
+
+/// Why a text is not a task id: what a valid one looks like and what was given (cut to
+/// 40 characters). The server answers it as a 400 naming the `task_id` field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidId(pub String);
 
 /// The id of a row in `public.image_tasks`, in its canonical text form.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,7 +45,7 @@ impl IdKind {
     };
 
     /// Parses a client's id for a table whose id is of this kind.
-    pub fn parse(self, raw: &str) -> Result<TaskId, Error> {
+    pub fn parse(self, raw: &str) -> Result<TaskId, InvalidId> {
         match self {
             IdKind::Uuid => {
                 let raw = raw.trim();
@@ -80,18 +84,18 @@ impl IdKind {
         }
     }
 
-    fn refusal(self, raw: &str) -> Error {
+    fn refusal(self, raw: &str) -> InvalidId {
         let shown: String = raw.chars().take(40).collect();
-        Error::invalid(
-            "task_id",
-            format!("task_id must be {}, got {shown:?}", self.describe()),
-        )
+        InvalidId(format!(
+            "task_id must be {}, got {shown:?}",
+            self.describe()
+        ))
     }
 }
 
 impl TaskId {
     /// Parses a UUID id (the default table's kind); see [`IdKind::parse`] for the others.
-    pub fn parse(raw: &str) -> Result<Self, Error> {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         IdKind::Uuid.parse(raw)
     }
 
