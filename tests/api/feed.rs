@@ -483,6 +483,21 @@ async fn changes_offered_while_a_feed_snapshot_is_read_are_neither_lost_nor_sent
     assert_eq!(versions, latest, "each task ends at its latest version");
 }
 
+/// Bytes of one feed frame in the slow reader test (two 2 kB URLs), rounded down.
+const SLOW_FRAME_BYTES: usize = 4_000;
+
+/// How many times every one of `count` tasks must change while a feed reader reads
+/// nothing: enough to fill the server's socket send buffer (at most the kernel's
+/// `tcp_wmem` maximum; the reader's receive buffer is small), then two more, each of which
+/// leaves all `count` tasks waiting.
+fn rounds_to_fall_behind(count: usize) -> usize {
+    let most_buffered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    most_buffered.div_ceil(count * SLOW_FRAME_BYTES) + 2
+}
+
 /// A WebSocket client with a small receive buffer, so a client that stops reading holds
 /// up the server soon.
 async fn slow_reader(app: &TestApp) -> Subscriber {
@@ -500,9 +515,6 @@ async fn slow_reader(app: &TestApp) -> Subscriber {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_reader_more_than_1024_tasks_behind_is_ended_with_limit_exceeded_and_forgotten() {
-    /// Times every task changes while the reader reads nothing: the first rounds fill the
-    /// socket buffers, the next ones leave more than 1,024 tasks waiting.
-    const ROUNDS: usize = 3;
     let app = spawn_app_with(StoreKind::Postgres, |c| {
         // Ended by the feed's bound, not by the write deadline or a missing pong.
         c.limits.ping_interval = Duration::from_secs(60);
@@ -511,6 +523,7 @@ async fn a_feed_reader_more_than_1024_tasks_behind_is_ended_with_limit_exceeded_
     .await;
     let alice = Uuid::new_v4();
     let count = MAX_PENDING_TASKS + 100;
+    let rounds = rounds_to_fall_behind(count);
     let tasks: Vec<String> = app
         .db
         .as_ref()
@@ -537,7 +550,7 @@ async fn a_feed_reader_more_than_1024_tasks_behind_is_ended_with_limit_exceeded_
     // make each frame about 4.5 kB, so a few rounds outgrow what the sockets buffer.
     let url = |kind: &str| format!("https://cdn.example.com/{kind}/{}.png", "x".repeat(2000));
     let (image_url, preview_url) = (url("image"), url("preview"));
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         for chunk in tasks.chunks(200) {
             let updates: Vec<Value> = (chunk.iter())
                 .map(|task| {
@@ -573,7 +586,7 @@ async fn a_feed_reader_more_than_1024_tasks_behind_is_ended_with_limit_exceeded_
     assert_eq!(ended["code"], "limit_exceeded", "{ended}");
     assert_eq!(ended["task_id"], format!("user:{alice}"), "{ended}");
     assert!(
-        states < ROUNDS * count,
+        states < rounds * count,
         "{states} states arrived: the reader was never behind"
     );
     // The hub forgets the feed, while the connection stays open ...
@@ -585,12 +598,13 @@ async fn a_feed_reader_more_than_1024_tasks_behind_is_ended_with_limit_exceeded_
     let fresh = read_snapshot(&mut sub, alice).await;
     assert_eq!(fresh.len(), FEED_MAX_UNFINISHED);
     assert!(
-        fresh.iter().all(|s| s["progress"] == ROUNDS as f64),
+        fresh.iter().all(|s| s["progress"] == rounds as f64),
         "{:?}",
         fresh.first()
     );
     eprintln!(
-        "slow feed reader: {states} states arrived before limit_exceeded, of {} changes",
-        ROUNDS * count
+        "slow feed reader: {states} states arrived before limit_exceeded, of {} changes \
+         ({rounds} rounds)",
+        rounds * count
     );
 }
