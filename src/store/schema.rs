@@ -106,10 +106,17 @@ fn created(before: &[String], after: &[String], channel: &str) -> Vec<String> {
     let mut out = Vec::new();
     let triggers = new(&TRIGGERS);
     if !triggers.is_empty() {
+        // The bump trigger alone sends nothing.
+        let sends = triggers.iter().any(|t| t.starts_with("taskcast_notify"));
         out.push(format!(
-            "installed {} {} (channel {channel})",
+            "installed {} {}{}",
             plural(triggers.len(), "trigger", "triggers"),
-            and_list(&triggers)
+            and_list(&triggers),
+            if sends {
+                format!(" (channel {channel})")
+            } else {
+                String::new()
+            }
         ));
     }
     let indexes = new(&INDEXES);

@@ -279,3 +279,14 @@ async fn migrate_reports_the_insert_trigger_and_feed_index_of_a_database_from_be
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_the_version_trigger_without_a_channel_it_does_not_send_on() {
+    let db = TestDb::create().await;
+    let changes = migrate_again_after(
+        &db,
+        "DROP TRIGGER taskcast_bump_version ON public.image_tasks",
+    )
+    .await;
+    assert_eq!(changes, ["installed trigger taskcast_bump_version"]);
+}
