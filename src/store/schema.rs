@@ -50,29 +50,89 @@ async fn table_columns<C: GenericClient>(client: &C) -> Result<Vec<String>, toki
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-async fn has_notify_trigger<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
-               WHERE tgrelid = to_regclass('public.image_tasks') AND tgname = 'taskcast_notify')",
-            &[],
+/// The triggers schema.sql installs on `public.image_tasks`, in the order migrate names them.
+const TRIGGERS: [&str; 4] = [
+    "taskcast_bump_version",
+    "taskcast_notify",
+    "taskcast_notify_insert",
+    "taskcast_notify_delete",
+];
+
+/// The indexes schema.sql creates, in the order migrate names them.
+const INDEXES: [&str; 2] = [
+    "image_tasks_cancel_requested_at",
+    "image_tasks_user_id_updated_at_idx",
+];
+
+/// Which of schema.sql's triggers, indexes and helper function exist now, by name. An index
+/// counts when its name is taken in `public`, as `CREATE INDEX IF NOT EXISTS` judges it.
+async fn schema_objects<C: GenericClient>(
+    client: &C,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger \
+               WHERE tgrelid = to_regclass('public.image_tasks') AND tgname::text = ANY($1::text[]) \
+             UNION ALL \
+             SELECT i FROM unnest($2::text[]) AS i WHERE to_regclass('public.' || i) IS NOT NULL \
+             UNION ALL \
+             SELECT 'check_column_exists' \
+               WHERE to_regprocedure('public.check_column_exists(text,text)') IS NOT NULL",
+            &[&TRIGGERS.as_slice(), &INDEXES.as_slice()],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Whether the user feeds' insert trigger and index exist (added after the first release).
-async fn has_feed_support<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
-               WHERE tgrelid = to_regclass('public.image_tasks') \
-                 AND tgname = 'taskcast_notify_insert') \
-             AND to_regclass('public.image_tasks_user_id_updated_at_idx') IS NOT NULL",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(names: &[&str]) -> String {
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// What migrate created, one line per kind of object: exactly the names in `after` and
+/// not in `before`.
+fn created(before: &[String], after: &[String], channel: &str) -> Vec<String> {
+    let new = |names: &[&'static str]| -> Vec<&'static str> {
+        (names.iter())
+            .filter(|n| after.iter().any(|a| a == *n) && !before.iter().any(|b| b == *n))
+            .copied()
+            .collect()
+    };
+    let plural = |n: usize, one: &str, many: &str| if n == 1 { one } else { many }.to_string();
+    let mut out = Vec::new();
+    let triggers = new(&TRIGGERS);
+    if !triggers.is_empty() {
+        // The bump trigger alone sends nothing.
+        let sends = triggers.iter().any(|t| t.starts_with("taskcast_notify"));
+        out.push(format!(
+            "installed {} {}{}",
+            plural(triggers.len(), "trigger", "triggers"),
+            and_list(&triggers),
+            if sends {
+                format!(" (channel {channel})")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let indexes = new(&INDEXES);
+    if !indexes.is_empty() {
+        out.push(format!(
+            "created {} {}",
+            plural(indexes.len(), "index", "indexes"),
+            and_list(&indexes)
+        ));
+    }
+    if !new(&["check_column_exists"]).is_empty() {
+        out.push(
+            "created function public.check_column_exists (EXECUTE revoked from PUBLIC)".to_string(),
+        );
+    }
+    out
 }
 
 /// Checks a NOTIFY channel name: lowercase letters, digits and `_`, at most 63 bytes.
@@ -92,16 +152,6 @@ pub fn validate_channel(channel: &str) -> Result<(), Error> {
             ),
         ))
     }
-}
-
-async fn has_helper_function<C: GenericClient>(client: &C) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT to_regprocedure('public.check_column_exists(text,text)') IS NOT NULL",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
 }
 
 /// Applies schema.sql in one transaction under an advisory lock, so two nodes migrating at
@@ -164,11 +214,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             .await
             .map_err(fail("the migration lock"))?;
         let columns_before = table_columns(&tx).await.map_err(fail("the catalog"))?;
-        let helper_before = has_helper_function(&tx)
-            .await
-            .map_err(fail("the catalog"))?;
-        let trigger_before = has_notify_trigger(&tx).await.map_err(fail("the catalog"))?;
-        let feeds_before = has_feed_support(&tx).await.map_err(fail("the catalog"))?;
+        let objects_before = schema_objects(&tx).await.map_err(fail("the catalog"))?;
         tx.batch_execute(SCHEMA_SQL)
             .await
             .map_err(|e| Error::internal("applying schema.sql", e))?;
@@ -192,6 +238,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             .map_err(|e| Error::internal("installing the notify trigger", e))?;
         }
         let columns_after = table_columns(&tx).await.map_err(fail("the catalog"))?;
+        let objects_after = schema_objects(&tx).await.map_err(fail("the catalog"))?;
         tx.commit().await.map_err(fail("the database (commit)"))?;
 
         let mut changes = Vec::new();
@@ -208,24 +255,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
         if channel != DEFAULT_CHANNEL {
             changes.push(format!("notify trigger sends on channel {channel}"));
         }
-        if !trigger_before {
-            changes.push(format!(
-                "installed triggers taskcast_bump_version and taskcast_notify (channel {channel})"
-            ));
-        }
-        if trigger_before && !feeds_before {
-            changes.push(
-                "installed trigger taskcast_notify_insert and index \
-                 image_tasks_user_id_updated_at_idx (user feeds)"
-                    .to_string(),
-            );
-        }
-        if !helper_before {
-            changes.push(
-                "created function public.check_column_exists (EXECUTE revoked from PUBLIC)"
-                    .to_string(),
-            );
-        }
+        changes.extend(created(&objects_before, &objects_after, channel));
         Ok(changes)
     }
     .await;

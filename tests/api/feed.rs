@@ -15,9 +15,12 @@ use uuid::Uuid;
 use crate::both_stores;
 use crate::cluster::spawn_nodes;
 use crate::helpers::{
-    KEY, SUBSCRIBE_SECRET, StoreKind, Subscriber, TestApp, spawn_app, spawn_app_with, wait_until,
+    KEY, SUBSCRIBE_SECRET, StoreKind, Subscriber, Tap, TestApp, TestDb, spawn_app,
+    spawn_app_on_with, spawn_app_with, wait_until,
 };
 use crate::sse::Events;
+use taskcast::hub::MAX_PENDING_TASKS;
+use taskcast::subscribers::FEED_MAX_UNFINISHED;
 
 const SUPABASE_SECRET: &str = "supabase-jwt-secret-for-feed-tests-012345";
 
@@ -49,8 +52,9 @@ async fn create_for(app: &TestApp, user: Uuid) -> String {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 201);
+    let status = response.status();
     let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 201, "{body}");
     body["task_id"].as_str().unwrap().to_string()
 }
 
@@ -437,4 +441,170 @@ async fn a_feed_on_one_node_gets_tasks_created_and_pushed_on_another() {
     })
     .await;
     assert!(seen.iter().all(|s| s["task_id"] == task.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_offered_while_a_feed_snapshot_is_read_are_neither_lost_nor_sent_twice() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    let tap = Tap::to_db(&db).await;
+    let app = spawn_app_on_with(tap.url(&db), None, |_| {}).await;
+    let alice = Uuid::new_v4();
+    let (read_sees, read_misses) = (create_for(&app, alice).await, create_for(&app, alice).await);
+
+    // From here on, the only query carrying Alice's id is her feed's snapshot read: the tap
+    // holds it while the feed is registered and the read has not run.
+    let armed = tap.catch(alice.to_string().as_bytes());
+    let mut sub = subscribe_feed(&app, alice, &feed_token(alice)).await;
+    let mut read = armed.caught().await;
+    // Committed and offered to the feed before the read runs: the snapshot has it.
+    let seen = push(&app, &read_sees, json!({"progress": 10})).await;
+    read.run().await;
+    // Committed and offered after the read ran, before its rows reach taskcast: the
+    // snapshot lacks it, so only the feed can deliver it.
+    let missed = push(&app, &read_misses, json!({"progress": 20})).await;
+    read.release();
+
+    let snapshot = read_snapshot(&mut sub, alice).await;
+    let mut versions = versions_of(&snapshot);
+    assert_eq!(versions[&read_sees], seen["version"], "{snapshot:?}");
+    assert_eq!(versions[&read_misses], 0, "{snapshot:?}");
+    // A last change, so the end of the stream is known. `live_until` fails on a version
+    // at or below one already delivered (the change the snapshot held, sent again).
+    let last = push(&app, &read_sees, json!({"progress": 30})).await;
+    live_until(&mut sub, alice, &mut versions, |s| {
+        s["task_id"] == read_sees.as_str() && s["version"] == last["version"]
+    })
+    .await;
+    let latest = HashMap::from([
+        (read_sees.clone(), last["version"].as_i64().unwrap()),
+        (read_misses.clone(), missed["version"].as_i64().unwrap()),
+    ]);
+    assert_eq!(versions, latest, "each task ends at its latest version");
+}
+
+/// Bytes of one feed frame in the slow reader test (two 2 kB URLs), rounded down.
+const SLOW_FRAME_BYTES: usize = 4_000;
+
+/// How many times every one of `count` tasks must change while a feed reader reads
+/// nothing: enough to fill the server's socket send buffer (at most the kernel's
+/// `tcp_wmem` maximum; the reader's receive buffer is small), then two more, each of which
+/// leaves all `count` tasks waiting.
+fn rounds_to_fall_behind(count: usize) -> usize {
+    let most_buffered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    most_buffered.div_ceil(count * SLOW_FRAME_BYTES) + 2
+}
+
+/// A WebSocket client with a small receive buffer, so a client that stops reading holds
+/// up the server soon.
+async fn slow_reader(app: &TestApp) -> Subscriber {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (socket, _) = tokio_tungstenite::client_async(
+        app.ws_url(""),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    Subscriber { socket }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_reader_more_than_1024_tasks_behind_is_ended_with_limit_exceeded_and_forgotten() {
+    let app = spawn_app_with(StoreKind::Postgres, |c| {
+        // Ended by the feed's bound, not by the write deadline or a missing pong.
+        c.limits.ping_interval = Duration::from_secs(60);
+        c.limits.pong_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let alice = Uuid::new_v4();
+    let count = MAX_PENDING_TASKS + 100;
+    let rounds = rounds_to_fall_behind(count);
+    let tasks: Vec<String> = app
+        .db
+        .as_ref()
+        .unwrap()
+        .client()
+        .await
+        .query(
+            "INSERT INTO public.image_tasks (user_id, prompt) \
+             SELECT $1::text::uuid, 'many' FROM generate_series(1, $2::int) RETURNING id::text",
+            &[&alice.to_string(), &(count as i32)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let subscribe = json!({"type": "subscribe", "task_id": format!("user:{alice}"),
+                           "token": feed_token(alice)});
+    let mut sub = slow_reader(&app).await;
+    sub.send_json(subscribe.clone()).await;
+    read_snapshot(&mut sub, alice).await;
+
+    // The reader stops reading while every task changes, round after round. Long URLs
+    // make each frame about 4.5 kB, so a few rounds outgrow what the sockets buffer.
+    let url = |kind: &str| format!("https://cdn.example.com/{kind}/{}.png", "x".repeat(2000));
+    let (image_url, preview_url) = (url("image"), url("preview"));
+    for round in 1..=rounds {
+        for chunk in tasks.chunks(200) {
+            let updates: Vec<Value> = (chunk.iter())
+                .map(|task| {
+                    json!({"task_id": task, "progress": round, "image_url": image_url,
+                           "preview_url": preview_url})
+                })
+                .collect();
+            let response = app
+                .http
+                .post(app.url("/api/progress"))
+                .bearer_auth(KEY)
+                .json(&json!({ "updates": updates }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            let results = body["results"].as_array().unwrap();
+            assert!(results.iter().all(|r| r["status"] == 200), "{body}");
+        }
+    }
+
+    // Reading again: what the sockets held, then the feed's end.
+    let mut states = 0;
+    let ended = loop {
+        let message = sub.next_message().await;
+        if message["type"] != "state" {
+            break message;
+        }
+        states += 1;
+    };
+    assert_eq!(ended["type"], "error", "{ended}");
+    assert_eq!(ended["code"], "limit_exceeded", "{ended}");
+    assert_eq!(ended["task_id"], format!("user:{alice}"), "{ended}");
+    assert!(
+        states < rounds * count,
+        "{states} states arrived: the reader was never behind"
+    );
+    // The hub forgets the feed, while the connection stays open ...
+    let hub = app.hub.clone();
+    wait_until(move || !hub.has_feeds()).await;
+    // ... and on it the client subscribes again for a fresh snapshot, every task at its
+    // last change.
+    sub.send_json(subscribe).await;
+    let fresh = read_snapshot(&mut sub, alice).await;
+    assert_eq!(fresh.len(), FEED_MAX_UNFINISHED);
+    assert!(
+        fresh.iter().all(|s| s["progress"] == rounds as f64),
+        "{:?}",
+        fresh.first()
+    );
+    eprintln!(
+        "slow feed reader: {states} states arrived before limit_exceeded, of {} changes \
+         ({rounds} rounds)",
+        rounds * count
+    );
 }

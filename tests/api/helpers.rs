@@ -423,3 +423,215 @@ pub const GUIDE_ERA_TABLE: &str = "CREATE TABLE public.image_tasks (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 )";
+
+// ---- A tap on a database link, to hold one query at a chosen moment ----
+
+/// A TCP forwarder in front of a database port (Postgres itself or a
+/// [`crate::proxy::Proxy`]) that can catch one query: once armed with [`Tap::catch`], the
+/// first client message carrying the given bytes (a query parameter) is held before the
+/// server sees it, and what the server answers on that connection after it is held too,
+/// until the test lets each go. Every other byte flows. Connect through [`Tap::url`]: the
+/// tap reads plain text, so the link has no TLS.
+pub struct Tap {
+    pub port: u16,
+    trap: std::sync::Arc<std::sync::Mutex<Option<Trap>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+struct Trap {
+    marker: Vec<u8>,
+    caught: oneshot::Sender<Caught>,
+}
+
+/// What [`Tap::catch`] returns: the query, once a client sends it.
+pub struct Armed(oneshot::Receiver<Caught>);
+
+/// A caught query, held. Dropping it lets the query and its answer go.
+pub struct Caught {
+    query: Option<oneshot::Sender<()>>,
+    answered: Option<oneshot::Receiver<()>>,
+    _answer: oneshot::Sender<()>,
+}
+
+/// The hold on the answers of the connection whose query was caught.
+struct AnswerGate {
+    answered: oneshot::Sender<()>,
+    open: oneshot::Receiver<()>,
+}
+
+impl Tap {
+    /// A tap forwarding to `127.0.0.1:port`.
+    pub async fn to_port(port: u16) -> Tap {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let local = listener.local_addr().expect("bound").port();
+        let trap = std::sync::Arc::new(std::sync::Mutex::new(None::<Trap>));
+        let traps = trap.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(tap_connection(client, port, traps.clone()));
+            }
+        });
+        Tap {
+            port: local,
+            trap,
+            accept,
+        }
+    }
+
+    /// A tap in front of `db`'s Postgres (on 127.0.0.1, as [`TestDb::url_via_port`] needs).
+    pub async fn to_db(db: &TestDb) -> Tap {
+        let config: tokio_postgres::Config = db.url.parse().expect("a valid URL");
+        Tap::to_port(config.get_ports()[0]).await
+    }
+
+    /// The URL of `db` through this tap, without TLS: the tap reads the queries.
+    pub fn url(&self, db: &TestDb) -> String {
+        format!("{} sslmode=disable", db.url_via_port(self.port))
+    }
+
+    /// Arms the tap: the next client message that carries `marker` (at most 64 bytes) is
+    /// caught.
+    pub fn catch(&self, marker: &[u8]) -> Armed {
+        assert!(marker.len() <= 64, "a marker of at most 64 bytes");
+        let (caught, armed) = oneshot::channel();
+        *self.trap.lock().expect("not poisoned") = Some(Trap {
+            marker: marker.to_vec(),
+            caught,
+        });
+        Armed(armed)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl Armed {
+    /// Waits (bounded) until the query is caught: sent by the client, not yet seen by the
+    /// server.
+    pub async fn caught(self) -> Caught {
+        tokio::time::timeout(WAIT, self.0)
+            .await
+            .expect("the query was sent within the wait")
+            .expect("the tap is running")
+    }
+}
+
+impl Caught {
+    /// Lets the query reach the server and waits (bounded) until the server has answered
+    /// it; the answer stays held. So the query has run: a read took its snapshot.
+    pub async fn run(&mut self) {
+        drop(self.query.take());
+        let answered = self.answered.take().expect("run once");
+        tokio::time::timeout(WAIT, answered)
+            .await
+            .expect("the server answered within the wait")
+            .expect("the connection is open");
+    }
+
+    /// Lets the answer (and the query, if still held) reach the client.
+    pub fn release(self) {}
+}
+
+async fn tap_connection(
+    client: TcpStream,
+    upstream: u16,
+    trap: std::sync::Arc<std::sync::Mutex<Option<Trap>>>,
+) {
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let (from_client, to_client) = client.into_split();
+    let (from_server, to_server) = server.into_split();
+    let (gate, gated) = oneshot::channel();
+    tokio::select! {
+        _ = tap_queries(from_client, to_server, trap, gate) => {}
+        _ = tap_answers(from_server, to_client, gated) => {}
+    }
+}
+
+/// Forwards client bytes; holds the chunk that completes the armed marker.
+async fn tap_queries(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    trap: std::sync::Arc<std::sync::Mutex<Option<Trap>>>,
+    gate: oneshot::Sender<AnswerGate>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut gate = Some(gate);
+    let mut buf = vec![0u8; 16 * 1024];
+    // The end of the previous chunk, so a marker split across two reads is still seen.
+    let mut seen: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let before = seen.len();
+        seen.extend_from_slice(&buf[..n]);
+        let sprung = {
+            let mut trap = trap.lock().expect("not poisoned");
+            // Only an occurrence that ends in this chunk: the kept end of the previous one
+            // may hold the marker from before the tap was armed.
+            let hit = trap.as_ref().is_some_and(|t| {
+                let m = t.marker.len().max(1);
+                seen[before.saturating_sub(m - 1)..]
+                    .windows(m)
+                    .any(|w| w == t.marker.as_slice())
+            });
+            if hit && gate.is_some() {
+                trap.take()
+            } else {
+                None
+            }
+        };
+        seen.drain(..seen.len().saturating_sub(63));
+        if let Some(sprung) = sprung {
+            let (query, go) = oneshot::channel();
+            let (answered_tx, answered) = oneshot::channel();
+            let (answer, open) = oneshot::channel();
+            let _ = gate.take().expect("checked above").send(AnswerGate {
+                answered: answered_tx,
+                open,
+            });
+            let _ = sprung.caught.send(Caught {
+                query: Some(query),
+                answered: Some(answered),
+                _answer: answer,
+            });
+            // Sent or dropped: either lets it go.
+            let _ = go.await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Forwards server bytes; once this connection's query was caught, holds the next ones
+/// until released.
+async fn tap_answers(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gated: oneshot::Receiver<AnswerGate>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Ok(gate) = gated.try_recv() {
+            let _ = gate.answered.send(());
+            let _ = gate.open.await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

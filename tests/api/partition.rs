@@ -1,6 +1,14 @@
 //! A silent database partition: packets vanish, nothing is reset. Every call answers 503
 //! within the database timeout, no acknowledged push is lost, and subscribers converge on
 //! the rows once the link is back.
+//!
+//! The partition starts while a push's batch is on the wire (a [`Tap`] holds it until the
+//! link is silent), so that push must be answered "outcome unknown". Going silent at a
+//! random instant proved nothing of the kind: when no batch was in flight, the next one
+//! could find every pooled connection taken by the probers and the background queries
+//! (place-in-line recount, sweeps), open a new connection that never completed, and be
+//! answered a plain 503 (nothing was sent, so nothing may have committed): correct, but
+//! then no push was told its outcome is unknown.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +18,7 @@ use serde_json::{Value, json};
 use taskcast::domain::TaskId;
 
 use crate::helpers::{
-    KEY, StoreKind, Subscriber, TestApp, TestDb, WAIT, spawn_app_on_with, spawn_app_with,
+    KEY, StoreKind, Subscriber, Tap, TestApp, TestDb, WAIT, spawn_app_on_with, spawn_app_with,
 };
 use crate::proxy::Proxy;
 
@@ -24,6 +32,8 @@ const BOUND: Duration = Duration::from_millis(1500);
 const PARTITION: Duration = Duration::from_secs(5);
 /// The `seq` of the last push to each task, above any the pushers use.
 const LAST_SEQ: i64 = 1_000_000;
+/// The stage of the push whose batch is on the wire when the link goes silent.
+const CUT: &str = "sent as the link went silent";
 
 /// One answer taskcast gave.
 #[derive(Debug, Clone)]
@@ -175,7 +185,12 @@ fn percentile(mut took: Vec<Duration>, p: f64) -> Duration {
 
 /// An app on `db` through `proxy`, with the short database timeout.
 async fn app_through(db: &TestDb, proxy: &Proxy) -> TestApp {
-    spawn_app_on_with(db.url_via_port(proxy.port), None, |config| {
+    app_on(db.url_via_port(proxy.port)).await
+}
+
+/// An app on `url`, with the short database timeout.
+async fn app_on(url: String) -> TestApp {
+    spawn_app_on_with(url, None, |config| {
         config.limits.db_timeout = DB_TIMEOUT;
     })
     .await
@@ -187,11 +202,14 @@ async fn during_a_silent_partition_every_call_gets_a_bounded_503_and_no_acknowle
     let db = TestDb::create().await;
     taskcast::store::schema::migrate(&db.url).await.unwrap();
     let proxy = Proxy::to(&db).await;
-    let app = app_through(&db, &proxy).await;
+    let tap = Tap::to_port(proxy.port).await;
+    let app = app_on(tap.url(&db)).await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
         tasks.push(app.create_task().await);
     }
+    // Pushed once, as the link goes silent.
+    let cut = app.create_task().await;
     // Changed only by plain SQL during the partition: reaches its subscriber only through
     // the listener.
     let quiet = app.create_task().await;
@@ -232,8 +250,23 @@ async fn during_a_silent_partition_every_call_gets_a_bounded_503_and_no_acknowle
     })
     .await;
 
+    // A push whose batch is on the wire when the link goes silent: the tap holds the
+    // batch (its stage is a parameter) until the proxy forwards nothing.
+    let armed = tap.catch(CUT.as_bytes());
+    let cut_push = {
+        let (log, url) = (log.clone(), app.url(&format!("/api/tasks/{cut}/progress")));
+        tokio::spawn(async move {
+            let request = client()
+                .post(url)
+                .bearer_auth(KEY)
+                .json(&json!({"stage": CUT}));
+            record(&log, "cut", None, None, request).await;
+        })
+    };
+    let on_the_wire = armed.caught().await;
     proxy.blackhole();
     let partition = Instant::now();
+    on_the_wire.release();
     let quiet_version = sql_update(&db, quiet, "changed during the partition").await;
     // The experiment's length, not a wait for a condition.
     tokio::time::sleep(PARTITION).await;
@@ -255,6 +288,7 @@ async fn during_a_silent_partition_every_call_gets_a_bounded_503_and_no_acknowle
     for worker in workers {
         worker.await.unwrap();
     }
+    cut_push.await.unwrap();
     let answers = log.lock().unwrap().clone();
 
     // Every answer came, within the bound, before, during and after the partition.
@@ -275,8 +309,15 @@ async fn during_a_silent_partition_every_call_gets_a_bounded_503_and_no_acknowle
         let n = during.iter().filter(|a| a.kind == kind).count();
         assert!(n >= 3, "only {n} {kind} answers during the partition");
     }
-    // The batch that was sent as the link went silent is told its outcome is unknown (it
-    // may have started a moment before the partition did).
+    // The batch that was on the wire as the link went silent is told its outcome is
+    // unknown: it was sent, and no answer came.
+    let cut_answer = answers.iter().find(|a| a.kind == "cut").unwrap();
+    assert_eq!(cut_answer.status, 503, "{cut_answer:?}");
+    assert!(cut_answer.retry_after, "{cut_answer:?}");
+    assert!(
+        cut_answer.message.contains("may or may not"),
+        "the push sent as the link went silent: {cut_answer:?}"
+    );
     let unknown = answers
         .iter()
         .filter(|a| a.status == 503 && a.message.contains("may or may not"))

@@ -203,3 +203,90 @@ async fn migrate_reports_every_column_it_adds() {
         );
     }
 }
+
+/// Migrates `db`, runs `drop` (taking something of schema.sql away), and returns what a
+/// second migrate reports.
+async fn migrate_again_after(db: &TestDb, drop: &str) -> Vec<String> {
+    migrate(&db.url).await.expect("first migrate");
+    db.client().await.batch_execute(drop).await.unwrap();
+    migrate(&db.url).await.expect("second migrate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_an_empty_database_reports_every_object_it_creates() {
+    let db = TestDb::create().await;
+    let changes = migrate(&db.url).await.expect("migrate");
+    assert_eq!(
+        changes,
+        [
+            "created table public.image_tasks",
+            "installed triggers taskcast_bump_version, taskcast_notify, taskcast_notify_insert \
+             and taskcast_notify_delete (channel taskcast)",
+            "created indexes image_tasks_cancel_requested_at and \
+             image_tasks_user_id_updated_at_idx",
+            "created function public.check_column_exists (EXECUTE revoked from PUBLIC)",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_only_the_feed_index_when_only_it_was_missing() {
+    let db = TestDb::create().await;
+    let changes =
+        migrate_again_after(&db, "DROP INDEX public.image_tasks_user_id_updated_at_idx").await;
+    assert_eq!(
+        changes,
+        ["created index image_tasks_user_id_updated_at_idx"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_the_cancel_index_when_it_creates_it() {
+    let db = TestDb::create().await;
+    let changes =
+        migrate_again_after(&db, "DROP INDEX public.image_tasks_cancel_requested_at").await;
+    assert_eq!(changes, ["created index image_tasks_cancel_requested_at"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_the_delete_trigger_when_it_installs_it() {
+    let db = TestDb::create().await;
+    let changes = migrate_again_after(
+        &db,
+        "DROP TRIGGER taskcast_notify_delete ON public.image_tasks",
+    )
+    .await;
+    assert_eq!(
+        changes,
+        ["installed trigger taskcast_notify_delete (channel taskcast)"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_the_insert_trigger_and_feed_index_of_a_database_from_before_feeds() {
+    let db = TestDb::create().await;
+    let changes = migrate_again_after(
+        &db,
+        "DROP TRIGGER taskcast_notify_insert ON public.image_tasks; \
+         DROP INDEX public.image_tasks_user_id_updated_at_idx",
+    )
+    .await;
+    assert_eq!(
+        changes,
+        [
+            "installed trigger taskcast_notify_insert (channel taskcast)",
+            "created index image_tasks_user_id_updated_at_idx",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_the_version_trigger_without_a_channel_it_does_not_send_on() {
+    let db = TestDb::create().await;
+    let changes = migrate_again_after(
+        &db,
+        "DROP TRIGGER taskcast_bump_version ON public.image_tasks",
+    )
+    .await;
+    assert_eq!(changes, ["installed trigger taskcast_bump_version"]);
+}
