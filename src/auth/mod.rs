@@ -3,6 +3,7 @@
 pub mod jwks;
 mod push_key;
 pub mod subscribe;
+mod token;
 
 pub use push_key::{KeySource, MIN_KEY_CHARS, PushKey};
 

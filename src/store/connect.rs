@@ -14,17 +14,8 @@
 //! project's database settings); without it, `verify-*` read `~/.postgresql/root.crt`
 //! like libpq, and refuse to start when it does not exist.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod tls;
 
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -119,11 +110,11 @@ impl PgTarget {
         });
         let roots = match verification {
             Verification::None => None,
-            _ => Some(root_certificates(rootcert, mode)?),
+            _ => Some(tls::root_certificates(rootcert, mode)?),
         };
         Ok(PgTarget {
             config,
-            tls: MakeRustlsConnect::new(client_config(verification, roots)),
+            tls: MakeRustlsConnect::new(tls::client_config(verification, roots)),
             mode,
             verification,
         })
@@ -158,167 +149,6 @@ impl std::fmt::Debug for PgTarget {
 
 fn invalid(message: String) -> Error {
     Error::invalid("DATABASE_URL", message)
-}
-
-/// The root certificates for `verify-*`: `sslrootcert`, else libpq's default file.
-fn root_certificates(rootcert: Option<String>, mode: SslMode) -> Result<RootCertStore, Error> {
-    let path = match rootcert {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let default = std::env::var_os("HOME")
-                .map(|home| PathBuf::from(home).join(".postgresql/root.crt"))
-                .filter(|p| p.exists());
-            default.ok_or_else(|| {
-                invalid(format!(
-                    "sslmode={} needs the server's CA certificate: add sslrootcert=/path/to/ca.crt \
-                     to DATABASE_URL (on Supabase: download it from the project's database \
-                     settings, SSL configuration)",
-                    mode.as_str()
-                ))
-            })?
-        }
-    };
-    let shown = path.display();
-    let mut roots = RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(&path)
-        .map_err(|e| invalid(format!("cannot read sslrootcert {shown}: {e}")))?;
-    for certificate in certificates {
-        let certificate =
-            certificate.map_err(|e| invalid(format!("sslrootcert {shown} is not PEM: {e}")))?;
-        roots
-            .add(certificate)
-            .map_err(|e| invalid(format!("sslrootcert {shown}: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(invalid(format!("sslrootcert {shown} holds no certificate")));
-    }
-    Ok(roots)
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn client_config(verification: Verification, roots: Option<RootCertStore>) -> ClientConfig {
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports TLS 1.2 and 1.3");
-    let webpki = roots.map(|roots| {
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .expect("a non-empty root store builds a verifier")
-    });
-    match (verification, webpki) {
-        (Verification::Full, Some(webpki)) => {
-            builder.with_webpki_verifier(webpki).with_no_client_auth()
-        }
-        (Verification::Chain, Some(webpki)) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
-            .with_no_client_auth(),
-        _ => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth(),
-    }
-}
-
-/// `prefer` and `require` without a root: any certificate, but the handshake signatures
-/// are still checked, so the session is encrypted with the key of that certificate.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must be valid; a certificate for another name is accepted.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
 }
 
 /// Splits `sslmode` and `sslrootcert` off a connection string (the driver knows neither

@@ -8,9 +8,10 @@ use taskcast::auth::Secret;
 use taskcast::auth::subscribe::{SubscribeAuth, now_unix};
 
 use crate::both_stores;
-use crate::helpers::{KEY, SUBSCRIBE_SECRET, StoreKind, spawn_app, spawn_app_with};
-
-const SUPABASE_SECRET: &str = "supabase-jwt-secret-for-tests-0123456789";
+use crate::helpers::{
+    KEY, SUBSCRIBE_SECRET, StoreKind, spawn_app, spawn_app_with, spawn_app_with_sessions,
+    supabase_token,
+};
 
 fn sign(secret: &str, alg: Algorithm, claims: &Value) -> String {
     jsonwebtoken::encode(
@@ -19,14 +20,6 @@ fn sign(secret: &str, alg: Algorithm, claims: &Value) -> String {
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
-}
-
-fn supabase_token(user: uuid::Uuid, role: &str) -> String {
-    sign(
-        SUPABASE_SECRET,
-        Algorithm::HS256,
-        &json!({"sub": user.to_string(), "role": role, "exp": now_unix() + 600, "aud": "authenticated"}),
-    )
 }
 
 /// Subscribes with `token` over a fresh socket and returns the first message.
@@ -136,17 +129,7 @@ async fn a_token_that_expires_while_subscribed_ends_the_subscription_until_renew
 
 async fn the_token_from_task_creation_lets_a_browser_watch_that_task(kind: StoreKind) {
     let app = spawn_app(kind).await;
-    let created: Value = app
-        .http
-        .post(app.url("/api/tasks"))
-        .bearer_auth(KEY)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = app.create_task_with(json!({})).await;
     let task = created["task_id"].as_str().unwrap();
     let token = created["token"]
         .as_str()
@@ -157,26 +140,11 @@ async fn the_token_from_task_creation_lets_a_browser_watch_that_task(kind: Store
 }
 
 async fn supabase_users_may_watch_their_own_tasks_only(kind: StoreKind) {
-    let app = spawn_app_with(kind, |c| {
-        c.subscribe = SubscribeAuth::new(
-            Some(Secret::new(SUBSCRIBE_SECRET)),
-            Some(Secret::new(SUPABASE_SECRET)),
-            false,
-        );
-    })
-    .await;
+    let app = spawn_app_with_sessions(kind).await;
     let (alice, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    let created: Value = app
-        .http
-        .post(app.url("/api/tasks"))
-        .bearer_auth(KEY)
-        .json(&json!({"user_id": alice.to_string()}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = app
+        .create_task_with(json!({"user_id": alice.to_string()}))
+        .await;
     let task = created["task_id"].as_str().unwrap().to_string();
 
     let own = first_message_with(&app, &task, &supabase_token(alice, "authenticated")).await;

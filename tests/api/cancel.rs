@@ -4,17 +4,16 @@
 
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use taskcast::auth::Secret;
-use taskcast::auth::subscribe::{SubscribeAuth, mint_with, now_unix};
+use taskcast::auth::subscribe::{SubscribeAuth, mint_with};
 use taskcast::domain::{TaskId, TaskStatus};
 use taskcast_reporter::{Options, Reporter, Update};
 
 use crate::both_stores;
 use crate::helpers::{
     KEY, SUBSCRIBE_SECRET, StoreKind, Subscriber, TestApp, TestDb, WAIT, spawn_app, spawn_app_on,
-    spawn_app_on_with, spawn_app_with,
+    spawn_app_on_with, spawn_app_with, spawn_app_with_sessions, supabase_token,
 };
 
 both_stores!(
@@ -30,18 +29,6 @@ both_stores!(
     the_grace_period_cancels_a_task_the_generator_did_not_stop,
     the_rust_reporter_sees_cancel_requested_in_its_push_answers,
 );
-
-const SUPABASE_SECRET: &str = "supabase-jwt-secret-for-tests-0123456789";
-
-fn supabase_token(user: uuid::Uuid) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": user.to_string(), "role": "authenticated",
-                "exp": now_unix() + 600, "aud": "authenticated"}),
-        &EncodingKey::from_secret(SUPABASE_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
 
 /// A subscribe token for `task` that carries the cancel right.
 pub(crate) fn cancel_token(task: TaskId) -> String {
@@ -91,17 +78,9 @@ fn without_id(body: &Value, task: impl std::fmt::Display) -> String {
 async fn cancel_over_http_with_a_cancel_token_is_broadcast_and_idempotent(kind: StoreKind) {
     let app = spawn_app(kind).await;
     // POST /api/tasks mints the cancel right when asked.
-    let created: Value = app
-        .http
-        .post(app.url("/api/tasks"))
-        .bearer_auth(KEY)
-        .json(&json!({"prompt": "a fox", "cancel": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = app
+        .create_task_with(json!({"prompt": "a fox", "cancel": true}))
+        .await;
     let task = TaskId::parse(created["task_id"].as_str().unwrap()).unwrap();
     let token = created["token"].as_str().unwrap().to_string();
     let mut sub = app.subscribe(task).await;
@@ -129,17 +108,7 @@ async fn cancel_over_http_with_a_cancel_token_is_broadcast_and_idempotent(kind: 
     assert_eq!(now["version"], first["version"]);
     assert_eq!(now["cancel_requested"], true);
     // A task created without asking gets a watch-only token.
-    let plain: Value = app
-        .http
-        .post(app.url("/api/tasks"))
-        .bearer_auth(KEY)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plain = app.create_task_with(json!({})).await;
     let (status, body) = cancel(
         &app,
         &plain["task_id"].as_str().unwrap(),
@@ -234,41 +203,30 @@ async fn a_token_without_the_cancel_right_gets_403_on_http_and_websocket(kind: S
 async fn the_owner_may_cancel_and_others_get_the_same_403_for_unknown_and_foreign_tasks(
     kind: StoreKind,
 ) {
-    let app = spawn_app_with(kind, |c| {
-        c.subscribe = SubscribeAuth::new(
-            Some(Secret::new(SUBSCRIBE_SECRET)),
-            Some(Secret::new(SUPABASE_SECRET)),
-            false,
-        );
-    })
-    .await;
+    let app = spawn_app_with_sessions(kind).await;
     let (alice, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    let created: Value = app
-        .http
-        .post(app.url("/api/tasks"))
-        .bearer_auth(KEY)
-        .json(&json!({"user_id": alice.to_string()}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = app
+        .create_task_with(json!({"user_id": alice.to_string()}))
+        .await;
     let task = TaskId::parse(created["task_id"].as_str().unwrap()).unwrap();
-    let (status, foreign) = cancel(&app, task, Some(&supabase_token(bob))).await;
+    let (status, foreign) = cancel(&app, task, Some(&supabase_token(bob, "authenticated"))).await;
     assert_eq!(status, 403, "{foreign}");
     let unknown = TaskId::random();
-    let (status, missing) = cancel(&app, unknown, Some(&supabase_token(bob))).await;
+    let (status, missing) =
+        cancel(&app, unknown, Some(&supabase_token(bob, "authenticated"))).await;
     assert_eq!(status, 403);
     assert_eq!(without_id(&missing, unknown), without_id(&foreign, task));
     assert!(stored(&app, task).await.get("cancel_requested").is_none());
 
     // The owner, over HTTP and (idempotently) over the socket.
-    let (status, body) = cancel(&app, task, Some(&supabase_token(alice))).await;
+    let (status, body) = cancel(&app, task, Some(&supabase_token(alice, "authenticated"))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["cancel_requested"], true);
     let mut sub = app
-        .connect(&format!("?token={}", supabase_token(alice)))
+        .connect(&format!(
+            "?token={}",
+            supabase_token(alice, "authenticated")
+        ))
         .await;
     sub.send_json(json!({"type": "cancel", "task_id": task.to_string()}))
         .await;
@@ -277,7 +235,7 @@ async fn the_owner_may_cancel_and_others_get_the_same_403_for_unknown_and_foreig
     assert_eq!(answer["applied"], false);
     // Bob on the socket: the same code as on HTTP.
     sub.send_json(json!({"type": "cancel", "task_id": task.to_string(),
-                         "token": supabase_token(bob)}))
+                         "token": supabase_token(bob, "authenticated")}))
         .await;
     assert_eq!(sub.next_message().await["code"], "forbidden");
 }

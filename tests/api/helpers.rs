@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use taskcast::App;
-use taskcast::auth::subscribe::{SubscribeAuth, mint};
+use taskcast::auth::subscribe::{SubscribeAuth, mint, now_unix};
 use taskcast::auth::{PushKey, Secret};
 use taskcast::config::Config;
 use taskcast::domain::TaskId;
@@ -237,16 +237,9 @@ impl TestApp {
 
     /// Creates a task through the API and returns its id.
     pub async fn create_task(&self) -> TaskId {
-        let response = self
-            .http
-            .post(self.url("/api/tasks"))
-            .bearer_auth(KEY)
-            .json(&json!({"prompt": "a lighthouse at dusk"}))
-            .send()
-            .await
-            .expect("POST /api/tasks");
-        assert_eq!(response.status(), 201);
-        let body: Value = response.json().await.expect("JSON body");
+        let body = self
+            .create_task_with(json!({"prompt": "a lighthouse at dusk"}))
+            .await;
         TaskId::parse(body["task_id"].as_str().expect("task_id")).expect("a UUID")
     }
 
@@ -312,6 +305,53 @@ impl TestApp {
     pub async fn wait_for_empty_hub(&self) {
         let hub = self.hub.clone();
         wait_until(move || hub.is_empty()).await;
+    }
+}
+
+/// The legacy HS256 JWT secret of the Supabase project the auth tests stand in for.
+pub const SUPABASE_SECRET: &str = "supabase-jwt-secret-for-tests-0123456789";
+
+/// A Supabase access token for `user` with `role` (`authenticated` when signed in),
+/// signed with [`SUPABASE_SECRET`] and valid for ten minutes.
+pub fn supabase_token(user: Uuid, role: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user.to_string(), "role": role,
+                "exp": now_unix() + 600, "aud": "authenticated"}),
+        &jsonwebtoken::EncodingKey::from_secret(SUPABASE_SECRET.as_bytes()),
+    )
+    .expect("HS256 signing of plain claims")
+}
+
+/// A server that lets subscribers in with a subscribe token ([`SUBSCRIBE_SECRET`]) or a
+/// Supabase session ([`SUPABASE_SECRET`]).
+pub async fn spawn_app_with_sessions(kind: StoreKind) -> TestApp {
+    spawn_app_with(kind, |c| {
+        c.subscribe = SubscribeAuth::new(
+            Some(Secret::new(SUBSCRIBE_SECRET)),
+            Some(Secret::new(SUPABASE_SECRET)),
+            false,
+        );
+    })
+    .await
+}
+
+impl TestApp {
+    /// `POST /api/tasks` with `body` and the push key; returns the 201 answer (the task,
+    /// and the subscribe token minted for it).
+    pub async fn create_task_with(&self, body: Value) -> Value {
+        let response = self
+            .http
+            .post(self.url("/api/tasks"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /api/tasks");
+        let status = response.status();
+        let created: Value = response.json().await.expect("JSON body");
+        assert_eq!(status, 201, "{created}");
+        created
     }
 }
 
