@@ -58,27 +58,31 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         let shared = Arc::new(state.clone());
         warp::any().map(move || shared.clone())
     };
-    // A generator's request: a POST with the push key and a JSON body of at most `limit`
-    // bytes (the setting named `setting`).
+    // A generator's request: the push key and a JSON body of at most `limit` bytes (the
+    // setting named `setting`). Each route names its method itself, where the OpenAPI test
+    // reads it.
     let from_generator = |limit: usize, setting: &'static str| {
-        warp::post()
-            .and(with_state.clone())
+        with_state
+            .clone()
             .and(authorized(state.push_key.clone()))
             .and(json_body(limit, setting, state.bodies.body_timeout))
     };
     let body_limit = state.bodies.max_body_bytes;
 
     let push = warp::path!("api" / "tasks" / String / "progress")
+        .and(warp::post())
         .and(from_generator(body_limit, MAX_BODY))
         .then(push::push)
         .map(respond);
 
     let create = warp::path!("api" / "tasks")
+        .and(warp::post())
         .and(from_generator(body_limit, MAX_BODY))
         .then(tasks::create)
         .map(respond);
 
     let batch = warp::path!("api" / "progress")
+        .and(warp::post())
         .and(from_generator(
             state.bodies.max_batch_body_bytes,
             MAX_BATCH_BODY,
