@@ -181,6 +181,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT_SECS: u64 = 30;
     pub const MAX_BATCH: usize = 500;
     pub const WRITER_QUEUE: usize = 8192;
+    pub const COMMIT_INTERVAL_MS: u64 = 2;
     pub const DB_POOL_SIZE: usize = 8;
     pub const DB_TIMEOUT_MS: u64 = 2_000;
     pub const PING_INTERVAL_SECS: u64 = 20;
@@ -288,6 +289,11 @@ pub struct ServeArgs {
     /// Pushes waiting for the writer; when full, pushes get 503 with Retry-After.
     #[arg(long, env = "TASKCAST_WRITER_QUEUE", default_value_t = defaults::WRITER_QUEUE)]
     pub writer_queue: usize,
+    /// Least time between the starts of two commits, in milliseconds (0 to 100; 0: commit
+    /// as soon as the last one ends). Under load the pushes of one interval share a commit;
+    /// a push after a quiet spell is committed at once.
+    #[arg(long, env = "TASKCAST_COMMIT_INTERVAL_MS", default_value_t = defaults::COMMIT_INTERVAL_MS)]
+    pub commit_interval_ms: u64,
     /// Postgres connections in the pool.
     #[arg(long, env = "TASKCAST_DB_POOL_SIZE", default_value_t = defaults::DB_POOL_SIZE)]
     pub db_pool_size: usize,

@@ -38,6 +38,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_batch: usize,
     pub writer_queue: usize,
+    /// Least time between the starts of two commits (`TASKCAST_COMMIT_INTERVAL_MS`).
+    pub commit_interval: Duration,
     pub db_pool_size: usize,
     pub db_timeout: Duration,
     pub ping_interval: Duration,
@@ -45,6 +47,9 @@ pub struct Limits {
     /// Finished tasks in a feed's snapshot (`TASKCAST_FEED_RECENT`).
     pub feed_recent: usize,
 }
+
+/// The longest commit interval accepted: each push may wait this long for its commit.
+const MAX_COMMIT_INTERVAL_MS: u64 = 100;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -64,6 +69,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(defaults::IDLE_TIMEOUT_SECS),
             max_batch: defaults::MAX_BATCH,
             writer_queue: defaults::WRITER_QUEUE,
+            commit_interval: Duration::from_millis(defaults::COMMIT_INTERVAL_MS),
             db_pool_size: defaults::DB_POOL_SIZE,
             db_timeout: Duration::from_millis(defaults::DB_TIMEOUT_MS),
             ping_interval: Duration::from_secs(defaults::PING_INTERVAL_SECS),
@@ -241,6 +247,13 @@ impl Config {
         if args.shutdown_timeout_secs == 0 {
             return Err("TASKCAST_SHUTDOWN_TIMEOUT_SECS must be at least 1".to_string());
         }
+        if args.commit_interval_ms > MAX_COMMIT_INTERVAL_MS {
+            return Err(format!(
+                "TASKCAST_COMMIT_INTERVAL_MS must be at most {MAX_COMMIT_INTERVAL_MS} (it may \
+                 delay each push by that much), got {}",
+                args.commit_interval_ms
+            ));
+        }
         let status_map = StatusMap::parse(&args.status_map)?;
         let database_url = args.database_url.filter(|url| !url.trim().is_empty());
         if let Some(url) = &database_url {
@@ -290,6 +303,7 @@ impl Config {
                 idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                 max_batch: args.max_batch,
                 writer_queue: args.writer_queue,
+                commit_interval: Duration::from_millis(args.commit_interval_ms),
                 db_pool_size: args.db_pool_size,
                 db_timeout: Duration::from_millis(args.db_timeout_ms),
                 ping_interval: Duration::from_secs(args.ping_interval_secs),

@@ -59,7 +59,7 @@ use crate::routes::{AppState, BodyLimits};
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
 use crate::subscribers::{SubscriberLimits, Subscribers};
-use crate::writer::Writer;
+use crate::writer::{Writer, WriterOptions};
 
 /// A bound, not yet serving, server: the one seam shared by the binary and the tests.
 pub struct App {
@@ -124,9 +124,12 @@ impl App {
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             hub.clone(),
-            config.write_mode,
-            limits.max_batch,
-            limits.writer_queue,
+            WriterOptions {
+                mode: config.write_mode,
+                max_batch: limits.max_batch,
+                queue: limits.writer_queue,
+                commit_interval: limits.commit_interval,
+            },
             shutdown.clone(),
         );
         let notify_listener = match (&store, &config.database_url) {

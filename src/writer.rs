@@ -1,9 +1,12 @@
 //! The writer: one task that commits pushes in groups.
 //!
 //! Pushes that arrive while a commit is in flight form the next batch, so under load one
-//! transaction carries many pushes, and when idle a push is committed at once. Every pusher
-//! is answered only after its batch has committed; a 2xx therefore means durable. Applied
-//! states are then handed to the hub, which fans them out.
+//! transaction carries many pushes, and when idle a push is committed at once. Commits
+//! start at most once per `commit_interval` (TASKCAST_COMMIT_INTERVAL_MS): a push that
+//! finds the writer idle for longer is committed at once, while under load the pushes of
+//! one interval share a commit, which is what a commit costs Postgres (a WAL flush each).
+//! Every pusher is answered only after its batch has committed; a 2xx therefore means
+//! durable. Applied states are then handed to the hub, which fans them out.
 //!
 //! The in-memory store has nothing to group (its apply takes a lock and never awaits), so
 //! its pushes are applied in the caller's task, without the hop to the writer task.
@@ -86,6 +89,18 @@ impl LocalCommits {
     }
 }
 
+/// How the writer groups pushes (from `Limits`).
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    pub mode: WriteMode,
+    /// Most pushes in one commit (TASKCAST_MAX_BATCH).
+    pub max_batch: usize,
+    /// Pushes waiting; more are refused with 503 (TASKCAST_WRITER_QUEUE).
+    pub queue: usize,
+    /// Least time from one commit's start to the next (TASKCAST_COMMIT_INTERVAL_MS).
+    pub commit_interval: Duration,
+}
+
 /// A handle for submitting pushes. Cloning is shallow (an mpsc sender).
 #[derive(Clone)]
 pub struct Writer {
@@ -104,24 +119,22 @@ impl Writer {
     pub fn spawn(
         store: Store,
         hub: Hub,
-        mode: WriteMode,
-        max_batch: usize,
-        queue: usize,
+        options: WriterOptions,
         shutdown: Shutdown,
     ) -> (Writer, JoinHandle<()>) {
-        let (jobs, rx) = mpsc::channel(queue);
+        let (jobs, rx) = mpsc::channel(options.queue);
         let commits = LocalCommits::default();
         let task = tokio::spawn(run(
             store.clone(),
             hub.clone(),
             commits.clone(),
             rx,
-            max_batch,
+            options,
             shutdown,
         ));
         let writer = Writer {
             jobs,
-            mode,
+            mode: options.mode,
             store,
             hub,
             commits,
@@ -260,12 +273,16 @@ async fn run(
     hub: Hub,
     commits: LocalCommits,
     mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
+    options: WriterOptions,
     shutdown: Shutdown,
 ) {
+    let max_batch = options.max_batch;
     // Jobs received but not yet committed. Holds at most `max_batch` jobs.
     let mut pending: VecDeque<Job> = VecDeque::with_capacity(max_batch);
     let mut closed = false;
+    // When the last commit started: the next starts `commit_interval` after it at the
+    // earliest, gathering what arrives until then.
+    let mut last_commit: Option<Instant> = None;
     loop {
         if pending.is_empty() {
             let next = tokio::select! {
@@ -282,6 +299,15 @@ async fn run(
                 None => return,
             }
         }
+        if let Some(last) = last_commit {
+            gather_until(
+                &mut rx,
+                &mut pending,
+                max_batch,
+                last + options.commit_interval,
+            )
+            .await;
+        }
         while pending.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => pending.push_back(job),
@@ -289,7 +315,28 @@ async fn run(
             }
         }
         let batch = take_batch(&mut pending);
+        last_commit = Some(Instant::now());
         commit(&store, &hub, &commits, batch).await;
+    }
+}
+
+/// Receives jobs until `until` or until `max_batch` wait. Returns at once when `until` has
+/// passed: a push after a quiet spell is not delayed. A closed queue ends the wait too
+/// (the jobs in hand are still committed).
+async fn gather_until(
+    rx: &mut mpsc::Receiver<Job>,
+    pending: &mut VecDeque<Job>,
+    max_batch: usize,
+    until: Instant,
+) {
+    while pending.len() < max_batch && Instant::now() < until {
+        tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => pending.push_back(job),
+                None => return,
+            },
+            () = tokio::time::sleep_until(until) => return,
+        }
     }
 }
 
@@ -346,5 +393,101 @@ async fn commit(store: &Store, hub: &Hub, commits: &LocalCommits, batch: Vec<Job
                 let _ = reply.send(Err(error.for_each_push()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::NewTask;
+    use crate::store::MemoryStore;
+
+    const INTERVAL: Duration = Duration::from_millis(50);
+
+    fn writer() -> (Writer, MemoryStore) {
+        let memory = MemoryStore::new();
+        let options = WriterOptions {
+            mode: WriteMode::Group,
+            max_batch: 100,
+            queue: 100,
+            commit_interval: INTERVAL,
+        };
+        let store = Store::Memory(memory.clone());
+        let (writer, _task) = Writer::spawn(store, Hub::new(), options, Shutdown::new());
+        (writer, memory)
+    }
+
+    fn task(memory: &MemoryStore) -> TaskId {
+        let new = NewTask {
+            prompt: None,
+            user_id: None,
+        };
+        memory.create(new).expect("created").task_id
+    }
+
+    /// Queues a push through the writer task (the in-memory store's own `push` skips it)
+    /// and returns when its commit answered, measured on the paused clock.
+    async fn pushed_at(writer: &Writer, task: TaskId, started: Instant) -> Duration {
+        let update = ProgressUpdate::from_json(br#"{"progress": 10}"#).expect("valid");
+        let answer = writer.enqueue(task, update).expect("queued");
+        answer.await.expect("committed");
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_push_after_a_quiet_spell_is_committed_at_once() {
+        let (writer, memory) = writer();
+        let started = Instant::now();
+        assert_eq!(
+            pushed_at(&writer, task(&memory), started).await,
+            Duration::ZERO
+        );
+        tokio::time::sleep(INTERVAL * 3).await;
+        let again = Instant::now();
+        assert_eq!(
+            pushed_at(&writer, task(&memory), again).await,
+            Duration::ZERO
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushes_within_one_interval_share_the_next_commit() {
+        let (writer, memory) = writer();
+        let started = Instant::now();
+        pushed_at(&writer, task(&memory), started).await;
+        // Two pushes 10 ms and 20 ms after the first commit started: both wait for the
+        // interval to end and go out in one commit, at 50 ms.
+        let (a, b) = (task(&memory), task(&memory));
+        let first = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            pushed_at(&writer, a, started).await
+        };
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            pushed_at(&writer, b, started).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!((first, second), (INTERVAL, INTERVAL));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_does_not_wait_for_the_interval() {
+        let memory = MemoryStore::new();
+        let options = WriterOptions {
+            mode: WriteMode::Group,
+            max_batch: 2,
+            queue: 100,
+            commit_interval: INTERVAL,
+        };
+        let store = Store::Memory(memory.clone());
+        let (writer, _task) = Writer::spawn(store, Hub::new(), options, Shutdown::new());
+        let started = Instant::now();
+        pushed_at(&writer, task(&memory), started).await;
+        let (a, b) = (task(&memory), task(&memory));
+        let (first, second) = tokio::join!(
+            pushed_at(&writer, a, started),
+            pushed_at(&writer, b, started)
+        );
+        assert_eq!((first, second), (Duration::ZERO, Duration::ZERO));
     }
 }
