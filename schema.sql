@@ -80,11 +80,16 @@ ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS taskcast_version bigint 
 ALTER TABLE public.image_tasks ADD COLUMN IF NOT EXISTS taskcast_seq bigint;
 
 -- A user's feed (`user:<id>`) reads that user's unfinished and latest finished tasks, newest
--- first. Built once, without CONCURRENTLY (migrate runs in one transaction): on a large
--- existing table, create it yourself first with CREATE INDEX CONCURRENTLY and this line
--- does nothing.
-CREATE INDEX IF NOT EXISTS image_tasks_user_id_updated_at_idx
-  ON public.image_tasks (user_id, updated_at DESC);
+-- first: this index finds the user's rows, which are then sorted. Built once, without
+-- CONCURRENTLY (migrate runs in one transaction): on a large existing table, create it
+-- yourself first with CREATE INDEX CONCURRENTLY and this line does nothing.
+--
+-- No index may hold a column a push writes (progress, stage, status, updated_at...): an
+-- UPDATE that changes an indexed column cannot be a HOT update, so every push would add an
+-- entry to every index and leave a dead row for VACUUM. The earlier feed index on
+-- (user_id, updated_at) did exactly that, and is dropped.
+CREATE INDEX IF NOT EXISTS image_tasks_user_id_idx ON public.image_tasks (user_id);
+DROP INDEX IF EXISTS public.image_tasks_user_id_updated_at_idx;
 
 -- The guide's helper, made safe: SECURITY INVOKER (the caller's own rights; the guide's
 -- SECURITY DEFINER is not needed to read the catalog) and a fixed search_path.

@@ -59,10 +59,11 @@ const TRIGGERS: [&str; 4] = [
 ];
 
 /// The indexes schema.sql creates, in the order migrate names them.
-const INDEXES: [&str; 2] = [
-    "image_tasks_cancel_requested_at",
-    "image_tasks_user_id_updated_at_idx",
-];
+const INDEXES: [&str; 2] = ["image_tasks_cancel_requested_at", "image_tasks_user_id_idx"];
+
+/// Indexes an earlier schema.sql created and this one drops: the feed index on
+/// `(user_id, updated_at)` kept every push from being a HOT update.
+const RETIRED: [&str; 1] = ["image_tasks_user_id_updated_at_idx"];
 
 /// Which of schema.sql's triggers, indexes and helper function exist now, by name. An index
 /// counts when its name is taken in `public`, as `CREATE INDEX IF NOT EXISTS` judges it.
@@ -78,7 +79,7 @@ async fn schema_objects<C: GenericClient>(
              UNION ALL \
              SELECT 'check_column_exists' \
                WHERE to_regprocedure('public.check_column_exists(text,text)') IS NOT NULL",
-            &[&TRIGGERS.as_slice(), &INDEXES.as_slice()],
+            &[&TRIGGERS.as_slice(), &[&INDEXES[..], &RETIRED[..]].concat()],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -93,8 +94,8 @@ fn and_list(names: &[&str]) -> String {
     }
 }
 
-/// What migrate created, one line per kind of object: exactly the names in `after` and
-/// not in `before`.
+/// What migrate created (or dropped), one line per kind of object: exactly the names in
+/// `after` and not in `before` (the retired ones the other way round).
 fn created(before: &[String], after: &[String], channel: &str) -> Vec<String> {
     let new = |names: &[&'static str]| -> Vec<&'static str> {
         (names.iter())
@@ -125,6 +126,18 @@ fn created(before: &[String], after: &[String], channel: &str) -> Vec<String> {
             "created {} {}",
             plural(indexes.len(), "index", "indexes"),
             and_list(&indexes)
+        ));
+    }
+    let dropped: Vec<&str> = (RETIRED.iter())
+        .filter(|n| before.iter().any(|b| b == *n) && !after.iter().any(|a| a == *n))
+        .copied()
+        .collect();
+    if !dropped.is_empty() {
+        out.push(format!(
+            "dropped {} {} (it indexed a column every push writes, so no push could be a HOT \
+             update)",
+            plural(dropped.len(), "index", "indexes"),
+            and_list(&dropped)
         ));
     }
     if !new(&["check_column_exists"]).is_empty() {

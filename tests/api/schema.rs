@@ -204,11 +204,11 @@ async fn migrate_reports_every_column_it_adds() {
     }
 }
 
-/// Migrates `db`, runs `drop` (taking something of schema.sql away), and returns what a
-/// second migrate reports.
-async fn migrate_again_after(db: &TestDb, drop: &str) -> Vec<String> {
+/// Migrates `db`, runs `sql` (taking something of schema.sql away, or putting back what an
+/// earlier schema.sql made), and returns what a second migrate reports.
+async fn migrate_again_after(db: &TestDb, sql: &str) -> Vec<String> {
     migrate(&db.url).await.expect("first migrate");
-    db.client().await.batch_execute(drop).await.unwrap();
+    db.client().await.batch_execute(sql).await.unwrap();
     migrate(&db.url).await.expect("second migrate")
 }
 
@@ -223,21 +223,77 @@ async fn migrate_on_an_empty_database_reports_every_object_it_creates() {
             "installed triggers taskcast_bump_version, taskcast_notify, taskcast_notify_insert \
              and taskcast_notify_delete (channel taskcast)",
             "created indexes image_tasks_cancel_requested_at and \
-             image_tasks_user_id_updated_at_idx",
+             image_tasks_user_id_idx",
             "created function public.check_column_exists (EXECUTE revoked from PUBLIC)",
         ]
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_reports_only_the_feed_index_when_only_it_was_missing() {
+async fn migrate_drops_the_old_feed_index_that_kept_pushes_from_being_hot_updates() {
     let db = TestDb::create().await;
-    let changes =
-        migrate_again_after(&db, "DROP INDEX public.image_tasks_user_id_updated_at_idx").await;
+    let changes = migrate_again_after(
+        &db,
+        "CREATE INDEX image_tasks_user_id_updated_at_idx \
+           ON public.image_tasks (user_id, updated_at DESC)",
+    )
+    .await;
     assert_eq!(
         changes,
-        ["created index image_tasks_user_id_updated_at_idx"]
+        [
+            "dropped index image_tasks_user_id_updated_at_idx (it indexed a column every push \
+          writes, so no push could be a HOT update)"
+        ]
     );
+}
+
+/// A push writes these columns; an index on any of them makes every push a non-HOT update
+/// (a new entry in every index, a dead row for VACUUM).
+const PUSHED_COLUMNS: [&str; 12] = [
+    "progress",
+    "stage",
+    "status",
+    "image_url",
+    "error",
+    "updated_at",
+    "step",
+    "total_steps",
+    "preview_url",
+    "stalled_since",
+    "taskcast_version",
+    "taskcast_seq",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_index_schema_sql_creates_holds_a_column_a_push_writes() {
+    let db = TestDb::create().await;
+    migrate(&db.url).await.expect("migrate");
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT i.indexrelid::regclass::text, a.attname::text FROM pg_index i \
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = 'public.image_tasks'::regclass",
+            &[],
+        )
+        .await
+        .unwrap();
+    let indexed: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert!(
+        indexed.iter().any(|(_, column)| column == "user_id"),
+        "{indexed:?}"
+    );
+    let pushed: Vec<_> = (indexed.iter())
+        .filter(|(_, column)| PUSHED_COLUMNS.contains(&column.as_str()))
+        .collect();
+    assert!(pushed.is_empty(), "indexes on pushed columns: {pushed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_reports_only_the_feed_index_when_only_it_was_missing() {
+    let db = TestDb::create().await;
+    let changes = migrate_again_after(&db, "DROP INDEX public.image_tasks_user_id_idx").await;
+    assert_eq!(changes, ["created index image_tasks_user_id_idx"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,14 +324,14 @@ async fn migrate_reports_the_insert_trigger_and_feed_index_of_a_database_from_be
     let changes = migrate_again_after(
         &db,
         "DROP TRIGGER taskcast_notify_insert ON public.image_tasks; \
-         DROP INDEX public.image_tasks_user_id_updated_at_idx",
+         DROP INDEX public.image_tasks_user_id_idx",
     )
     .await;
     assert_eq!(
         changes,
         [
             "installed trigger taskcast_notify_insert (channel taskcast)",
-            "created index image_tasks_user_id_updated_at_idx",
+            "created index image_tasks_user_id_idx",
         ]
     );
 }
