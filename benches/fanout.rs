@@ -40,6 +40,7 @@
 //! offers at most BENCH_INFLIGHT / `t` pushes/s, so a slow commit caps the offered rate);
 //! BENCH_PG_OPTIONS (say `-c synchronous_commit=off` or `-c commit_delay=100`: settings for
 //! taskcast's sessions only, the database's configuration is left alone);
+//! other `TASKCAST_*` variables are passed to the server (say TASKCAST_COMMIT_INTERVAL_MS=0);
 //! TASKCAST_BIN runs another taskcast binary, BENCH_WRAPPER (say `valgrind
 //! --tool=callgrind`) runs the servers under a profiler. Figures go to
 //! `target/bench/fanout.{json,svg}` (`fanout-single.*` for the single workload; under
@@ -242,6 +243,10 @@ struct Window {
     postgres_cores: f64,
     /// Cores busy with anything else on the machine (other builds, tests...): noise.
     other_cores: f64,
+    /// Pushes per commit (Postgres) and the mean commit time in ms, from the server's own
+    /// `taskcast_batch_size` and `taskcast_commit_duration_seconds` histograms.
+    per_commit: f64,
+    commit_ms: f64,
 }
 
 impl Window {
@@ -268,6 +273,8 @@ impl Window {
             "postgres_all_cpu_us_per_push": jnum(self.pg_all_per_push),
             "postgres_cores": jnum(self.postgres_cores),
             "other_cores": jnum(self.other_cores),
+            "pushes_per_commit": jnum(self.per_commit),
+            "commit_ms": jnum(self.commit_ms),
         })
     }
 }
@@ -450,6 +457,19 @@ async fn bench(settings: &Settings, database: Option<(String, String)>) -> Resul
     if let Some((url, _)) = &database {
         env.push(("DATABASE_URL", url.clone()));
     }
+    // taskcast settings given to the bench (say TASKCAST_COMMIT_INTERVAL_MS=0) reach the
+    // server, which otherwise starts with a clean environment.
+    let given: Vec<(String, String)> = std::env::vars()
+        .filter(|(name, _)| {
+            name.starts_with("TASKCAST_")
+                && !["TASKCAST_BIN", "TASKCAST_BENCH_", "TASKCAST_TEST_"]
+                    .iter()
+                    .any(|skip| name.starts_with(skip))
+        })
+        .collect();
+    for (name, value) in &given {
+        env.push((name.as_str(), value.clone()));
+    }
     let db_name = database.as_ref().map(|(_, name)| name.as_str());
     let server = Server::taskcast("fanout-taskcast", &env).await?;
     let mut runs = vec![measure(settings, server, Kind::Taskcast, db_name).await?];
@@ -603,6 +623,7 @@ impl Load<'_> {
         phase: usize,
     ) -> Result<(Window, u64), BoxError> {
         let backends = || cpu_by_command_line("postgres", self.database.unwrap_or("\0"));
+        let commits0 = self.commits().await;
         let (server0, machine0, pg0, backends0) = (
             self.server.sample()?,
             machine_busy(),
@@ -631,6 +652,7 @@ impl Load<'_> {
             cpu_by_command("postgres"),
             backends(),
         );
+        let commits1 = self.commits().await;
         let frames = arrivals1 - arrivals0;
         let secs = elapsed.as_secs_f64();
         let server_cpu = CpuDelta::between(&server0, &server1);
@@ -662,8 +684,19 @@ impl Load<'_> {
             pg_all_per_push: per_push(postgres),
             postgres_cores: postgres / secs,
             other_cores: (others / secs).max(0.0),
+            per_commit: commits1.pushes_per_commit(&commits0),
+            commit_ms: commits1.commit_ms(&commits0),
         };
         Ok((window, pushed.scheduled))
+    }
+
+    /// The server's commit histograms (zeros for a floor, which has none).
+    async fn commits(&self) -> Commits {
+        let url = format!("http://{}/metrics", self.server.addr);
+        let Ok(response) = reqwest::get(url).await else {
+            return Commits::default();
+        };
+        Commits::parse(&response.text().await.unwrap_or_default())
     }
 
     fn finish(&self, mut w: Window, phase: usize, scheduled: u64) -> Window {
@@ -676,6 +709,37 @@ impl Load<'_> {
             latency.quantile_ms(0.999),
         );
         w
+    }
+}
+
+/// Sums and counts of the server's batch-size and commit-time histograms.
+#[derive(Default)]
+struct Commits {
+    pushes: f64,
+    commits: f64,
+    seconds: f64,
+}
+
+impl Commits {
+    fn parse(metrics: &str) -> Commits {
+        let value = |name: &str| {
+            (metrics.lines())
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        Commits {
+            pushes: value("taskcast_batch_size_sum"),
+            commits: value("taskcast_batch_size_count"),
+            seconds: value("taskcast_commit_duration_seconds_sum"),
+        }
+    }
+
+    fn pushes_per_commit(&self, before: &Commits) -> f64 {
+        (self.pushes - before.pushes) / (self.commits - before.commits)
+    }
+
+    fn commit_ms(&self, before: &Commits) -> f64 {
+        (self.seconds - before.seconds) * 1e3 / (self.commits - before.commits)
     }
 }
 
@@ -832,6 +896,8 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
         "load µs/frame",
         "pg µs/push",
         "pg all µs/push",
+        "per commit",
+        "commit ms",
         "other cores",
     ]);
     let ratio = |run: &Run, rate: f64, kind: Kind| match floor_of(kind) {
@@ -872,6 +938,16 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
                 } else {
                     "-".into()
                 },
+                if pg {
+                    num(m(&|w| w.per_commit), 1)
+                } else {
+                    "-".into()
+                },
+                if pg {
+                    num(m(&|w| w.commit_ms), 2)
+                } else {
+                    "-".into()
+                },
                 num(m(&|w| w.other_cores), 2),
             ]);
         }
@@ -892,6 +968,7 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
             "p99 ms",
             "CPU µs/frame",
             "pg µs/push",
+            "per commit",
             "failed pushes",
             "other cores",
             "pass",
@@ -907,6 +984,7 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
                     num(w.p99, 2),
                     num(w.cpu.0, 1),
                     num(w.pg_backend_per_push, 1),
+                    num(w.per_commit, 1),
                     w.pushes_failed.to_string(),
                     num(w.other_cores, 2),
                     if w.passes() { "yes" } else { "no" }.to_string(),
