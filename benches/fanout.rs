@@ -5,7 +5,9 @@
 //! deliveries/s achieved vs offered, push→receive latency (p50/p99/p999, commit included),
 //! server CPU per delivered frame and per push and server RSS, from /proc; with Postgres,
 //! the CPU of the Postgres backends serving the bench database per push (and of the whole
-//! cluster, which other work on the machine shares), also from /proc. Then the same load
+//! cluster, which other work on the machine shares), also from /proc; pushes per commit and
+//! the mean commit time from the server's own histograms, and Postgres's own WAL flush
+//! ("fsync") time from pg_stat_wal (timed on the throwaway bench database's sessions). Then the same load
 //! against the floors, a minimal tokio-tungstenite broadcaster built into this bench (see
 //! `common/floor.rs`), run as its own process: the **HTTP floor** takes its pushes as
 //! keep-alive POSTs parsed with httparse and answered 200 (what any HTTP push path pays);
@@ -247,6 +249,10 @@ struct Window {
     /// `taskcast_batch_size` and `taskcast_commit_duration_seconds` histograms.
     per_commit: f64,
     commit_ms: f64,
+    /// WAL flushes per commit and the mean flush time in ms (Postgres's own
+    /// pg_stat_wal timing: the disk's part of a commit).
+    syncs_per_commit: f64,
+    sync_ms: f64,
 }
 
 impl Window {
@@ -275,6 +281,8 @@ impl Window {
             "other_cores": jnum(self.other_cores),
             "pushes_per_commit": jnum(self.per_commit),
             "commit_ms": jnum(self.commit_ms),
+            "wal_syncs_per_commit": jnum(self.syncs_per_commit),
+            "wal_sync_ms": jnum(self.sync_ms),
         })
     }
 }
@@ -624,6 +632,7 @@ impl Load<'_> {
     ) -> Result<(Window, u64), BoxError> {
         let backends = || cpu_by_command_line("postgres", self.database.unwrap_or("\0"));
         let commits0 = self.commits().await;
+        let wal0 = self.wal().await;
         let (server0, machine0, pg0, backends0) = (
             self.server.sample()?,
             machine_busy(),
@@ -653,6 +662,7 @@ impl Load<'_> {
             backends(),
         );
         let commits1 = self.commits().await;
+        let wal1 = self.wal().await;
         let frames = arrivals1 - arrivals0;
         let secs = elapsed.as_secs_f64();
         let server_cpu = CpuDelta::between(&server0, &server1);
@@ -686,8 +696,21 @@ impl Load<'_> {
             other_cores: (others / secs).max(0.0),
             per_commit: commits1.pushes_per_commit(&commits0),
             commit_ms: commits1.commit_ms(&commits0),
+            syncs_per_commit: (wal1.0 - wal0.0) / (commits1.commits - commits0.commits),
+            sync_ms: match wal1.1 - wal0.1 {
+                0.0 => f64::NAN,
+                ms => ms / (wal1.0 - wal0.0),
+            },
         };
         Ok((window, pushed.scheduled))
+    }
+
+    /// Postgres's WAL flushes and their time so far (zeros without a database).
+    async fn wal(&self) -> (f64, f64) {
+        match self.database {
+            Some(_) => postgres::wal_syncs(&postgres::admin_url()).await,
+            None => (0.0, 0.0),
+        }
     }
 
     /// The server's commit histograms (zeros for a floor, which has none).
@@ -898,6 +921,7 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
         "pg all µs/push",
         "per commit",
         "commit ms",
+        "fsync ms",
         "other cores",
     ]);
     let ratio = |run: &Run, rate: f64, kind: Kind| match floor_of(kind) {
@@ -945,6 +969,11 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
                 },
                 if pg {
                     num(m(&|w| w.commit_ms), 2)
+                } else {
+                    "-".into()
+                },
+                if pg {
+                    num(m(&|w| w.sync_ms), 2)
                 } else {
                     "-".into()
                 },

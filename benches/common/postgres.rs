@@ -20,6 +20,26 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_string())
 }
 
+/// The cluster's WAL flushes so far and the milliseconds they took (the time counts only
+/// flushes made with track_wal_io_timing on); zeros when it cannot be read.
+pub async fn wal_syncs(admin_url: &str) -> (f64, f64) {
+    let read = async {
+        let (client, connection) = tokio_postgres::connect(admin_url, NoTls).await.ok()?;
+        tokio::spawn(connection);
+        let row = (client.query_one(
+            "SELECT wal_sync::float8, wal_sync_time::float8 FROM pg_stat_wal",
+            &[],
+        ))
+        .await
+        .ok()?;
+        Some((row.get(0), row.get(1)))
+    };
+    (tokio::time::timeout(Duration::from_secs(2), read).await)
+        .ok()
+        .flatten()
+        .unwrap_or((0.0, 0.0))
+}
+
 /// Whether the admin URL answers within two seconds.
 pub async fn answers(admin_url: &str) -> bool {
     let connect = tokio_postgres::connect(admin_url, NoTls);
@@ -50,6 +70,15 @@ impl BenchDatabase {
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await?;
+        // Postgres times its WAL flushes (pg_stat_wal.wal_sync_time) only where
+        // track_wal_io_timing is on: on for this throwaway database's sessions, so a slow
+        // commit can be told from a slow disk. Needs a superuser; without one the bench
+        // still runs and reports no fsync time.
+        let _ = admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET track_wal_io_timing = on"
+            ))
+            .await;
         let db = BenchDatabase {
             admin,
             url: with_database(admin_url, &name),
