@@ -247,6 +247,14 @@ impl Config {
         if args.shutdown_timeout_secs == 0 {
             return Err("TASKCAST_SHUTDOWN_TIMEOUT_SECS must be at least 1".to_string());
         }
+        if args.commit_interval_ms.saturating_mul(2) > args.db_timeout_ms {
+            return Err(format!(
+                "TASKCAST_COMMIT_INTERVAL_MS ({}) must be at most half of TASKCAST_DB_TIMEOUT_MS \
+                 ({}): a push may wait one interval for its commit, and the commit needs the \
+                 rest of the timeout",
+                args.commit_interval_ms, args.db_timeout_ms
+            ));
+        }
         if args.commit_interval_ms > MAX_COMMIT_INTERVAL_MS {
             return Err(format!(
                 "TASKCAST_COMMIT_INTERVAL_MS must be at most {MAX_COMMIT_INTERVAL_MS} (it may \
@@ -588,5 +596,23 @@ mod tests {
             refused.contains("TASKCAST_HEADER_TIMEOUT_SECS"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn a_commit_interval_over_half_the_database_timeout_is_refused() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["taskcast"], args].concat()).unwrap();
+            Config::from_args(cli.serve, |_| None)
+        };
+        let config = parse(&["--commit-interval-ms", "5"]).unwrap();
+        assert_eq!(config.limits.commit_interval, Duration::from_millis(5));
+        let error = parse(&["--commit-interval-ms", "60", "--db-timeout-ms", "100"]).unwrap_err();
+        assert!(
+            error.contains("at most half of TASKCAST_DB_TIMEOUT_MS"),
+            "{error}"
+        );
+        let error = parse(&["--commit-interval-ms", "101", "--db-timeout-ms", "5000"]).unwrap_err();
+        assert!(error.contains("at most 100"), "{error}");
+        assert!(parse(&["--commit-interval-ms", "0"]).is_ok());
     }
 }

@@ -355,6 +355,12 @@ mod tests {
             auth().authorize(Some(&token), TaskId::random()).await,
             Err(Error::Forbidden(_))
         ));
+        assert!(matches!(
+            auth()
+                .authorize_cancel(Some(&token), TaskId::random())
+                .await,
+            Err(Error::Forbidden(_))
+        ));
         let task = auth()
             .mint(&[TaskId::random()], Duration::from_secs(60))
             .unwrap();

@@ -99,9 +99,9 @@ pub(super) fn tune_socket(config: &mut tokio_postgres::Config, timeout: Duration
     }
 }
 
-/// The `SET` statements sent on each new pooled connection: `statement_timeout` and
+/// The statements sent on each new pooled connection: `statement_timeout` and
 /// `idle_in_transaction_session_timeout` equal to `timeout`, each unless the URL's
-/// `options` already sets it. Plain session `SET`s rather than startup options, which
+/// `options` already sets it, and generic plans (below). Plain session `SET`s rather than startup options, which
 /// poolers (PgBouncer, Supabase's Supavisor) refuse; taskcast needs a session connection
 /// anyway (the listener's `LISTEN`, the pool's prepared statements).
 pub(super) fn session_settings(config: &tokio_postgres::Config, timeout: Duration) -> String {
@@ -111,11 +111,17 @@ pub(super) fn session_settings(config: &tokio_postgres::Config, timeout: Duratio
         .into_iter()
         .filter(|name| !given.contains(name))
         .map(|name| format!("SET {name} = {ms};"));
-    // Every statement taskcast prepares reads or writes rows by key; a custom plan per
-    // execution (Postgres's default for the first five, and whenever it guesses one is
-    // cheaper) re-plans the push statement each time, ~100 µs of Postgres CPU per commit.
-    let plans = (!given.contains("plan_cache_mode"))
-        .then(|| "SET plan_cache_mode = force_generic_plan;".to_string());
+    // The push statement's plan does not depend on its arrays' contents, yet Postgres makes
+    // a custom plan per execution whenever it guesses one is cheaper (always for the first
+    // five): the push statement was re-planned on every commit, ~100 µs of Postgres CPU.
+    // Only where the server has the setting (Postgres 12+) and nobody chose a value (the
+    // role's or database's own setting, or the URL's, is kept).
+    let plans = (!given.contains("plan_cache_mode")).then(|| {
+        "SELECT set_config('plan_cache_mode', 'force_generic_plan', false) \
+         WHERE current_setting('server_version_num')::int >= 120000 \
+           AND current_setting('plan_cache_mode', true) = 'auto';"
+            .to_string()
+    });
     timeouts.chain(plans).collect()
 }
 
@@ -136,7 +142,9 @@ mod tests {
         assert_eq!(
             session_settings(&plain, Duration::from_millis(1500)),
             "SET statement_timeout = 1500;SET idle_in_transaction_session_timeout = 1500;\
-             SET plan_cache_mode = force_generic_plan;"
+             SELECT set_config('plan_cache_mode', 'force_generic_plan', false) \
+             WHERE current_setting('server_version_num')::int >= 120000 \
+               AND current_setting('plan_cache_mode', true) = 'auto';"
         );
         let own: tokio_postgres::Config = "host=db options='-c statement_timeout=9000'"
             .parse()
@@ -144,7 +152,9 @@ mod tests {
         assert_eq!(
             session_settings(&own, Duration::from_millis(1500)),
             "SET idle_in_transaction_session_timeout = 1500;\
-             SET plan_cache_mode = force_generic_plan;"
+             SELECT set_config('plan_cache_mode', 'force_generic_plan', false) \
+             WHERE current_setting('server_version_num')::int >= 120000 \
+               AND current_setting('plan_cache_mode', true) = 'auto';"
         );
         let plans: tokio_postgres::Config = "host=db options='-c plan_cache_mode=auto'"
             .parse()

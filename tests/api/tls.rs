@@ -253,6 +253,21 @@ async fn sslmodes_behave_as_libpq_against_a_server_with_our_own_ca() {
         .await
         .expect_err("an unknown issuer is refused");
     assert!(message.to_lowercase().contains("issuer"), "{message}");
+    // Below verify-full the chain is still checked whenever a root is given: verify-ca, and
+    // require with sslrootcert (libpq then behaves as verify-ca), refuse the unknown issuer.
+    for mode in ["verify-ca", "require"] {
+        let wrong_ca = cluster.url(
+            "localhost",
+            &format!("sslmode={mode}&sslrootcert={}", other.display()),
+        );
+        let message = connect(&wrong_ca)
+            .await
+            .expect_err("an unknown issuer is refused");
+        assert!(
+            message.to_lowercase().contains("issuer"),
+            "{mode}: {message}"
+        );
+    }
     // verify-full without a root certificate is refused before connecting.
     let message = connect(&cluster.url("127.0.0.1", "sslmode=verify-full"))
         .await
