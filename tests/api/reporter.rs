@@ -645,6 +645,108 @@ async fn cancel_requested_is_read_per_update_of_a_batch_answer() {
     assert_eq!(asked, [false, true, false]);
 }
 
+#[tokio::test]
+async fn ten_tasks_reported_at_once_to_a_server_taking_two_updates_per_batch_are_all_delivered() {
+    let app = spawn_app_with(StoreKind::Postgres, |c| c.limits.max_batch_items = 2).await;
+    let tasks = processing_tasks(&app, 10).await;
+    // Default options: up to 100 updates per batch. Nothing yields while reporting, so
+    // the ten go in one batch, which the server refuses whole (400, over
+    // TASKCAST_MAX_BATCH_ITEMS).
+    let reporter = Reporter::new(app.url(""), KEY, fast_retries());
+    for task in &tasks {
+        reporter.report(*task, Update::new().progress(50.0));
+    }
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.sent, stats.failed, stats.retried),
+        (10, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.requests, 6,
+        "the refused batch of ten, then five of two: {stats:?}"
+    );
+    for task in &tasks {
+        assert_eq!(stored(&app, *task).await["progress"].as_f64(), Some(50.0));
+    }
+
+    // The final updates: the lowered cap holds, so no request is refused again.
+    for (i, task) in tasks.iter().enumerate() {
+        reporter.report(
+            *task,
+            Update::completed(format!("https://cdn.example.com/{i}.png")),
+        );
+    }
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+    let stats = reporter.stats();
+    assert_eq!((stats.sent, stats.failed), (20, 0), "{stats:?}");
+    assert_eq!(stats.requests, 11, "five of two: {stats:?}");
+    for (i, task) in tasks.iter().enumerate() {
+        let state = stored(&app, *task).await;
+        assert_eq!(
+            (state["status"].as_str(), state["image_url"].as_str()),
+            (
+                Some("completed"),
+                Some(format!("https://cdn.example.com/{i}.png").as_str())
+            ),
+            "{state}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ten_final_updates_to_a_server_with_a_batch_body_limit_below_the_reporters_are_all_delivered()
+ {
+    // 1,500 bytes, far below the reporter's 512 KiB; ten of these updates take about 2,000.
+    let app = spawn_app_with(StoreKind::Postgres, |c| {
+        c.limits.max_batch_body_bytes = 1500;
+    })
+    .await;
+    let tasks = processing_tasks(&app, 10).await;
+    let reporter = Reporter::new(app.url(""), KEY, fast_retries());
+    let url = |i: usize| format!("https://cdn.example.com/images/{i:02}/final-result.png");
+    for (i, task) in tasks.iter().enumerate() {
+        reporter.report(*task, Update::completed(url(i)).stage("uploaded"));
+    }
+    assert!(reporter.flush(WAIT).await, "{:?}", reporter.stats());
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.sent, stats.failed, stats.retried),
+        (10, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.requests, 6,
+        "the batch of ten was refused (413), then five of two: {stats:?}"
+    );
+    for (i, task) in tasks.iter().enumerate() {
+        let state = stored(&app, *task).await;
+        assert_eq!(
+            (state["status"].as_str(), state["image_url"].as_str()),
+            (Some("completed"), Some(url(i).as_str())),
+            "{state}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lone_update_too_large_for_the_server_is_refused_once_and_counted_failed() {
+    let app = spawn_app_with(StoreKind::Postgres, |c| c.limits.max_body_bytes = 1024).await;
+    let task = processing_tasks(&app, 1).await[0];
+    let reporter = Reporter::new(app.url(""), KEY, fast_retries());
+    let long = format!("https://cdn.example.com/{}.png", "x".repeat(2000));
+    reporter.report(task, Update::completed(long));
+    assert!(!reporter.flush(WAIT).await, "{:?}", reporter.stats());
+    let stats = reporter.stats();
+    assert_eq!(
+        (stats.sent, stats.failed, stats.retried, stats.requests),
+        (0, 1, 0, 1),
+        "413 for the update itself is a refusal: {stats:?}"
+    );
+    assert_eq!(stored(&app, task).await["status"], "processing");
+}
+
 /// Runs a snippet's CLI; `None` (after saying so on stderr) when its interpreter is missing.
 async fn run_snippet(interpreter: &str, script: &str, args: &[&str]) -> Option<(Output, Duration)> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);

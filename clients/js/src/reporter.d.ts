@@ -24,18 +24,33 @@ export interface ReporterOptions {
   backoffMaxMs?: number;
   /** Bound on each request (5000). */
   timeoutMs?: number;
-  /** Most updates in one `POST /api/progress` (100); keep it under TASKCAST_MAX_BATCH_ITEMS. */
+  /**
+   * Most updates in one `POST /api/progress` (100). A server whose TASKCAST_MAX_BATCH_ITEMS
+   * is lower refuses a larger batch whole (400): the reporter then lowers this cap for the
+   * rest of its life (to the server's limit) and sends the same updates again at once in
+   * smaller requests; nothing fails or counts as retried.
+   */
   maxBatch?: number;
-  /** About the most JSON in one `POST /api/progress` (262144); under TASKCAST_MAX_BATCH_BODY_BYTES. */
+  /**
+   * Most bytes (UTF-8) of updates in one `POST /api/progress` (262144). A server whose
+   * TASKCAST_MAX_BATCH_BODY_BYTES is lower refuses a larger batch whole (413): the
+   * reporter then lowers this cap for the rest of its life and sends the same updates
+   * again at once in smaller requests. A lone update answered 413 is refused (too large
+   * itself).
+   */
   maxBatchBytes?: number;
 }
 
 /** Counts per update since the reporter was made. */
 export interface ReporterStats {
   sent: number;
+  /** Sent again after a network error, timeout (408 included), 5xx or 429; not one folded
+   * into a newer update of its task instead (`conflated`), nor one sent again in a
+   * smaller request after its batch was refused whole for its size. */
   retried: number;
   dropped: number;
   failed: number;
+  /** Merged into a newer update of its task, while waiting or instead of a retry. */
   conflated: number;
   /** Requests to `POST /api/progress` (several tasks in one request). */
   batches: number;

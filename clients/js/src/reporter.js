@@ -21,11 +21,32 @@
 // and about `maxBatchBytes` of JSON), whose items are answered one by one. Every update
 // carries a `seq` (microseconds since the epoch, increasing), so a retry the server already
 // applied is not applied twice. Network errors, 5xx and 429, for a whole request or one
-// item, are retried with capped exponential backoff and jitter (honouring Retry-After);
-// other refusals (401 wrong key, 409 finished task) are not, and a refused item fails
-// alone. Failures of report() go to stderr (never the key); `stats` counts per update.
+// item, and timeouts (408 included), are retried with capped exponential backoff and
+// jitter (honouring Retry-After); other refusals (401 wrong key, 409 finished task) are
+// not, and a refused item fails alone. A batch the server refuses whole for its size (413
+// over TASKCAST_MAX_BATCH_BODY_BYTES, or 400 over TASKCAST_MAX_BATCH_ITEMS) is not failed:
+// the reporter lowers its cap (items or bytes) for the rest of its life, to the limit the
+// server named or else to half of what was refused, says once on stderr which limit it
+// met, and sends the same updates again at once in smaller requests (alone, when it comes
+// to that); this is not counted as a retry. A lone update answered 413 is refused: it is
+// too large itself. Failures of report() go to stderr (never the key); `stats` counts per
+// update.
 
 const FINAL = new Set(["completed", "failed", "cancelled"]);
+
+// The settings a batch refused whole for its size went over: the 400 for too many updates
+// names the first, the 413 for too large a body the second.
+const ITEMS_SETTING = "TASKCAST_MAX_BATCH_ITEMS";
+const BYTES_SETTING = "TASKCAST_MAX_BATCH_BODY_BYTES";
+// Bytes of a batch body besides its items (`{"updates":[` and `]}`), with room to spare.
+const BATCH_BODY_OVERHEAD = 32;
+
+/** UTF-8 bytes, as the body is sent (not `.length`, which counts UTF-16 units). */
+const encoder = new TextEncoder();
+const byteLength = (text) => (typeof Buffer === "function" ? Buffer.byteLength(text) : encoder.encode(text).length);
+
+/** The bytes of one update as an item of `POST /api/progress`, the separator after it included. */
+const itemBytes = (task, update) => byteLength(JSON.stringify(update)) + byteLength(JSON.stringify(task)) + 12;
 
 /** A push that was refused, or that still failed after every attempt. */
 export class ReporterError extends Error {
@@ -80,7 +101,7 @@ export class Reporter {
       maxBatchBytes = 256 * 1024,
     } = {},
   ) {
-    if (typeof fetch !== "function") throw new TypeError("Reporter needs a global fetch (Node 18 or newer)");
+    if (typeof fetch !== "function") throw new TypeError("Reporter needs a global fetch (Node 20 or newer)");
     this.url = String(url).replace(/\/+$/, "");
     this.key = String(key ?? "").trim();
     this.options = {
@@ -92,8 +113,9 @@ export class Reporter {
       maxBatch: Math.max(1, maxBatch),
       maxBatchBytes,
     };
-    /** Counts per update: sent, retried, dropped, failed, conflated; batches: requests to
-     * `POST /api/progress`. */
+    /** Counts per update: sent; retried (sent again after a network error, timeout, 5xx or
+     * 429); dropped; failed; conflated (merged into a newer update of its task, while
+     * waiting or instead of a retry); batches: requests to `POST /api/progress`. */
     this.stats = { sent: 0, retried: 0, dropped: 0, failed: 0, conflated: 0, batches: 0 };
     this.cancelRequested = new Set();
     this.refused = new Map(); // task id -> why taskcast refused it as finished
@@ -102,6 +124,7 @@ export class Reporter {
     this.wake = null;
     this.idle = []; // resolvers of pending flush() calls
     this.lostAtFlush = 0;
+    this.limitsMet = new Set(); // the size limits a batch was refused for, said once each
   }
 
   /** Queues `fields` for `taskId` and returns at once. Never throws. */
@@ -202,6 +225,10 @@ export class Reporter {
         }
         if (batch.length > 1) this.stats.batches++;
         const outcomes = await this.#send(batch);
+        if (batch.length > 1 && outcomes[0]?.tooLarge) {
+          this.#split(batch, outcomes[0]);
+          continue;
+        }
         const jitter = Math.random(); // one per exchange: what failed together retries together
         batch.forEach(([task, entry], i) => this.#settle(task, entry, outcomes[i], jitter));
       }
@@ -222,13 +249,54 @@ export class Reporter {
         wait = Math.min(wait, entry.notBefore - now);
         continue;
       }
-      size += JSON.stringify(entry.update).length + task.length + 16;
+      size += itemBytes(task, entry.update);
       if (batch.length && size > this.options.maxBatchBytes) break;
       batch.push([task, entry]);
       if (batch.length >= this.options.maxBatch) break;
     }
     for (const [task] of batch) this.waiting.delete(task);
     return { batch, wait };
+  }
+
+  /**
+   * A batch refused whole for its size, none of its updates looked at: lowers the cap it
+   * went over for good (to the limit the server named, else to half of what was sent),
+   * says so once per limit, and puts the updates back at the head of the queue to go again
+   * at once in smaller requests. Not an attempt: nothing is counted, except an update
+   * folded into a newer one (conflated).
+   */
+  #split(batch, refused) {
+    const [setting, named] = refused.tooLarge;
+    let cap;
+    if (setting === ITEMS_SETTING) {
+      const sent = batch.length;
+      const lowered = Math.max(1, named > 0 && named < sent ? named : Math.floor(sent / 2));
+      this.options.maxBatch = Math.min(this.options.maxBatch, lowered);
+      cap = `${this.options.maxBatch} updates`;
+    } else {
+      const sent = batch.reduce((sum, [task, entry]) => sum + itemBytes(task, entry.update), 0);
+      const limit = named - BATCH_BODY_OVERHEAD;
+      const lowered = Math.max(1, limit > 0 && limit < sent ? limit : Math.floor(sent / 2));
+      this.options.maxBatchBytes = Math.min(this.options.maxBatchBytes, lowered);
+      cap = `${this.options.maxBatchBytes} bytes of updates`;
+    }
+    if (!this.limitsMet.has(setting)) {
+      this.limitsMet.add(setting);
+      note(`the server refused a batch of ${batch.length} updates as too large (${setting}): ${refused.why}; from now on at most ${cap} go in one request`);
+    }
+    const back = [];
+    for (const [task, entry] of batch) {
+      const newer = this.waiting.get(task);
+      if (newer) {
+        // Reported again meanwhile: fold this one under it.
+        newer.update = { ...entry.update, ...newer.update };
+        newer.waiters.unshift(...entry.waiters);
+        this.stats.conflated++;
+      } else {
+        back.push([task, entry]);
+      }
+    }
+    this.waiting = new Map([...back, ...this.waiting]);
   }
 
   #settle(task, entry, outcome, jitter) {
@@ -240,15 +308,16 @@ export class Reporter {
     if (outcome.code === "task_finished") this.refused.set(task, outcome.message);
     entry.sends++;
     if (outcome.retry && entry.sends < this.options.attempts) {
-      this.stats.retried++;
       const newer = this.waiting.get(task);
       if (newer) {
-        // A newer update waits: fold this one under it (its fields win, its seq is newer).
+        // A newer update waits: fold this one under it (its fields win, its seq is newer);
+        // counted as conflated, not retried.
         newer.update = { ...entry.update, ...newer.update };
         newer.waiters.unshift(...entry.waiters);
         this.stats.conflated++;
         return;
       }
+      this.stats.retried++;
       const { backoffMs, backoffMaxMs } = this.options;
       const step = Math.min(backoffMs * 2 ** (entry.sends - 1), backoffMaxMs);
       entry.notBefore = Date.now() + Math.max(step / 2 + (jitter * step) / 2, Math.min(outcome.after, 60) * 1000);
@@ -304,6 +373,7 @@ export class Reporter {
       const answer = await response.json().catch(() => null);
       if (response.ok) return { outcome: { ok: true }, answer };
       const outcome = failure(response.status, answer?.error, answer?.message ?? response.statusText, answer?.hint);
+      outcome.tooLarge = sizeRefusal(response.status, answer);
       const after = Number(response.headers.get("retry-after"));
       if (Number.isFinite(after) && after > 0) outcome.after = after;
       return { outcome };
@@ -315,9 +385,26 @@ export class Reporter {
   }
 }
 
-/** A failed update: retried when there was no answer, or 5xx or 429. */
+/** A failed update: retried when there was no answer, or 408 (the body timed out), 5xx or 429. */
 function failure(status, code, message = "", hint = "") {
-  const retry = status === 0 || status >= 500 || status === 429;
+  const retry = status === 0 || status === 408 || status === 429 || status >= 500;
   const why = status ? `${status} ${code ?? ""}: ${message}` : message;
   return { ok: false, retry, status, code: code ?? "", message, hint: hint ?? "", why, after: 0 };
+}
+
+/**
+ * Whether an error answer refuses the request for its size: a 413 (the server's says "the
+ * body is larger than the limit of N bytes (TASKCAST_MAX_BATCH_BODY_BYTES)"; a proxy's may
+ * name nothing), or a 400 `invalid_input` naming TASKCAST_MAX_BATCH_ITEMS ("send from 1 to
+ * N updates per request (...), got M"). Any other 400 is about the request's shape, which
+ * smaller requests would not change. `[setting, N]` (N 0 when unnamed), or null.
+ */
+function sizeRefusal(status, answer) {
+  const message = typeof answer?.message === "string" ? answer.message : "";
+  const after = (marker) => Number(message.split(marker)[1]?.match(/^\d+/)?.[0] ?? 0);
+  if (status === 413) return [BYTES_SETTING, after("limit of ")];
+  if (status === 400 && answer?.error === "invalid_input" && message.includes(ITEMS_SETTING)) {
+    return [ITEMS_SETTING, after(" to ")];
+  }
+  return null;
 }

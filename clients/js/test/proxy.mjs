@@ -18,6 +18,7 @@ export async function countingProxy(upstream) {
     count: (path) => proxy.requests.get(path) ?? 0,
     total: () => [...proxy.requests.values()].reduce((a, b) => a + b, 0),
     refuseNext: (path, times = 1) => proxy.refuse.set(path, times),
+    onRequest: null, // called with each request's path as it arrives, before it is answered
   };
   const server = http.createServer(async (req, res) => {
     const chunks = [];
@@ -26,6 +27,7 @@ export async function countingProxy(upstream) {
     const size = chunks.reduce((n, c) => n + c.length, 0);
     proxy.requests.set(route(path), proxy.count(route(path)) + 1);
     proxy.largest.set(route(path), Math.max(proxy.largest.get(route(path)) ?? 0, size));
+    proxy.onRequest?.(path);
     if ((proxy.refuse.get(path) ?? 0) > 0) {
       proxy.refuse.set(path, proxy.refuse.get(path) - 1);
       res.writeHead(503, { "content-type": "application/json", "retry-after": "0" });

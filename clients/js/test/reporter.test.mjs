@@ -136,3 +136,89 @@ test("never two requests in flight, however many updates and tasks wait", async 
   assert.deepEqual(progress, [40, 40, 40, 40, 40], "the latest update of each task wins");
   assert.ok(proxy.total() < 40, `merged while one was in flight: ${proxy.total()} requests`);
 });
+
+// A server whose batch limits are below the reporter's: a batch it refuses whole for its
+// size is sent again in smaller requests, and every update arrives.
+const finalUrl = (i) => `https://cdn.example.com/images/${String(i).padStart(2, "0")}/final-result.png`;
+
+/** `n` tasks on another real taskcast started with `settings`, a counting proxy to it, and a cleanup. */
+async function limitedServer(settings, n) {
+  const small = await Taskcast.launch({ settings });
+  const smallProxy = await countingProxy(small.base);
+  const ids = await Promise.all(Array.from({ length: n }, () => small.createTask().then((t) => t.task_id)));
+  const close = async () => {
+    await smallProxy.close();
+    await small.close();
+  };
+  return { small, smallProxy, ids, close };
+}
+
+test("10 tasks reported at once to a server taking 2 updates per batch are all delivered", async () => {
+  const { small, smallProxy, ids, close } = await limitedServer({ TASKCAST_MAX_BATCH_ITEMS: "2" }, 10);
+  try {
+    const reporter = new Reporter(smallProxy.url, small.pushKey, { backoffMs: 10 }); // maxBatch 100
+    ids.forEach((id) => reporter.report(id, { status: "processing", progress: 50 }));
+    assert.equal(await reporter.flush(10_000), true, JSON.stringify(reporter.stats));
+    const { sent, failed, retried } = reporter.stats;
+    assert.deepEqual({ sent, failed, retried }, { sent: 10, failed: 0, retried: 0 });
+    assert.equal(smallProxy.count(BATCH), 6, "the ten (refused whole, 400), then five of two");
+    const progress = await Promise.all(ids.map((id) => small.request("GET", `/api/tasks/${id}`).then((s) => s.progress)));
+    assert.deepEqual(progress, Array(10).fill(50));
+
+    // Awaited final updates: the lowered cap holds, no request is refused again.
+    const states = await Promise.all(
+      ids.map((id, i) => reporter.push(id, { status: "completed", progress: 100, image_url: finalUrl(i) })),
+    );
+    assert.deepEqual(states.map((s) => [s.status, s.image_url]), ids.map((_, i) => ["completed", finalUrl(i)]));
+    assert.equal(smallProxy.count(BATCH), 11, "five of two");
+    assert.deepEqual([reporter.stats.sent, reporter.stats.failed], [20, 0]);
+  } finally {
+    await close();
+  }
+});
+
+test("10 final updates to a server with a smaller batch body limit are all delivered", async () => {
+  // 1,500 bytes, far below the reporter's 256 KiB; the ten updates take about 2,000.
+  const { small, smallProxy, ids, close } = await limitedServer({ TASKCAST_MAX_BATCH_BODY_BYTES: "1500" }, 10);
+  try {
+    const reporter = new Reporter(smallProxy.url, small.pushKey, { backoffMs: 10 });
+    // Non-ASCII stages: the byte budget counts UTF-8 bytes, not UTF-16 units.
+    ids.forEach((id, i) => reporter.report(id, { status: "completed", progress: 100, stage: "完了", image_url: finalUrl(i) }));
+    assert.equal(await reporter.flush(10_000), true, JSON.stringify(reporter.stats));
+    const { sent, failed, retried } = reporter.stats;
+    assert.deepEqual({ sent, failed, retried }, { sent: 10, failed: 0, retried: 0 });
+    assert.ok(smallProxy.count(BATCH) >= 3, `refused (413), then in parts: ${JSON.stringify(Object.fromEntries(smallProxy.requests))}`);
+    const states = await Promise.all(ids.map((id) => small.request("GET", `/api/tasks/${id}`)));
+    assert.deepEqual(states.map((s) => [s.status, s.image_url]), ids.map((_, i) => ["completed", finalUrl(i)]));
+  } finally {
+    await close();
+  }
+});
+
+test("the byte budget counts UTF-8 bytes: non-ASCII updates stay within maxBatchBytes", async () => {
+  const ids = await tasks(6);
+  // Each item is about 180 bytes of UTF-8 but 140 UTF-16 units: counted in units, three
+  // would go in one body of about 550 bytes.
+  const stage = "é".repeat(40);
+  const reporter = new Reporter(proxy.url, server.pushKey, { maxBatchBytes: 500 });
+  ids.forEach((id) => reporter.report(id, { progress: 40, stage }));
+  assert.equal(await reporter.flush(10_000), true, JSON.stringify(reporter.stats));
+  assert.equal(reporter.stats.sent, 6);
+  assert.ok(proxy.largest.get(BATCH) <= 500, `largest batch body: ${proxy.largest.get(BATCH)} bytes`);
+});
+
+test("a retried update folded into a newer one counts as conflated, not retried", async () => {
+  const [id] = await tasks(1);
+  const reporter = new Reporter(proxy.url, server.pushKey, { backoffMs: 10 });
+  proxy.refuseNext(`/api/tasks/${id}/progress`, 1);
+  proxy.onRequest = () => {
+    proxy.onRequest = null;
+    reporter.report(id, { stage: "newer" }); // while the first update is in flight
+  };
+  reporter.report(id, { progress: 10 });
+  assert.equal(await reporter.flush(10_000), true, JSON.stringify(reporter.stats));
+  const { sent, retried, conflated } = reporter.stats;
+  assert.deepEqual({ sent, retried, conflated }, { sent: 1, retried: 0, conflated: 1 });
+  const { progress, stage } = await state(id);
+  assert.deepEqual([progress, stage], [10, "newer"]);
+});

@@ -44,12 +44,13 @@ export async function until(what, condition, ms = 15_000) {
   }
 }
 
-/** The real server process; start() and stop() may be called repeatedly (same port). */
+/** The real server process; start() and stop() may be called repeatedly (same port).
+ * `settings`: more environment for the server, e.g. `{ TASKCAST_MAX_BATCH_ITEMS: "2" }`. */
 export class Taskcast {
-  static async launch({ postgres = true } = {}) {
+  static async launch({ postgres = true, settings = {} } = {}) {
     const admin = postgres ? process.env.TASKCAST_TEST_DATABASE_URL : undefined;
     if (postgres && !admin) throw new Error("TASKCAST_TEST_DATABASE_URL is not set (run scripts/browser-test js)");
-    const server = new Taskcast(binary(), await freePort(), admin);
+    const server = new Taskcast(binary(), await freePort(), admin, settings);
     if (admin) {
       await server.psql(admin, `CREATE DATABASE ${server.db}`);
       await run(server.binary, ["migrate"], { env: server.env(), timeout: 30_000 });
@@ -58,8 +59,9 @@ export class Taskcast {
     return server;
   }
 
-  constructor(binary, port, admin) {
+  constructor(binary, port, admin, settings = {}) {
     this.binary = binary;
+    this.settings = settings;
     this.base = `http://127.0.0.1:${port}`;
     this.port = port;
     this.admin = admin;
@@ -87,6 +89,7 @@ export class Taskcast {
       TASKCAST_SUBSCRIBE_SECRET: SUBSCRIBE_SECRET,
       TASK_PROCESS_SECRET_KEY: PUSH_KEY,
       RUST_LOG: process.env.RUST_LOG || "warn",
+      ...this.settings,
     };
   }
 

@@ -3,6 +3,10 @@ exchange that sends them. Neither blocks nor raises; the reporters add the waiti
 
 One exchange sends the updates of one task to `POST /api/tasks/{id}/progress`, or those of
 several tasks, in one request, to `POST /api/progress` (each item gets its own status).
+
+A batch the server refuses whole for its size (413 over TASKCAST_MAX_BATCH_BODY_BYTES, or
+400 over TASKCAST_MAX_BATCH_ITEMS) is not a refusal of its updates: the queue lowers its cap
+for good and puts them back, to go again at once in smaller requests.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 #: Statuses after which taskcast accepts no more pushes for a task (409).
 FINAL = frozenset({"completed", "failed", "cancelled"})
+
+#: The settings a batch refused whole for its size went over: the 400 for too many
+#: updates names the first, the 413 for too large a body the second.
+ITEMS_SETTING = "TASKCAST_MAX_BATCH_ITEMS"
+BYTES_SETTING = "TASKCAST_MAX_BATCH_BODY_BYTES"
+
+#: Bytes of a batch body besides its items (`{"updates": [` and `]}`), with room to spare.
+BATCH_BODY_OVERHEAD = 32
 
 Update = Dict[str, Any]
 
@@ -42,18 +54,34 @@ class Outcome:
     why: str = ""
     after: float = 0.0  # Retry-After, seconds
     cancel_requested: bool = False  # the answer said a subscriber asked to cancel
+    #: A request refused for its size: the setting it went over, and the limit the server
+    #: named (0 when none, as in a proxy's 413). Acted on for a batch only.
+    too_large: Optional[Tuple[str, int]] = None
 
     @property
     def retry(self) -> bool:
-        return not self.ok and (self.status == 0 or self.status >= 500 or self.status == 429)
+        """No answer (refused, reset, timed out), 408 (the body timed out), 5xx or 429."""
+        return not self.ok and (self.status in (0, 408, 429) or self.status >= 500)
 
 
 class Queue:
     """Waiting updates, oldest task first; not thread-safe (the reporters hold a lock)."""
 
-    def __init__(self, capacity: int, attempts: int, backoff: float, backoff_max: float):
+    def __init__(
+        self,
+        capacity: int,
+        attempts: int,
+        backoff: float,
+        backoff_max: float,
+        max_batch: int = 100,
+        max_batch_bytes: int = 256 * 1024,
+    ):
         self.capacity, self.attempts = max(1, capacity), max(1, attempts)
         self.backoff, self.backoff_max = backoff, backoff_max
+        #: The most updates, and about the most bytes, per request: lowered for good when
+        #: the server refuses a batch as too large (see `split`).
+        self.max_batch, self.max_batch_bytes = max(1, max_batch), max_batch_bytes
+        self.limits_met: set = set()
         self.waiting: Dict[str, Entry] = {}
         self.in_flight = 0
         self.finished: Dict[str, str] = {}
@@ -88,12 +116,11 @@ class Queue:
         self.waiting[task] = Entry(update)
         return True
 
-    def take(
-        self, now: float, limit: int, max_bytes: int
-    ) -> Tuple[List[Tuple[str, Entry]], Optional[float]]:
-        """Removes up to `limit` entries that are due, oldest first, whose encoded items
-        fit in about `max_bytes` (always at least one). When none is due: no entries and
-        the seconds until one is (None when nothing waits)."""
+    def take(self, now: float) -> Tuple[List[Tuple[str, Entry]], Optional[float]]:
+        """Removes up to `max_batch` entries that are due, oldest first, whose encoded
+        items fit in `max_batch_bytes` (always at least one). When none is due: no entries
+        and the seconds until one is (None when nothing waits)."""
+        limit, max_bytes = self.max_batch, self.max_batch_bytes
         due: List[str] = []
         size = 0
         soonest: Optional[float] = None
@@ -116,9 +143,46 @@ class Queue:
     ) -> None:
         """Records the outcomes of one exchange. Its retries share one jitter, so updates
         that failed together (a 503 for the whole request) are retried together."""
+        if len(batch) > 1 and outcomes and outcomes[0].too_large is not None:
+            self.split(batch, outcomes[0])
+            return
         jitter = random.random()
         for (task, entry), outcome in zip(batch, outcomes):
             self.settle(task, entry, outcome, now, jitter)
+
+    def split(self, batch: List[Tuple[str, Entry]], refused: Outcome) -> None:
+        """A batch refused whole for its size, none of its updates looked at: lowers the
+        cap it went over for good (to the limit the server named, else to half of what was
+        sent), says so once per limit, and puts the updates back at the head of the queue
+        to go again at once in smaller requests (alone, when it comes to that). Not an
+        attempt: nothing is counted, except an update folded into a newer one (conflated)."""
+        self.in_flight -= len(batch)
+        setting, named = refused.too_large or (BYTES_SETTING, 0)
+        if setting == ITEMS_SETTING:
+            sent = len(batch)
+            self.max_batch = min(self.max_batch, max(1, named if 0 < named < sent else sent // 2))
+            cap = f"{self.max_batch} updates"
+        else:
+            sent = sum(item_size(task, entry.update) for task, entry in batch)
+            named = named - BATCH_BODY_OVERHEAD if named else 0
+            lowered = max(1, named if 0 < named < sent else sent // 2)
+            self.max_batch_bytes = min(self.max_batch_bytes, lowered)
+            cap = f"{self.max_batch_bytes} bytes of updates"
+        if setting not in self.limits_met:
+            self.limits_met.add(setting)
+            note(
+                f"the server refused a batch of {len(batch)} updates as too large ({setting}): "
+                f"{refused.why}; from now on at most {cap} go in one request"
+            )
+        back: Dict[str, Entry] = {}
+        for task, entry in batch:
+            newer = self.waiting.get(task)
+            if newer is not None:  # reported again meanwhile: fold this one under it
+                newer.update = {**entry.update, **newer.update}
+                self.stats["conflated"] += 1
+            else:
+                back[task] = entry
+        self.waiting = {**back, **self.waiting}
 
     def settle(self, task: str, entry: Entry, outcome: Outcome, now: float, jitter: float) -> None:
         """Records one outcome: sent, scheduled again (merged under any newer update), or
@@ -133,12 +197,12 @@ class Queue:
             self.finished[task] = outcome.why
         entry.sends += 1
         if outcome.retry and entry.sends < self.attempts:
-            self.stats["retried"] += 1
             newer = self.waiting.get(task)
-            if newer is not None:  # fold this one under the newer fields
+            if newer is not None:  # fold this one under the newer fields, not a retry
                 newer.update = {**entry.update, **newer.update}
                 self.stats["conflated"] += 1
                 return
+            self.stats["retried"] += 1
             step = min(self.backoff * 2 ** (entry.sends - 1), self.backoff_max)
             delay = max(step / 2 + jitter * step / 2, min(outcome.after, 60.0))
             entry.not_before = now + delay
@@ -204,12 +268,15 @@ class Client:
             except Exception:
                 error = {}
             after = (e.headers.get("Retry-After") or "").strip()
+            if not isinstance(error, dict):
+                error = {}
             outcome = Outcome(
                 False,
                 e.code,
                 str(error.get("error", "")),
                 f"{e.code} {e.reason}: {error.get('message', '')}",
                 float(after) if after.isdigit() else 0.0,
+                too_large=size_refusal(e.code, error),
             )
             return outcome, None
         except Exception as e:  # refused, reset, timed out, DNS
@@ -217,8 +284,32 @@ class Client:
 
 
 def item_size(task: str, update: Update) -> int:
-    """About how many bytes the update takes as an item of `POST /api/progress`."""
-    return len(json.dumps(update)) + len(task) + 16
+    """The bytes the update takes as an item of `POST /api/progress`, with the separator
+    after it (JSON is ASCII here: `json.dumps` escapes the rest)."""
+    return len(json.dumps(update)) + len(json.dumps(task)) + 15
+
+
+def size_refusal(status: int, error: Dict[str, Any]) -> Optional[Tuple[str, int]]:
+    """Whether an error answer refuses the request for its size: a 413 (the server's says
+    "the body is larger than the limit of N bytes (TASKCAST_MAX_BATCH_BODY_BYTES)"; a
+    proxy's may name nothing), or a 400 `invalid_input` naming TASKCAST_MAX_BATCH_ITEMS
+    ("send from 1 to N updates per request (...), got M"). Any other 400 is about the
+    request's shape, which smaller requests would not change. The setting and N (0 when
+    unnamed)."""
+    message = str(error.get("message", ""))
+    if status == 413:
+        return BYTES_SETTING, number_after(message, "limit of ")
+    if status == 400 and error.get("error") == "invalid_input" and ITEMS_SETTING in message:
+        return ITEMS_SETTING, number_after(message, " to ")
+    return None
+
+
+def number_after(text: str, marker: str) -> int:
+    """The number right after the first `marker` in `text`, or 0."""
+    at = text.find(marker)
+    rest = text[at + len(marker) :] if at >= 0 else ""
+    digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
+    return int(digits) if digits else 0
 
 
 def item_outcome(item: Any) -> Outcome:

@@ -35,9 +35,9 @@ class AsyncReporter:
         max_batch_bytes: int = 256 * 1024,
     ) -> None:
         self._client = Client(url, key, timeout)
-        self._queue = Queue(capacity, attempts, backoff, backoff_max)
-        self._max_batch = max(1, max_batch)
-        self._max_batch_bytes = max_batch_bytes
+        self._queue = Queue(
+            capacity, attempts, backoff, backoff_max, max_batch, max_batch_bytes
+        )
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._sender: Optional["asyncio.Task[None]"] = None
@@ -96,9 +96,7 @@ class AsyncReporter:
 
     async def _run(self) -> None:
         while True:
-            batch, wait = self._queue.take(
-                time.monotonic(), self._max_batch, self._max_batch_bytes
-            )
+            batch, wait = self._queue.take(time.monotonic())
             if not batch:
                 if self._queue.idle():
                     self._settled.set()

@@ -18,12 +18,17 @@ class Reporter:
     every update carries a `seq`, so a retry is harmless. One request is in flight at a
     time, so never two for one task. A lone update goes out at once; when several tasks
     have updates waiting, up to `max_batch` of them (about `max_batch_bytes` of JSON) go in
-    one `POST /api/progress`, whose items are answered one by one. Keep both below the
-    server's TASKCAST_MAX_BATCH_ITEMS (1000) and TASKCAST_MAX_BATCH_BODY_BYTES (1 MiB).
-    Network errors, 5xx and 429 are retried with backoff and jitter (honouring
-    Retry-After), for a whole request or a single item; other refusals (401 wrong key, 409
-    finished task) are not, and a refused item fails alone. Failures go to stderr and
-    `stats` (counted per update).
+    one `POST /api/progress`, whose items are answered one by one. A batch the server
+    refuses whole for its size (413 over TASKCAST_MAX_BATCH_BODY_BYTES, or 400 over
+    TASKCAST_MAX_BATCH_ITEMS) is not failed: the reporter lowers its cap (items or bytes)
+    for the rest of its life, to the limit the server named or else to half of what was
+    refused, says once on stderr which limit it met, and sends the same updates again at
+    once in smaller requests (alone, when it comes to that); this is not counted as a
+    retry. A lone update answered 413 is refused: it is too large itself.
+    Network errors, timeouts (408 included), 5xx and 429 are retried with backoff and
+    jitter (honouring Retry-After), for a whole request or a single item; other refusals
+    (401 wrong key, 409 finished task) are not, and a refused item fails alone. Failures
+    go to stderr and `stats` (counted per update).
     """
 
     def __init__(
@@ -39,16 +44,18 @@ class Reporter:
         max_batch_bytes: int = 256 * 1024,
     ) -> None:
         self._client = Client(url, key, timeout)
-        self._queue = Queue(capacity, attempts, backoff, backoff_max)
-        self._max_batch = max(1, max_batch)
-        self._max_batch_bytes = max_batch_bytes
+        self._queue = Queue(
+            capacity, attempts, backoff, backoff_max, max_batch, max_batch_bytes
+        )
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="taskcast-reporter", daemon=True).start()
         atexit.register(self.flush, 2.0)  # the daemon thread dies with the interpreter
 
     @property
     def stats(self) -> Dict[str, int]:
-        """Counts: sent, retried, dropped, failed, conflated, batches (requests to
+        """Counts per update: sent; retried (sent again after a network error, timeout,
+        5xx or 429); dropped; failed; conflated (merged into a newer update of its task,
+        while waiting or instead of a retry); and batches (requests to
         `POST /api/progress`)."""
         with self._cond:
             return dict(self._queue.stats)
@@ -87,9 +94,7 @@ class Reporter:
         while True:
             with self._cond:
                 while True:
-                    batch, wait = self._queue.take(
-                        time.monotonic(), self._max_batch, self._max_batch_bytes
-                    )
+                    batch, wait = self._queue.take(time.monotonic())
                     if batch:
                         break
                     self._cond.wait(wait)

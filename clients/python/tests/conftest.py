@@ -1,13 +1,18 @@
 """The suite runs against a live taskcast: scripts/py-test starts the real binary on a fresh
 Postgres database and passes its address and secrets in TASKCAST_URL, TASKCAST_PUSH_KEY and
-TASKCAST_SUBSCRIBE_SECRET. Without them every test fails at setup, never skips."""
+TASKCAST_SUBSCRIBE_SECRET, and the binary and database in TASKCAST_BIN and
+TASKCAST_DATABASE_URL (for a second server with other settings, `server_with`). Without
+them every test fails at setup, never skips."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import time
 import urllib.request
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import pytest
 
@@ -66,3 +71,43 @@ def proxy(server: Server):
     counting = CountingProxy(server.url)
     yield counting
     counting.close()
+
+
+@pytest.fixture
+def server_with(server: Server, tmp_path) -> Iterator[Callable[..., Server]]:
+    """Starts another real taskcast on the same database with the given settings, e.g.
+    `server_with(TASKCAST_MAX_BATCH_ITEMS="2")`; stopped after the test."""
+    binary, database = os.environ.get("TASKCAST_BIN"), os.environ.get("TASKCAST_DATABASE_URL")
+    if not binary or not database:
+        pytest.fail("TASKCAST_BIN and TASKCAST_DATABASE_URL are not set: run scripts/py-test")
+    started = []
+
+    def start(**settings: str) -> Server:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("NODE_ENV", "APP_ENV")}
+        env.update(DATABASE_URL=database, TASK_PROCESS_SECRET_KEY=server.key, **settings)
+        log = open(tmp_path / f"taskcast-{port}.log", "wb")
+        process = subprocess.Popen(
+            [binary, "--listen", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=log
+        )
+        started.append((process, log))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=1) as ready:
+                    if ready.status == 200:
+                        return Server(url, server.key)
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"taskcast with {settings} did not start: see {log.name}")
+            time.sleep(0.05)
+
+    yield start
+    for process, log in started:
+        process.terminate()
+        process.wait(15)
+        log.close()

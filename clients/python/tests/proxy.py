@@ -9,7 +9,7 @@ import threading
 import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 
 class CountingProxy:
@@ -19,6 +19,8 @@ class CountingProxy:
         self.requests: Counter = Counter()  # path -> requests forwarded or answered
         self.refuse: Dict[str, int] = {}  # path -> how many more to answer 503
         self.largest: Counter = Counter()  # path -> largest request body, bytes
+        #: Called with each request's path as it arrives, before it is answered.
+        self.on_request: Optional[Callable[[str], None]] = None
         self.lock = threading.Lock()
         proxy = self
 
@@ -60,6 +62,8 @@ class CountingProxy:
             refused = self.refuse.get(path, 0) > 0
             if refused:
                 self.refuse[path] -= 1
+        if self.on_request is not None:
+            self.on_request(path)
         if refused:
             answer = b'{"error":"unavailable","message":"the proxy says so","hint":"retry"}'
             handler.send_response(503)

@@ -127,3 +127,23 @@ def test_cancel_requested_is_read_per_task_from_one_batch_answer(server, proxy):
 
     assert asyncio.run(run_async()) == [False, True, False]
     assert proxy.count(BATCH) == 2, proxy.requests
+
+
+def test_a_retried_update_folded_into_a_newer_one_counts_as_conflated_not_retried(server, proxy):
+    task = server.create_task()
+    reporter = Reporter(proxy.url, server.key, backoff=0.01)
+    proxy.refuse_next(f"/api/tasks/{task}/progress", times=1)
+    newer = []
+
+    def report_newer(_path: str) -> None:  # while the first update is in flight
+        if not newer:
+            newer.append(True)
+            reporter.report(task, stage="newer")
+
+    proxy.on_request = report_newer
+    reporter.report(task, progress=10)
+    assert reporter.flush(10), reporter.stats
+    stats = reporter.stats
+    assert (stats["sent"], stats["retried"], stats["conflated"]) == (1, 0, 1), stats
+    state = server.state(task)
+    assert (state["progress"], state["stage"]) == (10.0, "newer")

@@ -30,15 +30,24 @@
 //!   [`Options::max_batch`] of them (`POST /api/progress`, at most 512 KiB); a lone update
 //!   goes out at once, alone (`POST /api/tasks/{id}/progress`), with no wait for company.
 //!   Up to [`Options::concurrency`] requests are in flight.
+//! - **A batch refused whole for its size is split, not failed.** A server set below the
+//!   reporter's caps answers a whole batch 413 (over `TASKCAST_MAX_BATCH_BODY_BYTES`) or 400
+//!   (more updates than `TASKCAST_MAX_BATCH_ITEMS`). Its updates were not looked at, so the
+//!   reporter lowers its own cap (items or bytes) for the rest of its life, to the limit
+//!   the server named or else to half of what was refused, logs once at warn which limit
+//!   it met, and sends the same updates again at once in smaller requests (alone, when it
+//!   comes to that). This is not counted as a retry. Only a lone update answered 413 (on
+//!   its own route, over `TASKCAST_MAX_BODY_BYTES`) is refused: it is too large itself.
 //! - **Ordered, idempotent.** Never two requests for one task at once (a task's newer
 //!   update waits for the request carrying its older one); every update carries a `seq`
 //!   taken at report time, so the server ignores a retry it already applied.
-//! - **Retries, per update,** with capped exponential backoff and jitter on network errors,
-//!   5xx and 429, honouring `Retry-After`; in a batch, an update whose own result is a 5xx
-//!   or 429 is retried while the others are done. Other 4xx (wrong key, finished task) are
-//!   logged with the server's message and counted as failed, not retried; in a batch only
-//!   the update refused. [`Stats`] counts updates, except `requests`. The key is never
-//!   logged.
+//! - **Retries, per update,** with capped exponential backoff and jitter on network errors
+//!   and timeouts (a 408 included), 5xx and 429, honouring `Retry-After`; in a batch, an
+//!   update whose own result is a 5xx or 429 is retried while the others are done. Other
+//!   4xx (wrong key, finished task) are logged with the server's message and counted as
+//!   failed, not retried; in a batch only the update refused. A retried update whose task
+//!   has a newer update waiting is folded into it and counted as conflated, not retried.
+//!   [`Stats`] counts updates, except `requests`. The key is never logged.
 //! - **Dropping** the last clone lets queued updates go out for [`Options::drain_timeout`];
 //!   a runtime that shuts down ends that early, so `flush` before returning from `main`.
 
@@ -67,7 +76,8 @@ pub struct Options {
     /// Requests in flight at once, never two for one task (at least 1). Default 4.
     pub concurrency: usize,
     /// Most updates (one per task) in one request (1 to 1000, the server's default
-    /// `TASKCAST_MAX_BATCH_ITEMS`); 1 sends one request per update. Default 100.
+    /// `TASKCAST_MAX_BATCH_ITEMS`); 1 sends one request per update. Default 100. Lowered
+    /// for good if the server refuses a batch as too large (see the crate docs).
     pub max_batch: usize,
     /// Per request, connecting included. Default 5 s.
     pub request_timeout: Duration,
@@ -192,14 +202,16 @@ impl Update {
 pub struct Stats {
     /// Updates the server accepted (including a retry it had already applied).
     pub sent: u64,
-    /// Updates sent again after a network error, 5xx or 429 (of the request or, in a batch,
-    /// of the update's own result).
+    /// Updates sent again after a network error, timeout, 5xx or 429 (of the request or, in
+    /// a batch, of the update's own result); not one folded into a newer update of its task
+    /// instead (`conflated`), nor one sent again in a smaller request after its batch was
+    /// refused whole for its size.
     pub retried: u64,
     /// Dropped because the queue was full, or still queued when a drop's drain ran out.
     pub dropped: u64,
     /// Refused by the server (4xx), or still failing after `max_attempts`.
     pub failed: u64,
-    /// Merged into a newer update for the same task.
+    /// Merged into a newer update for the same task (while waiting, or instead of a retry).
     pub conflated: u64,
     /// The most tasks that ever waited at once; never above `Options::capacity`.
     pub peak_pending: usize,
@@ -219,6 +231,9 @@ struct Shared {
     base: String,
     key: Secret,
     options: Options,
+    /// The most updates and bytes per batch, lowered when the server refuses one as too
+    /// large.
+    caps: send::Caps,
 }
 
 impl Shared {
@@ -265,6 +280,7 @@ impl Reporter {
             client,
             base: base_url.into().trim_end_matches('/').to_string(),
             key: Secret::new(push_key.into().trim()),
+            caps: send::Caps::new(options.max_batch),
             options,
         });
         tokio::spawn(send::run(shared.clone()));

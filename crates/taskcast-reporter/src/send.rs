@@ -6,10 +6,17 @@
 //! delivered, refused or retried on its own. The single endpoint for one update keeps
 //! the lone update (one task per worker, the common case) exactly as it was: the same
 //! request, a smaller answer, and the server's status for it as the HTTP status.
+//!
+//! A batch the server refuses whole for its size (413 over TASKCAST_MAX_BATCH_BODY_BYTES,
+//! or 400 over TASKCAST_MAX_BATCH_ITEMS) is not a refusal of its updates: the caps are
+//! lowered for good ([`Caps`]) and the batch is sent again in smaller requests.
 
 use std::collections::hash_map::RandomState;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -38,6 +45,88 @@ pub(crate) const MAX_BATCH_BODY_BYTES: usize = 512 * 1024;
 
 /// The server's default `TASKCAST_MAX_BATCH_ITEMS`; `Options::max_batch` is capped to it.
 pub(crate) const SERVER_MAX_BATCH_ITEMS: usize = 1000;
+
+/// The setting named in a 400 for a batch with too many updates.
+const ITEMS_SETTING: &str = "TASKCAST_MAX_BATCH_ITEMS";
+
+/// The setting named in a 413 for a batch body over the limit.
+const BYTES_SETTING: &str = "TASKCAST_MAX_BATCH_BODY_BYTES";
+
+/// Bytes of a batch body besides its items: `{"updates":[` and `]}`, with room to spare.
+const BATCH_BODY_OVERHEAD: usize = 32;
+
+/// The most updates and bytes (of [`Update::json_bound`](crate::Update)) per batch: from
+/// `Options::max_batch` and [`MAX_BATCH_BODY_BYTES`], lowered for the rest of the
+/// reporter's life when the server refuses a whole batch as too large.
+pub(crate) struct Caps {
+    items: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Whether the limit on items, and the one on bytes, was met (and logged) already.
+    met_items: AtomicBool,
+    met_bytes: AtomicBool,
+}
+
+impl Caps {
+    pub(crate) fn new(max_items: usize) -> Caps {
+        Caps {
+            items: AtomicUsize::new(max_items),
+            bytes: AtomicUsize::new(MAX_BATCH_BODY_BYTES),
+            met_items: AtomicBool::new(false),
+            met_bytes: AtomicBool::new(false),
+        }
+    }
+
+    fn items(&self) -> usize {
+        self.items.load(Ordering::Relaxed)
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Lowers the cap the refusal was about, below what the refused batch held (`items`
+    /// updates, `bytes` of bounds): to the limit the server named, else to half. Logs at
+    /// warn the first time each limit is met.
+    fn lower(&self, limit: Limit, items: usize, bytes: usize, why: &str) {
+        let (cap, met, sent, named, setting, unit) = match limit {
+            Limit::Items(named) => (
+                &self.items,
+                &self.met_items,
+                items,
+                named,
+                ITEMS_SETTING,
+                "updates",
+            ),
+            Limit::Bytes(named) => {
+                let named = named.map(|n| n.saturating_sub(BATCH_BODY_OVERHEAD));
+                (
+                    &self.bytes,
+                    &self.met_bytes,
+                    bytes,
+                    named,
+                    BYTES_SETTING,
+                    "bytes",
+                )
+            }
+        };
+        let lower = named.filter(|&n| n < sent).unwrap_or(sent / 2).max(1);
+        let now = lower.min(cap.fetch_min(lower, Ordering::Relaxed));
+        if !met.swap(true, Ordering::Relaxed) {
+            tracing::warn!(setting, refused_updates = items, error = %why,
+                "the server refused a batch of {items} updates as too large ({setting}); \
+                 from now on this reporter sends at most {now} {unit} per request");
+        }
+    }
+}
+
+/// The server limit a whole batch went over, and the limit when its answer named it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    /// Too many updates (`TASKCAST_MAX_BATCH_ITEMS`).
+    Items(Option<usize>),
+    /// A body too large (`TASKCAST_MAX_BATCH_BODY_BYTES`, or a proxy's limit).
+    Bytes(Option<usize>),
+}
 
 /// One update of a request. Its task stays in flight until the item is dropped; an item
 /// dropped unsettled (its request aborted at the end of a drain) is counted as dropped.
@@ -113,8 +202,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 }
 
 fn take_batch(shared: &Arc<Shared>) -> Vec<Item> {
-    let max_items = shared.options.max_batch;
-    let taken = shared.queue().take_batch(max_items, MAX_BATCH_BODY_BYTES);
+    let (max_items, max_bytes) = (shared.caps.items(), shared.caps.bytes());
+    let taken = shared.queue().take_batch(max_items, max_bytes);
     let item = |(task, pending)| Item {
         shared: shared.clone(),
         task,
@@ -131,6 +220,14 @@ enum Verdict {
     Retry(String),
 }
 
+/// The answer to one request.
+enum Answer {
+    /// One verdict per update, in order, and the `Retry-After` of the answer.
+    Verdicts(Vec<Verdict>, Option<Duration>),
+    /// A batch refused whole for its size: none of its updates was looked at.
+    TooLarge(Limit, String),
+}
+
 /// One batch item on the wire: the task and its push fields.
 #[derive(Serialize)]
 struct BatchItem<'a> {
@@ -145,7 +242,12 @@ struct BatchBody<'a> {
 }
 
 impl Shared {
-    async fn deliver(&self, mut items: Vec<Item>) {
+    /// Boxed: a batch refused whole for its size delivers its parts with this.
+    fn deliver(&self, items: Vec<Item>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.deliver_attempts(items))
+    }
+
+    async fn deliver_attempts(&self, mut items: Vec<Item>) {
         for attempt in 1.. {
             if attempt > 1 {
                 let mut folded = Vec::new();
@@ -174,7 +276,19 @@ impl Shared {
                     return;
                 }
             }
-            let (verdicts, retry_after) = self.attempt(&items).await;
+            let (verdicts, retry_after) = match self.attempt(&items).await {
+                Answer::Verdicts(verdicts, retry_after) => (verdicts, retry_after),
+                Answer::TooLarge(limit, why) => {
+                    // Not an attempt of its updates: they go again at once, in parts
+                    // within the lowered caps (their tasks stay in flight meanwhile).
+                    let bytes = items.iter().map(|i| i.pending.update.json_bound()).sum();
+                    self.caps.lower(limit, items.len(), bytes, &why);
+                    for part in self.split(items) {
+                        self.deliver(part).await;
+                    }
+                    return;
+                }
+            };
             let mut retry = Vec::new();
             let mut settled = Vec::new();
             for (mut item, verdict) in items.into_iter().zip(verdicts) {
@@ -214,6 +328,32 @@ impl Shared {
         }
     }
 
+    /// `items` in consecutive parts within the caps, at least two of them.
+    fn split(&self, items: Vec<Item>) -> Vec<Vec<Item>> {
+        let (max_items, max_bytes) = (self.caps.items(), self.caps.bytes());
+        let mut parts: Vec<Vec<Item>> = Vec::new();
+        let mut bytes = 0;
+        for item in items {
+            let size = item.pending.update.json_bound();
+            match parts.last_mut() {
+                Some(part) if part.len() < max_items && bytes + size <= max_bytes => {
+                    bytes += size;
+                    part.push(item);
+                }
+                _ => {
+                    bytes = size;
+                    parts.push(vec![item]);
+                }
+            }
+        }
+        if parts.len() == 1 {
+            let mut whole = parts.pop().expect("one part");
+            let second = whole.split_off(whole.len() / 2);
+            parts = vec![whole, second];
+        }
+        parts
+    }
+
     fn fail(&self, item: &Item, why: &str) {
         let failed = {
             let mut queue = self.queue();
@@ -231,8 +371,8 @@ impl Shared {
     }
 
     /// Sends `items` in one request: one verdict per item, in order, and the answer's
-    /// `Retry-After` when it had one.
-    async fn attempt(&self, items: &[Item]) -> (Vec<Verdict>, Option<Duration>) {
+    /// `Retry-After` when it had one; or, for a batch, that it was refused for its size.
+    async fn attempt(&self, items: &[Item]) -> Answer {
         let (url, body, max_reply) = match items {
             [one] => (
                 format!("{}/api/tasks/{}/progress", self.base, one.task),
@@ -274,26 +414,34 @@ impl Shared {
             // A bad URL (or key), or a certificate we do not trust, would fail the same way
             // again.
             Err(e @ (CallError::Invalid(_) | CallError::Untrusted(_))) => {
-                return (all(Verdict::Refused, e.to_string()), None);
+                return Answer::Verdicts(all(Verdict::Refused, e.to_string()), None);
             }
-            Err(e) => return (all(Verdict::Retry, e.to_string()), None),
+            Err(e) => return Answer::Verdicts(all(Verdict::Retry, e.to_string()), None),
         };
         let status = reply.status;
         if status.is_success() {
-            return match items {
-                [_] => (vec![delivered(&reply.body)], None),
-                _ => (batch_verdicts(&reply.body, items.len()), None),
+            let verdicts = match items {
+                [_] => vec![delivered(&reply.body)],
+                _ => batch_verdicts(&reply.body, items.len()),
             };
+            return Answer::Verdicts(verdicts, None);
         }
         let retry_after = (reply.headers.get(hyper::header::RETRY_AFTER))
             .and_then(|v| v.to_str().ok()?.trim().parse().ok())
             .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
         let message = server_message(&String::from_utf8_lossy(&reply.body));
         let why = format!("{status}: {message}");
-        if status.is_server_error() || status == hyper::StatusCode::TOO_MANY_REQUESTS {
-            (all(Verdict::Retry, why), retry_after)
+        if let (Some(limit), [_, _, ..]) = (too_large(status, &reply.body), items) {
+            return Answer::TooLarge(limit, why);
+        }
+        // 408: the body did not arrive in time, as with a network error.
+        let retried = status.is_server_error()
+            || status == hyper::StatusCode::TOO_MANY_REQUESTS
+            || status == hyper::StatusCode::REQUEST_TIMEOUT;
+        if retried {
+            Answer::Verdicts(all(Verdict::Retry, why), retry_after)
         } else {
-            (all(Verdict::Refused, why), None)
+            Answer::Verdicts(all(Verdict::Refused, why), None)
         }
     }
 
@@ -344,6 +492,31 @@ fn batch_verdicts(body: &[u8], items: usize) -> Vec<Verdict> {
     results.iter().map(verdict).collect()
 }
 
+/// Whether a whole batch was refused for its size, from the answer's status and body: a
+/// 413 (the server's names TASKCAST_MAX_BATCH_BODY_BYTES and its limit, "the body is larger
+/// than the limit of N bytes (...)"; a proxy's may name nothing), or a 400 `invalid_input`
+/// naming TASKCAST_MAX_BATCH_ITEMS ("send from 1 to N updates per request (...), got M").
+/// Any other 400 is about the request's shape, which smaller requests would not change.
+fn too_large(status: hyper::StatusCode, body: &[u8]) -> Option<Limit> {
+    let json = serde_json::from_slice::<Value>(body).ok();
+    let field = |name: &str| json.as_ref().and_then(|v| v[name].as_str()).unwrap_or("");
+    let message = field("message");
+    if status == hyper::StatusCode::PAYLOAD_TOO_LARGE {
+        return Some(Limit::Bytes(number_after(message, "limit of ")));
+    }
+    let items = status == hyper::StatusCode::BAD_REQUEST
+        && field("error") == "invalid_input"
+        && message.contains(ITEMS_SETTING);
+    items.then(|| Limit::Items(number_after(message, " to ")))
+}
+
+/// The number right after the first `marker` in `text`.
+fn number_after(text: &str, marker: &str) -> Option<usize> {
+    let rest = &text[text.find(marker)? + marker.len()..];
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
 /// `message (hint)` from an error body of ours, or the start of any other body.
 fn server_message(body: &str) -> String {
     let json = serde_json::from_str::<Value>(body).ok();
@@ -385,6 +558,30 @@ mod tests {
         assert!(matches!(&verdicts[2], Verdict::Refused(why) if why == "409: finished (stop)"));
         assert!(matches!(&verdicts[3], Verdict::Retry(why) if why.starts_with("503")));
         assert!(matches!(&verdicts[4], Verdict::Retry(_)));
+    }
+
+    #[test]
+    fn a_batch_refused_for_its_size_is_told_from_other_refusals() {
+        use hyper::StatusCode;
+        // The bodies the server sends (src/routes/push.rs, src/routes/body.rs).
+        let items = br#"{"error":"invalid_input","message":"send from 1 to 2 updates per request (TASKCAST_MAX_BATCH_ITEMS), got 10","hint":"fix the named field and send the request again"}"#;
+        let bytes = br#"{"error":"payload_too_large","message":"the body is larger than the limit of 1500 bytes (TASKCAST_MAX_BATCH_BODY_BYTES)","hint":"send a smaller body, or raise the setting the message names"}"#;
+        let shape = br#"{"error":"invalid_input","message":"the body must be {\"updates\":[...]} or an array of updates","hint":"send a JSON object"}"#;
+        assert_eq!(
+            too_large(StatusCode::BAD_REQUEST, items),
+            Some(Limit::Items(Some(2)))
+        );
+        assert_eq!(
+            too_large(StatusCode::PAYLOAD_TOO_LARGE, bytes),
+            Some(Limit::Bytes(Some(1500)))
+        );
+        assert_eq!(
+            too_large(StatusCode::PAYLOAD_TOO_LARGE, b"<html>413</html>"),
+            Some(Limit::Bytes(None)),
+            "a proxy's 413 names no limit"
+        );
+        assert_eq!(too_large(StatusCode::BAD_REQUEST, shape), None);
+        assert_eq!(too_large(StatusCode::UNAUTHORIZED, items), None);
     }
 
     #[test]
