@@ -406,9 +406,21 @@ async fn progress_reaches(sub: &mut Subscriber, want: f64) {
 // A separate process, so its /metrics counts only what this test does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_reads_back_plain_sql_changes_but_not_the_nodes_own_pushes() {
-    let (db, server) = migrated_node().await;
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    // Created before the node listens: the INSERT's own notification could otherwise reach
+    // the listener while the subscriber's snapshot is still being read, and that task would
+    // rightly be read back once; this test counts pushes only.
+    let row = (db.client().await)
+        .query_one(
+            "INSERT INTO public.image_tasks (status) VALUES ('processing') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let tasks = vec![row.get::<_, String>(0)];
+    let server = node_on(&db, "127.0.0.1:0").await;
     let base = format!("http://{}", server.addr);
-    let tasks = create_tasks(&base, 1).await;
     let url = format!(
         "ws://{}/ws?task_id={}&token={}",
         server.addr,
