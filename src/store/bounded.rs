@@ -101,9 +101,9 @@ pub(super) fn tune_socket(config: &mut tokio_postgres::Config, timeout: Duration
 
 /// The statements sent on each new pooled connection: `statement_timeout` and
 /// `idle_in_transaction_session_timeout` equal to `timeout`, each unless the URL's
-/// `options` already sets it, and generic plans (below). Plain session `SET`s rather than startup options, which
-/// poolers (PgBouncer, Supabase's Supavisor) refuse; taskcast needs a session connection
-/// anyway (the listener's `LISTEN`, the pool's prepared statements).
+/// `options` already sets it, and generic plans (below). Session settings rather than
+/// startup options, which poolers (PgBouncer, Supabase's Supavisor) refuse; taskcast needs a
+/// session connection anyway (the listener's `LISTEN`, the pool's prepared statements).
 pub(super) fn session_settings(config: &tokio_postgres::Config, timeout: Duration) -> String {
     let given = config.get_options().unwrap_or_default();
     let ms = timeout.as_millis().max(1);
