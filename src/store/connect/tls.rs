@@ -74,8 +74,10 @@ pub(super) fn client_config(
         (Verification::Full, Some(webpki)) => {
             return builder.with_webpki_verifier(webpki).with_no_client_auth();
         }
-        (Verification::Chain, Some(webpki)) => Some(webpki),
-        _ => None,
+        (Verification::Chain, Some(webpki)) => ChainCheck::To(webpki),
+        // Asked to verify with nothing to verify against: no certificate passes.
+        (Verification::Chain | Verification::Full, None) => ChainCheck::Impossible,
+        (Verification::None, _) => ChainCheck::Skip,
     };
     builder
         .dangerous()
@@ -84,13 +86,23 @@ pub(super) fn client_config(
 }
 
 /// The checks libpq makes below `verify-full`. The handshake signatures are always checked,
-/// so the session is encrypted with the key of the certificate presented. With `chain`
-/// (`verify-ca`) the certificate must chain to the roots, whatever name it is for; without
-/// (`prefer`, `require` without a root) any certificate is accepted.
+/// so the session is encrypted with the key of the certificate presented; `chain` says what
+/// is checked of the certificate itself.
 #[derive(Debug)]
 struct Lenient {
     provider: Arc<CryptoProvider>,
-    chain: Option<Arc<WebPkiServerVerifier>>,
+    chain: ChainCheck,
+}
+
+#[derive(Debug)]
+enum ChainCheck {
+    /// `prefer`, `require` without a root: any certificate is accepted.
+    Skip,
+    /// `verify-ca`: the certificate must chain to the roots, whatever name it is for.
+    To(Arc<WebPkiServerVerifier>),
+    /// A verifying mode without roots (no caller builds one: `PgTarget::parse` refuses
+    /// first); fails closed rather than accepting any certificate.
+    Impossible,
 }
 
 impl ServerCertVerifier for Lenient {
@@ -102,8 +114,14 @@ impl ServerCertVerifier for Lenient {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(chain) = &self.chain else {
-            return Ok(ServerCertVerified::assertion());
+        let chain = match &self.chain {
+            ChainCheck::Skip => return Ok(ServerCertVerified::assertion()),
+            ChainCheck::Impossible => {
+                return Err(rustls::Error::General(
+                    "no root certificate to verify the server against".to_string(),
+                ));
+            }
+            ChainCheck::To(chain) => chain,
         };
         match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
@@ -137,5 +155,28 @@ impl ServerCertVerifier for Lenient {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verifying_mode_without_roots_refuses_every_certificate() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let lenient = Lenient {
+            provider,
+            chain: ChainCheck::Impossible,
+        };
+        let name = ServerName::try_from("db.example.com").expect("a valid name");
+        let refused = lenient.verify_server_cert(
+            &CertificateDer::from(vec![0x30, 0x00]),
+            &[],
+            &name,
+            &[],
+            UnixTime::now(),
+        );
+        assert!(refused.is_err(), "{refused:?}");
     }
 }
