@@ -383,11 +383,8 @@ async fn the_rust_reporter_sees_cancel_requested_in_its_push_answers(kind: Store
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_on_a_second_node_sees_cancel_requested() {
-    let db = TestDb::create().await;
-    taskcast::store::schema::migrate(&db.url).await.unwrap();
-    let url = db.url.clone();
-    let first = spawn_app_on(url.clone(), Some(db)).await;
-    let second = spawn_app_on(url, None).await;
+    let (mut nodes, _) = crate::cluster::spawn_nodes(2).await;
+    let (first, second) = (nodes.remove(0), nodes.remove(0));
     let task = first.create_task().await;
     let mut sub = second.subscribe(task).await;
     sub.next_state().await;

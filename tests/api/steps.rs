@@ -318,11 +318,8 @@ async fn a_plain_sql_update_of_step_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_on_another_node_gets_steps_and_eta_ms() {
-    let db = TestDb::create().await;
-    taskcast::store::schema::migrate(&db.url).await.unwrap();
-    let url = db.url.clone();
-    let pusher = spawn_app_on(url.clone(), Some(db)).await;
-    let watcher = spawn_app_on(url, None).await;
+    let (mut nodes, _) = crate::cluster::spawn_nodes(2).await;
+    let (pusher, watcher) = (nodes.remove(0), nodes.remove(0));
     let task = pusher.create_task().await;
     let mut sub = watcher.subscribe(task).await;
     sub.next_state().await;
