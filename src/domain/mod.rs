@@ -13,6 +13,7 @@ mod state;
 mod status_map;
 mod stored;
 mod update;
+mod wire;
 
 pub use place::{QueuePlace, STALL_ERROR};
 pub use state::{CancelDecision, Decision, Eta, Outcome, TaskRow, TaskState};

@@ -1,12 +1,10 @@
 //! What a task is: its public state (and its one wire encoding), the stored row, and the
 //! rules every store uses to decide what a push does.
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
-
 use super::{TaskId, TaskStatus};
 use crate::domain::ProgressUpdate;
 use crate::error::Error;
+use chrono::{DateTime, Utc};
 
 /// What browsers see of a task. `version` grows by one with every applied change.
 #[derive(Clone, PartialEq, Debug)]
@@ -50,53 +48,6 @@ pub struct Eta {
     pub at: DateTime<Utc>,
 }
 
-/// The wire form shared by WebSocket messages and HTTP bodies.
-#[derive(Serialize)]
-struct Wire<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    task_id: TaskId,
-    progress: Option<f64>,
-    stage: Option<&'a str>,
-    status: TaskStatus,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status_raw: Option<&'a str>,
-    version: i64,
-    updated_at: Option<DateTime<Utc>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    image_url: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    truncated: &'a [&'static str],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    step: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    total_steps: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    preview_url: Option<&'a str>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    cancel_requested: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cancel_requested_at: Option<DateTime<Utc>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eta_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eta_at: Option<DateTime<Utc>>,
-    /// `user:<id>` on the frames of a user's feed, so a client can tell them apart.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    feed: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stalled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stalled_since: Option<DateTime<Utc>>,
-    snapshot: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    applied: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<&'a str>,
-}
-
 impl TaskState {
     /// Encodes the state message. `applied` is only set in the answer to a push.
     pub fn to_json(&self, snapshot: bool, applied: Option<bool>) -> String {
@@ -131,6 +82,8 @@ impl TaskState {
         self.encode_wire(snapshot, applied, token, eta, None)
     }
 
+    /// The state message: the wire form shared by WebSocket messages and HTTP bodies,
+    /// its fields in this order, optional ones left out when empty.
     fn encode_wire(
         &self,
         snapshot: bool,
@@ -139,36 +92,71 @@ impl TaskState {
         eta: Option<Eta>,
         feed: Option<&str>,
     ) -> String {
+        use super::wire::{float, integer, key, nullable, optional, status, string, time};
         let stalled_since = self
             .stalled_since
             .filter(|_| self.status == TaskStatus::Processing);
-        let wire = Wire {
-            kind: "state",
-            task_id: self.task_id,
-            progress: self.progress,
-            stage: self.stage.as_deref(),
-            status: self.status,
-            status_raw: self.status_raw.as_deref(),
-            version: self.version,
-            updated_at: self.updated_at,
-            image_url: self.image_url.as_deref(),
-            error: self.error.as_deref(),
-            truncated: &self.truncated,
-            step: self.step,
-            total_steps: self.total_steps,
-            preview_url: self.preview_url.as_deref(),
-            cancel_requested: self.cancel_requested_at.is_some(),
-            cancel_requested_at: self.cancel_requested_at,
-            eta_ms: eta.map(|eta| eta.ms),
-            eta_at: eta.map(|eta| eta.at),
+        let texts = [
+            self.stage.as_deref(),
+            self.status_raw.as_deref(),
+            self.image_url.as_deref(),
+            self.error.as_deref(),
+            self.preview_url.as_deref(),
             feed,
-            stalled: stalled_since.map(|_| true),
-            stalled_since,
-            snapshot,
-            applied,
             token,
-        };
-        serde_json::to_string(&wire).expect("a struct of plain fields always serializes")
+        ];
+        let mut out =
+            String::with_capacity(320 + texts.iter().flatten().map(|t| t.len()).sum::<usize>());
+        out.push_str(r#"{"type":"state","task_id":"#);
+        string(&mut out, self.task_id.as_str());
+        nullable(&mut out, "progress", self.progress, float);
+        nullable(&mut out, "stage", self.stage.as_deref(), string);
+        key(&mut out, "status");
+        status(&mut out, self.status);
+        optional(&mut out, "status_raw", self.status_raw.as_deref(), string);
+        key(&mut out, "version");
+        integer(&mut out, self.version);
+        nullable(&mut out, "updated_at", self.updated_at.as_ref(), time);
+        optional(&mut out, "image_url", self.image_url.as_deref(), string);
+        optional(&mut out, "error", self.error.as_deref(), string);
+        if !self.truncated.is_empty() {
+            key(&mut out, "truncated");
+            for (i, field) in self.truncated.iter().enumerate() {
+                out.push(if i == 0 { '[' } else { ',' });
+                string(&mut out, field);
+            }
+            out.push(']');
+        }
+        optional(&mut out, "step", self.step, integer);
+        optional(&mut out, "total_steps", self.total_steps, integer);
+        optional(&mut out, "preview_url", self.preview_url.as_deref(), string);
+        if self.cancel_requested_at.is_some() {
+            out.push_str(r#","cancel_requested":true"#);
+        }
+        optional(
+            &mut out,
+            "cancel_requested_at",
+            self.cancel_requested_at.as_ref(),
+            time,
+        );
+        optional(&mut out, "eta_ms", eta.map(|eta| eta.ms), integer);
+        optional(&mut out, "eta_at", eta.as_ref().map(|eta| &eta.at), time);
+        optional(&mut out, "feed", feed, string);
+        if stalled_since.is_some() {
+            out.push_str(r#","stalled":true"#);
+        }
+        optional(&mut out, "stalled_since", stalled_since.as_ref(), time);
+        out.push_str(if snapshot {
+            r#","snapshot":true"#
+        } else {
+            r#","snapshot":false"#
+        });
+        optional(&mut out, "applied", applied, |out, applied| {
+            out.push_str(if applied { "true" } else { "false" });
+        });
+        optional(&mut out, "token", token, string);
+        out.push('}');
+        out
     }
 }
 
@@ -322,8 +310,58 @@ impl Outcome {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use serde::Serialize;
+
     use super::*;
     use crate::domain::TaskStatus;
+
+    /// The wire form shared by WebSocket messages and HTTP bodies.
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        task_id: TaskId,
+        progress: Option<f64>,
+        stage: Option<&'a str>,
+        status: TaskStatus,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status_raw: Option<&'a str>,
+        version: i64,
+        updated_at: Option<DateTime<Utc>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        image_url: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        truncated: &'a [&'static str],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total_steps: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        preview_url: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancel_requested: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cancel_requested_at: Option<DateTime<Utc>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        eta_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        eta_at: Option<DateTime<Utc>>,
+        /// `user:<id>` on the frames of a user's feed, so a client can tell them apart.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        feed: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stalled: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stalled_since: Option<DateTime<Utc>>,
+        snapshot: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        applied: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<&'a str>,
+    }
 
     fn parse(body: &str) -> ProgressUpdate {
         ProgressUpdate::from_json(body.as_bytes()).expect("a valid push")
@@ -372,5 +410,147 @@ mod tests {
         assert_eq!(r.state.stage.as_deref(), Some("queued"));
         assert_eq!(r.state.progress, Some(10.0));
         assert_eq!(r.last_seq, Some(1));
+    }
+
+    /// The encoding as `serde_json` made it of [`Wire`] before the hand-written one: the
+    /// oracle the hand-written bytes must equal.
+    fn serde_encoded(
+        state: &TaskState,
+        snapshot: bool,
+        applied: Option<bool>,
+        token: Option<&str>,
+        eta: Option<Eta>,
+        feed: Option<&str>,
+    ) -> String {
+        let stalled_since = state
+            .stalled_since
+            .filter(|_| state.status == TaskStatus::Processing);
+        let wire = Wire {
+            kind: "state",
+            task_id: state.task_id,
+            progress: state.progress,
+            stage: state.stage.as_deref(),
+            status: state.status,
+            status_raw: state.status_raw.as_deref(),
+            version: state.version,
+            updated_at: state.updated_at,
+            image_url: state.image_url.as_deref(),
+            error: state.error.as_deref(),
+            truncated: &state.truncated,
+            step: state.step,
+            total_steps: state.total_steps,
+            preview_url: state.preview_url.as_deref(),
+            cancel_requested: state.cancel_requested_at.is_some(),
+            cancel_requested_at: state.cancel_requested_at,
+            eta_ms: eta.map(|eta| eta.ms),
+            eta_at: eta.map(|eta| eta.at),
+            feed,
+            stalled: stalled_since.map(|_| true),
+            stalled_since,
+            snapshot,
+            applied,
+            token,
+        };
+        serde_json::to_string(&wire).unwrap()
+    }
+
+    fn any_text() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(prop_oneof![
+            "[a-z0-9 _./:-]{0,40}",
+            any::<String>(),
+            Just("quote \" back \\ nl \n ctl \u{1} del \u{7f} é 🎨".to_string()),
+        ])
+    }
+
+    fn any_time() -> impl Strategy<Value = Option<DateTime<Utc>>> {
+        // Whole seconds, milli-, micro- and nanosecond fractions, years 0001–9999 and
+        // beyond (chrono's path), and leap seconds.
+        let at = (
+            -62_000_000_000i64..300_000_000_000,
+            0u32..2_000_000_000,
+            0usize..4,
+        )
+            .prop_filter_map("a valid time", |(secs, nanos, scale)| {
+                let nanos = match scale {
+                    0 => 0,
+                    1 => nanos / 1_000_000 * 1_000_000,
+                    2 => nanos / 1_000 * 1_000,
+                    _ => nanos,
+                };
+                DateTime::from_timestamp(secs, nanos)
+            });
+        proptest::option::of(at)
+    }
+
+    fn any_state() -> impl Strategy<Value = TaskState> {
+        let status = proptest::sample::select(TaskStatus::ALL.to_vec());
+        let progress = proptest::option::of(prop_oneof![
+            0.0..=100.0f64,
+            any::<f64>(),
+            Just(33.333333333333336),
+            Just(100.0),
+        ]);
+        let truncated = proptest::sample::subsequence(vec!["stage", "error", "image_url"], 0..=3);
+        (
+            (
+                status,
+                progress,
+                any_text(),
+                any_text(),
+                any::<i64>(),
+                any_time(),
+            ),
+            (
+                any_text(),
+                any_text(),
+                truncated,
+                any::<Option<u32>>(),
+                any::<Option<u32>>(),
+            ),
+            (any_text(), any_time(), any_time()),
+        )
+            .prop_map(|(a, b, c)| {
+                let (status, progress, stage, status_raw, version, updated_at) = a;
+                let (image_url, error, truncated, step, total_steps) = b;
+                let (preview_url, stalled_since, cancel_requested_at) = c;
+                TaskState {
+                    task_id: TaskId::random(),
+                    progress,
+                    stage,
+                    status,
+                    status_raw,
+                    version,
+                    updated_at,
+                    image_url,
+                    error,
+                    truncated,
+                    step,
+                    total_steps,
+                    preview_url,
+                    user_id: None,
+                    stalled_since,
+                    cancel_requested_at,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_written_state_is_byte_for_byte_what_serde_json_made_of_it(
+            state in any_state(),
+            snapshot in any::<bool>(),
+            applied in any::<Option<bool>>(),
+            token in any_text(),
+            eta in proptest::option::of((any::<u64>(), any_time())),
+            feed in any_text(),
+        ) {
+            let eta = eta.and_then(|(ms, at)| Some(Eta { ms, at: at? }));
+            prop_assert_eq!(
+                state.encode_wire(snapshot, applied, token.as_deref(), eta, feed.as_deref()),
+                serde_encoded(&state, snapshot, applied, token.as_deref(), eta, feed.as_deref())
+            );
+        }
     }
 }
