@@ -229,11 +229,12 @@ impl Writer {
             .apply_batch(&[(task, update)])
             .pop()
             .expect("one result per push");
-        metrics::histogram!(telemetry::BATCH_SIZE).record(1.0);
-        metrics::histogram!(telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        let hot = telemetry::hot();
+        hot.batch_size.record(1.0);
+        hot.commit_seconds.record(started.elapsed().as_secs_f64());
         if let Ok(Outcome::Applied(state)) = &result {
             self.hub.publish(state);
-            metrics::histogram!(telemetry::FANOUT_SECONDS).record(started.elapsed().as_secs_f64());
+            hot.fanout_seconds.record(started.elapsed().as_secs_f64());
         }
         result
     }
@@ -366,21 +367,21 @@ async fn commit(store: &Store, hub: &Hub, commits: &LocalCommits, batch: Vec<Job
         items.push((job.task, job.update));
         waiting.push((job.reply, job.queued));
     }
-    metrics::histogram!(telemetry::BATCH_SIZE).record(items.len() as f64);
+    let hot = telemetry::hot();
+    hot.batch_size.record(items.len() as f64);
     // Until every applied state below is published.
     let _commit = commits.start();
     let started = Instant::now();
     let committed = store
         .apply_batch(&items, since.unwrap_or_else(Instant::now))
         .await;
-    metrics::histogram!(telemetry::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+    hot.commit_seconds.record(started.elapsed().as_secs_f64());
     match committed {
         Ok(results) => {
-            let fanout = metrics::histogram!(telemetry::FANOUT_SECONDS);
             for (result, (reply, queued)) in results.into_iter().zip(waiting) {
                 if let Ok(Outcome::Applied(state)) = &result {
                     hub.publish(state);
-                    fanout.record(queued.elapsed().as_secs_f64());
+                    hot.fanout_seconds.record(queued.elapsed().as_secs_f64());
                 }
                 // The pusher may have gone; the commit stands and a retry with the same
                 // seq is answered `applied: false`.

@@ -64,6 +64,6 @@ pub(super) async fn get_task(
         .store
         .get(task)
         .await?
-        .ok_or(Error::NotFound(task.to_string()))?;
+        .ok_or_else(|| Error::NotFound(task.to_string()))?;
     Ok(json_response(StatusCode::OK, current.to_json(true, None)))
 }

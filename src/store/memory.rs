@@ -46,13 +46,13 @@ impl MemoryStore {
         batch
             .iter()
             .map(|(id, update)| {
-                let row = tasks.get_mut(id).ok_or(Error::NotFound(id.to_string()))?;
+                let row = tasks
+                    .get_mut(id)
+                    .ok_or_else(|| Error::NotFound(id.to_string()))?;
                 match row.decide(update)? {
                     Decision::Stale => Ok(Outcome::Stale(row.state.clone())),
                     Decision::Apply => {
-                        let mut next = row.clone();
-                        next.apply(update, now);
-                        *row = next;
+                        row.apply(update, now);
                         Ok(Outcome::Applied(row.state.clone()))
                     }
                 }
@@ -64,7 +64,9 @@ impl MemoryStore {
     /// ([`TaskRow::decide_cancel`]).
     pub fn request_cancel(&self, id: TaskId) -> Result<Outcome, Error> {
         let mut tasks = self.lock();
-        let row = tasks.get_mut(&id).ok_or(Error::NotFound(id.to_string()))?;
+        let row = tasks
+            .get_mut(&id)
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
         match row.decide_cancel()? {
             CancelDecision::AlreadyRequested => Ok(Outcome::Stale(row.state.clone())),
             CancelDecision::Request => {
