@@ -267,6 +267,7 @@ impl App {
             token_ttl: state.token_ttl,
             shutdown: state.subscribers.shutdown.clone(),
         });
+        let shortcut: Arc<dyn server::Shortcut> = routes::GeneratorWrites::new(state.clone());
         let routes = routes::routes(state, demo);
         let signal_stop = stop.clone();
         let signal = async move {
@@ -274,7 +275,15 @@ impl App {
             tracing::info!("shutting down");
             signal_stop.trigger();
         };
-        server::serve(listener, routes, http, signal, shutdown_timeout).await;
+        server::serve(
+            listener,
+            routes,
+            Some(shortcut),
+            http,
+            signal,
+            shutdown_timeout,
+        )
+        .await;
         // HTTP requests are done; the routes (and their writer handles) are dropped, so
         // the writer drains its queue and ends. WebSockets and SSE streams got the signal
         // through `stop`, and each holds a guard of it until it has closed.

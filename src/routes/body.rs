@@ -25,19 +25,8 @@ pub(super) fn json_body(
         .and(warp::body::stream())
         .and_then(
             move |content_type: Option<String>, length: Option<u64>, body| async move {
-                let is_json = content_type.as_deref().is_none_or(|ct| {
-                    let mime = ct.split(';').next().unwrap_or_default().trim();
-                    mime.eq_ignore_ascii_case("application/json")
-                });
-                if !is_json {
-                    return Err(warp::reject::custom(Error::UnsupportedMediaType));
-                }
-                if length.is_some_and(|n| n > limit as u64) {
-                    return Err(warp::reject::custom(Error::PayloadTooLarge {
-                        limit,
-                        setting,
-                    }));
-                }
+                check_type_and_length(content_type.as_deref(), length, limit, setting)
+                    .map_err(warp::reject::custom)?;
                 tokio::time::timeout(within, read_limited(body, limit, setting))
                     .await
                     .unwrap_or(Err(Error::RequestTimeout { within }))
@@ -46,10 +35,37 @@ pub(super) fn json_body(
         )
 }
 
-async fn read_limited<S, B>(body: S, limit: usize, setting: &'static str) -> Result<Bytes, Error>
+/// What can be refused before reading: a Content-Type other than JSON (415), a
+/// Content-Length over `limit` (413).
+pub(super) fn check_type_and_length(
+    content_type: Option<&str>,
+    length: Option<u64>,
+    limit: usize,
+    setting: &'static str,
+) -> Result<(), Error> {
+    let is_json = content_type.is_none_or(|ct| {
+        let mime = ct.split(';').next().unwrap_or_default().trim();
+        mime.eq_ignore_ascii_case("application/json")
+    });
+    if !is_json {
+        return Err(Error::UnsupportedMediaType);
+    }
+    if length.is_some_and(|n| n > limit as u64) {
+        return Err(Error::PayloadTooLarge { limit, setting });
+    }
+    Ok(())
+}
+
+/// The body's bytes, refused with 413 once they pass `limit`.
+pub(super) async fn read_limited<S, B, E>(
+    body: S,
+    limit: usize,
+    setting: &'static str,
+) -> Result<Bytes, Error>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
+    E: std::fmt::Display,
 {
     let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::new();

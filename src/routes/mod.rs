@@ -4,6 +4,7 @@
 //! Every error leaves through [`Error::into_response`].
 
 mod body;
+mod direct;
 mod operations;
 mod push;
 mod tasks;
@@ -25,6 +26,7 @@ use crate::subscribers::Subscribers;
 use crate::writer::Writer;
 use crate::ws;
 use body::{MAX_BATCH_BODY, MAX_BODY, json_body};
+pub use direct::GeneratorWrites;
 
 /// Everything the handlers share. Cloning is shallow.
 #[derive(Clone)]

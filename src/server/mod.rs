@@ -31,6 +31,7 @@ use crate::error::Error;
 use accept::AcceptErrors;
 use slots::Lease;
 pub use slots::Slots;
+pub use tracked::{BoxFuture, Shortcut};
 use tracked::{TrackedIo, TrackedService};
 
 /// Connections over the cap that are being told 503 at once; more are closed unanswered.
@@ -59,6 +60,7 @@ pub struct HttpOptions {
 pub async fn serve(
     listener: TcpListener,
     routes: BoxedFilter<(Response,)>,
+    shortcut: Option<Arc<dyn Shortcut>>,
     options: HttpOptions,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -98,6 +100,7 @@ pub async fn serve(
                                 builder.clone(),
                                 stream,
                                 service,
+                                shortcut.clone(),
                                 lease,
                                 graceful.subscribe(),
                             ));
@@ -157,6 +160,7 @@ async fn serve_one<S>(
     builder: http1::Builder,
     stream: TcpStream,
     service: S,
+    shortcut: Option<Arc<dyn Shortcut>>,
     lease: Lease,
     mut shutdown: watch::Receiver<()>,
 ) where
@@ -170,7 +174,7 @@ async fn serve_one<S>(
 {
     let track = lease.track();
     let io = TokioIo::new(TrackedIo::new(stream, track.clone()));
-    let service = TrackedService::new(service, track.clone());
+    let service = TrackedService::new(service, shortcut, track.clone());
     let connection = builder.serve_connection(io, service).with_upgrades();
     let mut connection = std::pin::pin!(connection);
     let mut stopping = false;

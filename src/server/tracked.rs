@@ -75,19 +75,35 @@ impl AsyncWrite for TrackedIo {
     }
 }
 
-/// The routes, reporting each request's start and its response to the track.
+/// The routes, reporting each request's start and its response to the track. Requests
+/// the shortcut takes skip the routes.
 pub struct TrackedService<S> {
     inner: S,
+    shortcut: Option<Arc<dyn Shortcut>>,
     track: Arc<Track>,
 }
 
 impl<S> TrackedService<S> {
-    pub fn new(inner: S, track: Arc<Track>) -> Self {
-        TrackedService { inner, track }
+    pub fn new(inner: S, shortcut: Option<Arc<dyn Shortcut>>, track: Arc<Track>) -> Self {
+        TrackedService {
+            inner,
+            shortcut,
+            track,
+        }
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Requests answered without the filter tree: the hot ones, in their plain form. Its
+/// answers are plain responses, never streams or upgrades.
+pub trait Shortcut: Send + Sync + 'static {
+    /// The answer when this request is one the shortcut serves; else the request back,
+    /// untouched, for the routes (moved back as it is: boxing it would cost every request
+    /// an allocation).
+    #[allow(clippy::result_large_err)]
+    fn serve(&self, request: Request<Incoming>) -> Result<BoxFuture<Response>, Request<Incoming>>;
+}
 
 impl<S> Service<Request<Incoming>> for TrackedService<S>
 where
@@ -109,6 +125,19 @@ where
             return Box::pin(std::future::ready(Ok(refused.into_response())));
         }
         let track = self.track.clone();
+        let request = match &self.shortcut {
+            Some(shortcut) => match shortcut.serve(request) {
+                Ok(answer) => {
+                    return Box::pin(async move {
+                        let response = answer.await;
+                        track.response_ready();
+                        Ok(response)
+                    });
+                }
+                Err(request) => request,
+            },
+            None => request,
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;

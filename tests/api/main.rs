@@ -9,6 +9,7 @@ mod cancel;
 mod cluster;
 mod concurrency;
 mod delivery;
+mod direct;
 mod docs;
 mod doctor;
 mod errors;
