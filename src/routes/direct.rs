@@ -186,7 +186,11 @@ mod tests {
             ("POST", "/api/tasks"),
             ("POST", "//api/progress"),
         ] {
-            assert_eq!(plain_route(&request(method, uri, &[])), None, "{method} {uri}");
+            assert_eq!(
+                plain_route(&request(method, uri, &[])),
+                None,
+                "{method} {uri}"
+            );
         }
         for header in ["origin", "authorization", "content-type", "content-length"] {
             let odd = request("POST", &push, &[(header, b"caf\xc3\xa9")]);
