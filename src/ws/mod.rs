@@ -128,14 +128,15 @@ async fn open(
 }
 
 /// A small read buffer and bounded messages: a client cannot make a connection hold more
-/// than a few KiB, and the write buffer is flushed per message. 256 bytes hold a pong or a
-/// subscribe message without a token in one read; a longer message grows the buffer to
-/// fit (tungstenite reserves a frame's whole length), so 512 would end at 1 KiB for the
-/// same message while costing every idle connection 256 bytes more.
+/// than a few KiB, and the write buffer is flushed per message. 128 bytes hold a pong, or
+/// a subscribe, unsubscribe or cancel message without a token (at most 104 bytes with its
+/// frame header, for a 63-byte id), in one read; a longer message grows the buffer to fit
+/// (tungstenite reserves a frame's whole length): a larger buffer would cost every idle
+/// connection its size, and a message with a token outgrows it anyway.
 fn socket_config(limits: &SubscriberLimits) -> WebSocketConfig {
     let max = limits.max_ws_message_bytes;
     WebSocketConfig::default()
-        .read_buffer_size(max.min(256))
+        .read_buffer_size(max.min(128))
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
