@@ -30,7 +30,6 @@ use futures::Stream;
 use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::domain::{Eta, QueuePlace, TaskId, TaskState, TaskStatus};
 use crate::telemetry;
@@ -38,7 +37,7 @@ use crate::telemetry;
 use estimates::Estimates;
 pub use feed::{FeedSubscription, MAX_PENDING_TASKS, feed_name};
 pub use frame::Frame;
-use frame::{SNAPSHOT_END, with_place};
+use frame::{SNAPSHOT_END, shared_text, with_place};
 
 type Slot = watch::Sender<Option<Arc<Frame>>>;
 
@@ -254,7 +253,7 @@ impl Hub {
         };
         let notice = Arc::new(Frame {
             version: seen,
-            text: Utf8Bytes::from(text),
+            text: shared_text(text),
             notice: true,
             pending: false,
             place: None,

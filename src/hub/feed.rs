@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use futures::task::AtomicWaker;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use super::{Frame, Hub};
@@ -180,7 +179,7 @@ impl FeedSubscription {
         ));
         Arc::new(Frame {
             version: i64::MAX,
-            text: Utf8Bytes::from(error.to_ws_json(Some(&feed_name(self.user)))),
+            text: super::frame::shared_text(error.to_ws_json(Some(&feed_name(self.user)))),
             notice: true,
             pending: false,
             place: None,

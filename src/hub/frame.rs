@@ -32,6 +32,14 @@ pub(super) const LIVE_END: &str = r#""snapshot":false}"#;
 pub(super) const SNAPSHOT_END: &str = r#""snapshot":true}"#;
 pub(super) const DERIVED: &str = r#""derived":true,"#;
 
+/// A frame's bytes, shared by every subscriber for as long as the hub holds the frame.
+/// Trimmed to fit: the JSON encoder leaves up to half its buffer spare, and a `Bytes` made
+/// from a `String` keeps all of it (about 100 bytes per frame).
+pub(super) fn shared_text(mut text: String) -> Utf8Bytes {
+    text.shrink_to_fit();
+    Utf8Bytes::from(text)
+}
+
 /// `text` (a state message ending in `end`) with `place` written just before the end.
 pub(super) fn with_place(text: String, end: &str, place: Option<QueuePlace>) -> String {
     let Some(place) = place else {
@@ -51,7 +59,7 @@ impl Frame {
         debug_assert!(text.ends_with(LIVE_END));
         Frame {
             version: state.version,
-            text: Utf8Bytes::from(text),
+            text: shared_text(text),
             notice: false,
             pending,
             place,
@@ -63,7 +71,7 @@ impl Frame {
     pub(super) fn feed(state: &TaskState, eta: Option<Eta>, feed: &str) -> Self {
         Frame {
             version: state.version,
-            text: Utf8Bytes::from(state.to_feed_json(feed, false, eta)),
+            text: shared_text(state.to_feed_json(feed, false, eta)),
             notice: false,
             pending: false,
             place: None,
@@ -89,7 +97,7 @@ impl Frame {
         let text = format!("{}{}{DERIVED}{LIVE_END}", self.base(), place.json_fields());
         Frame {
             version: self.version,
-            text: Utf8Bytes::from(text),
+            text: shared_text(text),
             notice: false,
             pending: true,
             place: Some(place),

@@ -239,6 +239,11 @@ impl Track {
         }
     }
 
+    /// The connection is a WebSocket or an SSE stream now (final): nothing more to track.
+    pub fn is_detached(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == DETACHED
+    }
+
     /// Completes when the connection must close: its deadline passed or it was evicted.
     pub async fn expired(&self) {
         loop {

@@ -18,15 +18,20 @@ use super::slots::Track;
 use crate::error::Error;
 
 /// A socket that reports reads to its track. It stays under a WebSocket after the
-/// upgrade, where the report is one relaxed load.
+/// upgrade; its first read there lets go of the track, so an idle WebSocket does not
+/// keep one alive (about 100 bytes each).
 pub struct TrackedIo {
     stream: TcpStream,
-    track: Arc<Track>,
+    /// `None` once the connection is detached.
+    track: Option<Arc<Track>>,
 }
 
 impl TrackedIo {
     pub fn new(stream: TcpStream, track: Arc<Track>) -> Self {
-        TrackedIo { stream, track }
+        TrackedIo {
+            stream,
+            track: Some(track),
+        }
     }
 }
 
@@ -38,8 +43,11 @@ impl AsyncRead for TrackedIo {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.track.on_read();
+        let read = matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+        match &self.track {
+            Some(track) if track.is_detached() => self.track = None,
+            Some(track) if read => track.on_read(),
+            _ => {}
         }
         polled
     }
@@ -165,4 +173,44 @@ fn is_stream(response: &Response) -> bool {
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::super::slots::Slots;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_detached_connection_lets_go_of_its_track_on_its_next_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let slots = Slots::new(4, Duration::from_secs(10), Duration::from_secs(60));
+        let lease = slots.admit().expect("a free slot");
+        let track = lease.track();
+        let mut io = TrackedIo::new(server, track.clone());
+        let mut byte = [0u8; 1];
+        client.write_all(b"a").await.unwrap();
+        io.read_exact(&mut byte).await.unwrap();
+        assert!(
+            io.track.is_some(),
+            "a plain HTTP connection keeps its track"
+        );
+        // The upgrade: the request started, its response detaches the connection, and
+        // hyper's side (the lease) ends.
+        assert!(track.request_started());
+        track.detach();
+        drop(lease);
+        client.write_all(b"b").await.unwrap();
+        io.read_exact(&mut byte).await.unwrap();
+        assert!(io.track.is_none());
+        assert_eq!(Arc::strong_count(&track), 1, "only the test holds it");
+    }
 }

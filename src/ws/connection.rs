@@ -15,7 +15,8 @@ use tokio_stream::StreamMap;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use uuid::Uuid;
 use warp::hyper::upgrade::Upgraded;
 
 use super::deadlines::{Deadlines, Ping};
@@ -38,6 +39,18 @@ pub struct Connection {
     /// Subscribe attempts in the current one-second window.
     rate_window: (Instant, u32),
     _permit: Slot,
+}
+
+/// What [`Connection::start`] did: `Err` holds how the connection must end.
+pub struct Started(Result<(), End>);
+
+/// What woke the connection's loop.
+enum Turn {
+    Stop,
+    /// A frame's text to forward, and the feed it ends (its overflow notice), if any.
+    Frame(Utf8Bytes, Option<Uuid>),
+    Incoming(Option<Result<Message, tungstenite::Error>>),
+    Timer,
 }
 
 /// Why a connection loop ended.
@@ -72,10 +85,25 @@ impl Connection {
         }
     }
 
-    pub async fn run(&mut self, initial: Option<Target>) {
+    /// Subscribes the task named in the URL, if any: the first step of every connection,
+    /// taken by [`super::open`] in its short-lived box, so the connection's own task
+    /// does not keep the target (and a slot for it) for as long as the connection lives.
+    pub async fn start(&mut self, initial: Option<Target>) -> Started {
         tracing::info!("websocket opened");
-        let end = match self.serve(initial).await {
-            Ok(end) | Err(end) => end,
+        match initial {
+            Some(task) => Started(Box::pin(self.subscribe(task, None)).await),
+            None => Started(Ok(())),
+        }
+    }
+
+    /// Serves the connection until it ends, then closes it; `started` is what
+    /// [`Connection::start`] returned.
+    pub async fn run(&mut self, started: Started) {
+        let end = match started.0 {
+            Err(end) => end,
+            Ok(()) => match self.serve().await {
+                Ok(end) | Err(end) => end,
+            },
         };
         match end {
             End::Gone => {}
@@ -101,10 +129,12 @@ impl Connection {
     /// message; expiring tokens) is boxed and exists only while it runs. One timer covers
     /// pings, the idle close and token expiry, and is re-armed only when its deadline
     /// moves, so forwarding a frame touches no timer.
-    async fn serve(&mut self, initial: Option<Target>) -> Result<End, End> {
-        if let Some(task) = initial {
-            Box::pin(self.subscribe(task, None)).await?;
-        }
+    ///
+    /// The `select!` only picks what happened ([`Turn`]); the work, which may await, is
+    /// done after it, so the select's output and futures take no room beside it, and a
+    /// frame's send (the largest state) holds nothing else. The timer is re-armed at the
+    /// top of every turn.
+    async fn serve(&mut self) -> Result<End, End> {
         // Created once: a fresh wait per loop turn would register with the shared shutdown
         // signal on every frame, a lock every connection contends on.
         let ctx = self.ctx.clone();
@@ -113,44 +143,57 @@ impl Connection {
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);
         loop {
-            tokio::select! {
-                _ = &mut stop => {
-                    return Ok(End::Close(CloseCode::Away, "server restarting"));
+            {
+                let next = self.next_deadline();
+                if next != timer.deadline() {
+                    timer.as_mut().reset(next);
                 }
+            }
+            // The select's output is a temporary of this statement, so it is gone before
+            // the frame's send awaits.
+            let text = match tokio::select! {
+                _ = &mut stop => Turn::Stop,
                 Some((target, frame)) = self.subscriptions.next() => {
-                    self.send(Message::Text(frame.text.clone())).await?;
-                    // A feed's only notice is its overflow, after which its stream ends:
-                    // forget its token expiry, and start the idle clock if it was the last.
-                    if frame.is_notice() && matches!(target, Target::User(_)) {
-                        self.remove(target);
-                    }
+                    // A feed's only notice is its overflow, after which its stream ends.
+                    let ended_feed = match target {
+                        Target::User(user) if frame.is_notice() => Some(user),
+                        _ => None,
+                    };
+                    Turn::Frame(frame.text.clone(), ended_feed)
                 }
-                incoming = self.socket.next() => {
+                incoming = self.socket.next() => Turn::Incoming(incoming),
+                () = &mut timer => Turn::Timer,
+            } {
+                Turn::Stop => return Ok(End::Close(CloseCode::Away, "server restarting")),
+                Turn::Frame(text, ended_feed) => {
+                    // An ended feed is forgotten (its token expiry; the idle clock starts if
+                    // it was the last subscription) before its notice is sent.
+                    if let Some(user) = ended_feed {
+                        self.remove(Target::User(user));
+                    }
+                    text
+                }
+                Turn::Incoming(incoming) => {
                     self.deadlines.heard(Instant::now());
                     match incoming {
                         None => return Ok(End::Gone),
                         Some(Ok(Message::Close(_))) => return Ok(End::ClosedByClient),
-                        Some(Ok(Message::Text(text))) => {
-                            Box::pin(self.on_client_message(text.as_str())).await?;
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            let e = Error::invalid("message", "send JSON text messages, not binary".to_string());
-                            Box::pin(self.send_error(&e, None)).await?;
+                        Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                            Box::pin(self.on_data(message)).await?;
                         }
                         Some(Ok(_)) => {} // ping (tungstenite answers it), pong
                         Some(Err(e)) => return Ok(failed(&e)),
                     }
+                    continue;
                 }
-                () = &mut timer => {
+                Turn::Timer => {
                     if let Some(end) = Box::pin(self.on_timer()).await? {
                         return Ok(end);
                     }
+                    continue;
                 }
-            }
-            let next = self.next_deadline();
-            if next != timer.deadline() {
-                timer.as_mut().reset(next);
-            }
+            };
+            self.send(Message::Text(text)).await?;
         }
     }
 
@@ -184,18 +227,12 @@ impl Connection {
     /// Sends one message; a client that does not take it within the pong timeout is gone.
     /// The timer is armed only when the write cannot complete at once, so the common case
     /// costs no timer-wheel insert and removal per frame.
-    async fn send(&mut self, message: Message) -> Result<(), End> {
+    ///
+    /// Not an `async fn`: its future would hold the message twice (as its argument, and
+    /// inside the write), and the loop's task is sized for this future.
+    fn send(&mut self, message: Message) -> impl Future<Output = Result<(), End>> + Send + '_ {
         let limit = self.ctx.limits.pong_timeout;
-        let mut write = self.socket.send(message);
-        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut write).poll(cx))).await;
-        match first {
-            Poll::Ready(result) => result.map_err(|_| End::Gone),
-            // Boxed: the timer's state is only allocated while a write waits.
-            Poll::Pending => match Box::pin(timeout(limit, write)).await {
-                Ok(result) => result.map_err(|_| End::Gone),
-                Err(_) => Err(End::Gone),
-            },
-        }
+        send_within(self.socket.send(message), limit)
     }
 
     async fn send_error(&mut self, error: &Error, task: Option<TaskId>) -> Result<(), End> {
@@ -209,6 +246,19 @@ impl Connection {
     async fn send_target_error(&mut self, error: &Error, target: Target) -> Result<(), End> {
         self.send(Message::text(error.to_ws_json(Some(&target.label()))))
             .await
+    }
+
+    /// A text or binary message from the client. One boxed future for both, so the
+    /// message is held in the loop's state at one await only.
+    async fn on_data(&mut self, message: Message) -> Result<(), End> {
+        match message {
+            Message::Text(text) => self.on_client_message(text.as_str()).await,
+            _ => {
+                let e =
+                    Error::invalid("message", "send JSON text messages, not binary".to_string());
+                self.send_error(&e, None).await
+            }
+        }
     }
 
     async fn on_client_message(&mut self, text: &str) -> Result<(), End> {
@@ -345,6 +395,27 @@ impl Connection {
             self.send_target_error(&Error::TokenExpired, task).await?;
         }
         Ok(())
+    }
+}
+
+/// Polls `write` once; only if it cannot complete at once is it given `limit` to, in a box:
+/// the timer's state is only allocated while a write waits. A block rather than an
+/// `async fn`, which would copy its arguments into its state a second time.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn send_within<W>(mut write: W, limit: Duration) -> impl Future<Output = Result<(), End>> + Send
+where
+    W: Future<Output = Result<(), tungstenite::Error>> + Unpin + Send,
+{
+    async move {
+        if let Poll::Ready(result) =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut write).poll(cx))).await
+        {
+            return result.map_err(|_| End::Gone);
+        }
+        match Box::pin(timeout(limit, write)).await {
+            Ok(result) => result.map_err(|_| End::Gone),
+            Err(_) => Err(End::Gone),
+        }
     }
 }
 

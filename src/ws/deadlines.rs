@@ -94,6 +94,9 @@ impl Deadlines {
     /// A subscription started; its token (if any) expires at `expires_at`.
     pub fn watch(&mut self, task: Target, expires_at: Option<Instant>) {
         if let Some(at) = expires_at {
+            // Room for exactly one more: a first push would reserve four entries (352
+            // bytes), and most connections only ever watch one task.
+            self.expiries.reserve_exact(1);
             self.expiries.push((task, at));
             self.next_expiry = self.expiries.iter().map(|(_, at)| *at).min();
         }
@@ -252,6 +255,19 @@ mod tests {
         d.heard(Instant::now());
         advance(Duration::from_secs(1)).await;
         assert_eq!(d.ping(Instant::now(), &limits), Ping::Send);
+    }
+
+    #[test]
+    fn a_watched_expiry_reserves_room_for_itself_only() {
+        let mut d = Deadlines::new(Instant::now(), &limits());
+        d.watch(task(), Some(Instant::now()));
+        assert_eq!(
+            d.expiries.capacity(),
+            1,
+            "an idle connection holds one entry"
+        );
+        d.watch(task(), Some(Instant::now()));
+        assert_eq!(d.expiries.len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,8 +26,8 @@ use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 
 use crate::error::Error;
-use crate::subscribers::{Slot, SubscriberLimits, Subscribers};
-use connection::Connection;
+use crate::subscribers::{Slot, SubscriberLimits, Subscribers, Target};
+use connection::{Connection, Started};
 
 /// Answers the upgrade request with 101 and starts the connection task, or refuses with
 /// an HTTP error before upgrading.
@@ -75,11 +75,14 @@ pub async fn upgrade(
     // and async blocks keep a slot for every value moved across an await: so the upgrade
     // is awaited in a box that is freed once the socket exists, and the connection lives
     // in a box of its own that only its pointer moves.
-    let opening = Box::pin(open(ctx, on_upgrade, permit, token));
+    // The URL's subscription is made in the same box, so the connection's task does not
+    // keep the target (a slot in each future that passed it on) for its whole life.
+    let opening = Box::pin(open(ctx, on_upgrade, permit, token, initial));
     tokio::spawn(async move {
-        if let Some(mut connection) = opening.await {
-            connection.run(initial).await;
-        }
+        let Some((mut connection, started)) = opening.await else {
+            return;
+        };
+        connection.run(started).await;
     });
 
     let mut response = Response::default();
@@ -100,13 +103,15 @@ pub async fn upgrade(
     Ok(response)
 }
 
-/// Waits for hyper to hand over the upgraded connection and wraps it in a WebSocket.
+/// Waits for hyper to hand over the upgraded connection, wraps it in a WebSocket and
+/// subscribes the URL's target, if any.
 async fn open(
     ctx: Arc<Subscribers>,
     on_upgrade: OnUpgrade,
     permit: Slot,
     token: Option<String>,
-) -> Option<Box<Connection>> {
+    initial: Option<Target>,
+) -> Option<(Box<Connection>, Started)> {
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -117,18 +122,21 @@ async fn open(
     let config = socket_config(&ctx.limits);
     let socket =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-    Some(Box::new(Connection::new(ctx, socket, permit, token)))
+    let mut connection = Box::new(Connection::new(ctx, socket, permit, token));
+    let started = connection.start(initial).await;
+    Some((connection, started))
 }
 
 /// A small read buffer and bounded messages: a client cannot make a connection hold more
-/// than a few KiB, and the write buffer is flushed per message. 256 bytes hold a pong or a
-/// subscribe message without a token in one read; a longer message grows the buffer to
-/// fit (tungstenite reserves a frame's whole length), so 512 would end at 1 KiB for the
-/// same message while costing every idle connection 256 bytes more.
+/// than a few KiB, and the write buffer is flushed per message. 128 bytes hold a pong, or
+/// a subscribe, unsubscribe or cancel message without a token (at most 104 bytes with its
+/// frame header, for a 63-byte id), in one read; a longer message grows the buffer to fit
+/// (tungstenite reserves a frame's whole length): a larger buffer would cost every idle
+/// connection its size, and a message with a token outgrows it anyway.
 fn socket_config(limits: &SubscriberLimits) -> WebSocketConfig {
     let max = limits.max_ws_message_bytes;
     WebSocketConfig::default()
-        .read_buffer_size(max.min(256))
+        .read_buffer_size(max.min(128))
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
