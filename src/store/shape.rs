@@ -290,7 +290,7 @@ fn read_columns(t: &str, absent: &[&str]) -> String {
 }
 
 /// `column` as text, cut to `chars` characters. `left()` counts characters one by one
-/// (a quarter of the push statement's RETURNING cost for an 80-byte stage), so it runs only
+/// (a fifth of the push statement's RETURNING cost for an 80-byte stage), so it runs only
 /// on a value of more than `chars` bytes: one of at most `chars` bytes has at most `chars`
 /// characters, and `octet_length` reads the length without reading the value.
 fn capped(column: &str, chars: usize) -> String {
@@ -354,7 +354,7 @@ impl Statements {
         // on the primary key whatever the table's statistics say (without it, a table not
         // yet analyzed is read whole for every statement). `FROM unnest(a, b, ...)` copies
         // each array into a store of its own first, and one `unnest` per array in a
-        // subquery's select list would not (an eighth of the statement at 26 rows), but
+        // subquery's select list would not (7 % of the statement at 26 rows), but
         // without statistics Postgres then joins by a nested loop that runs the subquery
         // again for every row (in the bench: 51 µs of Postgres CPU per push, against 15 for
         // this form in the run before).
