@@ -85,6 +85,59 @@ async fn schema_objects<C: GenericClient>(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The functions schema.sql replaces on every run, in the order migrate names them.
+const FUNCTIONS: [&str; 2] = ["taskcast_bump_version", "taskcast_notify"];
+
+/// The definitions of schema.sql's triggers and functions as they are now, keyed
+/// `trigger NAME` or `function public.NAME`: schema.sql recreates them on every run, so a
+/// changed definition is what tells an upgrade from a rerun.
+async fn definitions<C: GenericClient>(
+    client: &C,
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT 'trigger ' || tgname::text, pg_get_triggerdef(oid) FROM pg_trigger \
+               WHERE tgrelid = to_regclass('public.image_tasks') AND tgname::text = ANY($1::text[]) \
+             UNION ALL \
+             SELECT 'function public.' || proname::text, pg_get_functiondef(oid) FROM pg_proc \
+               WHERE pronamespace = 'public'::regnamespace AND proname::text = ANY($2::text[]) \
+                 AND pronargs = 0",
+            &[&TRIGGERS.as_slice(), &FUNCTIONS.as_slice()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// What migrate replaced with a different definition (an upgrade, or another channel):
+/// `updated trigger taskcast_notify`, one line for triggers and one for functions.
+fn updated(before: &[(String, String)], after: &[(String, String)]) -> Vec<String> {
+    let changed = |key: &str| {
+        let find = |defs: &[(String, String)]| {
+            (defs.iter().find(|(k, _)| k == key)).map(|(_, definition)| definition.clone())
+        };
+        matches!((find(before), find(after)), (Some(b), Some(a)) if a != b)
+    };
+    let triggers: Vec<&str> = (TRIGGERS.iter().copied())
+        .filter(|name| changed(&format!("trigger {name}")))
+        .collect();
+    let functions: Vec<String> = (FUNCTIONS.iter())
+        .map(|name| format!("public.{name}"))
+        .filter(|name| changed(&format!("function {name}")))
+        .collect();
+    let functions: Vec<&str> = functions.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for (one, many, names) in [
+        ("trigger", "triggers", triggers),
+        ("function", "functions", functions),
+    ] {
+        if !names.is_empty() {
+            let kind = if names.len() == 1 { one } else { many };
+            out.push(format!("updated {kind} {}", and_list(&names)));
+        }
+    }
+    out
+}
+
 /// `a`, `a and b`, `a, b and c`.
 fn and_list(names: &[&str]) -> String {
     match names.split_last() {
@@ -228,6 +281,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             .map_err(fail("the migration lock"))?;
         let columns_before = table_columns(&tx).await.map_err(fail("the catalog"))?;
         let objects_before = schema_objects(&tx).await.map_err(fail("the catalog"))?;
+        let definitions_before = definitions(&tx).await.map_err(fail("the catalog"))?;
         tx.batch_execute(SCHEMA_SQL)
             .await
             .map_err(|e| Error::internal("applying schema.sql", e))?;
@@ -236,7 +290,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             tx.batch_execute(&format!(
                 "DROP TRIGGER taskcast_notify ON public.image_tasks; \
                  CREATE TRIGGER taskcast_notify AFTER UPDATE ON public.image_tasks \
-                 REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows \
+                 REFERENCING NEW TABLE AS new_rows \
                  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('{channel}'); \
                  DROP TRIGGER taskcast_notify_insert ON public.image_tasks; \
                  CREATE TRIGGER taskcast_notify_insert AFTER INSERT ON public.image_tasks \
@@ -252,6 +306,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
         }
         let columns_after = table_columns(&tx).await.map_err(fail("the catalog"))?;
         let objects_after = schema_objects(&tx).await.map_err(fail("the catalog"))?;
+        let definitions_after = definitions(&tx).await.map_err(fail("the catalog"))?;
         tx.commit().await.map_err(fail("the database (commit)"))?;
 
         let mut changes = Vec::new();
@@ -269,6 +324,7 @@ pub async fn migrate_with_channel(database_url: &str, channel: &str) -> Result<V
             changes.push(format!("notify trigger sends on channel {channel}"));
         }
         changes.extend(created(&objects_before, &objects_after, channel));
+        changes.extend(updated(&definitions_before, &definitions_after));
         Ok(changes)
     }
     .await;

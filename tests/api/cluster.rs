@@ -265,6 +265,80 @@ async fn a_500_row_statement_sends_at_most_ceil_payload_over_8000_notifications(
     assert_eq!(entries, 500);
 }
 
+/// The trigger cuts a large statement's payload where the next entry would not fit, in the
+/// order of the rows: every notification but the last is full to within one entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_statement_fills_each_notification_before_starting_the_next() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    let writer = db.client().await;
+    writer
+        .batch_execute("INSERT INTO image_tasks (prompt) SELECT 'p' FROM generate_series(1, 700)")
+        .await
+        .unwrap();
+    // Versions of 1 to 4 digits, so the entries differ in length.
+    writer
+        .batch_execute(
+            "UPDATE image_tasks SET taskcast_version = (random() * 9999)::int8 \
+             WHERE id IN (SELECT id FROM image_tasks ORDER BY random() LIMIT 400)",
+        )
+        .await
+        .unwrap();
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.unbounded_send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN taskcast").await.unwrap();
+    let expected: Vec<String> = writer
+        .query(
+            "UPDATE image_tasks SET progress = 50 \
+             RETURNING id::text || ' ' || taskcast_version::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    let mut payloads: Vec<String> = Vec::new();
+    while payloads.iter().map(|p| p.split(',').count()).sum::<usize>() < expected.len() {
+        let payload = tokio::time::timeout(crate::helpers::WAIT, rx.next())
+            .await
+            .unwrap()
+            .unwrap();
+        payloads.push(payload);
+    }
+    assert!(payloads.len() >= 3, "{} notifications", payloads.len());
+    let entries: Vec<&str> = payloads.iter().flat_map(|p| p.split(',')).collect();
+    let mut sent = entries.clone();
+    let mut returned: Vec<&str> = expected.iter().map(String::as_str).collect();
+    sent.sort_unstable();
+    returned.sort_unstable();
+    assert_eq!(sent, returned, "every row once, with its new version");
+    let mut next = payloads.iter().skip(1);
+    for payload in &payloads {
+        assert!(payload.len() <= 7999, "{} bytes", payload.len());
+        if let Some(following) = next.next() {
+            let first = following.split(',').next().unwrap();
+            assert!(
+                payload.len() + 1 + first.len() > 7999,
+                "a {}-byte notification left out a {}-byte entry that fit",
+                payload.len(),
+                first.len()
+            );
+        }
+    }
+}
+
 /// Notifications sent while a node has no listener are lost; only the catch-up read after
 /// the reconnect can deliver them. New connections are refused meanwhile, so the listener
 /// cannot be back before the pushes are done.

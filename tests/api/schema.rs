@@ -346,3 +346,73 @@ async fn migrate_reports_the_version_trigger_without_a_channel_it_does_not_send_
     .await;
     assert_eq!(changes, ["installed trigger taskcast_bump_version"]);
 }
+
+/// The UPDATE notify trigger and its function as schema.sql installed them before the
+/// trigger stopped keeping old rows (the function built its payload entry by entry).
+const OLD_NOTIFY: &str = "
+CREATE OR REPLACE FUNCTION public.taskcast_notify()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+DECLARE
+  channel text := coalesce(TG_ARGV[0], 'taskcast');
+  payload text := '';
+  entry text;
+  entries text[];
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    entries := ARRAY(SELECT o.id::text || ' ' || o.taskcast_version::text FROM old_rows o);
+  ELSE
+    entries := ARRAY(SELECT n.id::text || ' ' || n.taskcast_version::text FROM new_rows n);
+  END IF;
+  FOREACH entry IN ARRAY entries
+  LOOP
+    IF payload <> '' AND octet_length(payload) + 1 + octet_length(entry) > 7999 THEN
+      PERFORM pg_notify(channel, payload);
+      payload := '';
+    END IF;
+    payload := CASE WHEN payload = '' THEN entry ELSE payload || ',' || entry END;
+  END LOOP;
+  IF payload <> '' THEN
+    PERFORM pg_notify(channel, payload);
+  END IF;
+  RETURN NULL;
+END
+$$;
+DROP TRIGGER taskcast_notify ON public.image_tasks;
+CREATE TRIGGER taskcast_notify
+  AFTER UPDATE ON public.image_tasks
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.taskcast_notify('taskcast');";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_replaces_the_notify_trigger_that_kept_every_old_row_and_says_so() {
+    let db = TestDb::create().await;
+    let changes = migrate_again_after(&db, OLD_NOTIFY).await;
+    assert_eq!(
+        changes,
+        [
+            "updated trigger taskcast_notify",
+            "updated function public.taskcast_notify",
+        ]
+    );
+    let definition: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger \
+             WHERE tgrelid = 'public.image_tasks'::regclass AND tgname = 'taskcast_notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        definition.contains("REFERENCING NEW TABLE AS new_rows")
+            && !definition.contains("OLD TABLE"),
+        "{definition}"
+    );
+    let third = migrate(&db.url).await.expect("third migrate");
+    assert!(third.is_empty(), "a rerun changed {third:?}");
+}

@@ -8,9 +8,10 @@ use deadpool_postgres::Object;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
+use uuid::Uuid;
 
 use super::{DbError, PgStore, decode};
-use crate::domain::{Decision, Outcome, ProgressUpdate, TaskId};
+use crate::domain::{Decision, IdKind, Outcome, ProgressUpdate, TaskId};
 use crate::error::Error;
 use crate::store::BatchResult;
 use crate::store::bounded::{self, Late};
@@ -62,13 +63,17 @@ impl PgStore {
         };
         // A status the column cannot hold, or a column the table lacks, is refused before
         // any SQL.
-        for (index, (_, update)) in batch.iter().enumerate() {
+        for (index, (id, update)) in batch.iter().enumerate() {
             if let Some(status) = update.status()
                 && let Err(e) = shape.word(status)
             {
                 results[index] = Some(Err(e));
             } else if let Err(e) = shape.check_columns(update) {
                 results[index] = Some(Err(e));
+            } else if shape.id == IdKind::Uuid && id.as_uuid().is_none() {
+                // Ids are parsed by the table's kind, but the table may have changed since:
+                // no row of a uuid column has this id.
+                results[index] = Some(Err(Error::NotFound(id.to_string())));
             }
         }
         // In id order, so concurrent statements from two nodes lock rows in one order.
@@ -207,11 +212,11 @@ async fn apply_locked(
     Ok(results)
 }
 
-/// The UPDATE's input arrays for the pushes at some indices of a batch, all as text (ids
-/// and statuses are cast to the column's type in SQL). Text columns borrow from the batch;
-/// only `progress` is formatted.
+/// The UPDATE's input arrays for the pushes at some indices of a batch, as text except
+/// uuid ids (statuses, and other ids, are cast to the column's type in SQL). Text columns
+/// borrow from the batch; only `progress` is formatted.
 struct Columns<'a> {
-    ids: Vec<&'a str>,
+    ids: Ids<'a>,
     progress: Vec<Option<String>>,
     stages: Vec<Option<&'a str>>,
     statuses: Vec<Option<&'a str>>,
@@ -223,12 +228,24 @@ struct Columns<'a> {
     preview_urls: Vec<Option<&'a str>>,
 }
 
+/// `$1` of the apply statements: binary uuids for a uuid column (Postgres would parse
+/// each text id once per use), else the ids' text.
+enum Ids<'a> {
+    Uuid(Vec<Uuid>),
+    Text(Vec<&'a str>),
+}
+
 impl<'a> Columns<'a> {
-    /// `indices` hold only pushes whose status the shape can store.
+    /// `indices` hold only pushes whose status the shape can store and, on a uuid table,
+    /// whose id is a uuid.
     fn new(batch: &'a [(TaskId, ProgressUpdate)], indices: &[usize], shape: &'a Shape) -> Self {
         let updates = || indices.iter().map(|&i| &batch[i].1);
+        let ids = || indices.iter().map(|&i| &batch[i].0);
         Columns {
-            ids: indices.iter().map(|&i| batch[i].0.as_str()).collect(),
+            ids: match shape.id {
+                IdKind::Uuid => Ids::Uuid(ids().filter_map(TaskId::as_uuid).collect()),
+                _ => Ids::Text(ids().map(TaskId::as_str).collect()),
+            },
             // As text: Rust prints the shortest string that reads back as the same f64, so
             // NUMERIC keeps every digit (a float8 parameter would round to 15 digits).
             progress: updates()
@@ -250,7 +267,10 @@ impl<'a> Columns<'a> {
     /// `$1` to `$10` of the apply statements.
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
-            &self.ids,
+            match &self.ids {
+                Ids::Uuid(ids) => ids,
+                Ids::Text(ids) => ids,
+            },
             &self.progress,
             &self.stages,
             &self.statuses,
