@@ -2,10 +2,11 @@
 //!
 //! Every push is encoded at least twice (its answer and its frame), so this is on the hot
 //! path: keys are literals, strings are copied as they are unless they hold a character
-//! JSON must escape, numbers go through `itoa`/`zmij` (as in `serde_json`) and times through a fixed-width
-//! writer. The bytes are exactly what `serde_json` made of the derived struct this replaced
-//! (the test below keeps that struct and compares), so clients and the hub's splicing of
-//! `snapshot` and the place in line see no change.
+//! JSON must escape, numbers go through `itoa`/`zmij` (as in `serde_json`) and times
+//! through a fixed-width writer. The bytes are exactly what `serde_json` made of the
+//! derived struct this replaced (a property test in `state.rs` keeps that struct and
+//! compares), so clients and the hub's splicing of `snapshot` and the place in line see no
+//! change.
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
