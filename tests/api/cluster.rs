@@ -227,19 +227,7 @@ async fn a_500_row_statement_sends_at_most_ceil_payload_over_8000_notifications(
         .batch_execute("INSERT INTO image_tasks (prompt) SELECT 'p' FROM generate_series(1, 500)")
         .await
         .unwrap();
-    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = futures::channel::mpsc::unbounded();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = tx.unbounded_send(n.payload().to_string());
-            }
-        }
-    });
-    listener.batch_execute("LISTEN taskcast").await.unwrap();
+    let (_listener, mut rx) = listen(&db).await;
     writer
         .batch_execute("UPDATE image_tasks SET progress = 50")
         .await
@@ -284,19 +272,7 @@ async fn a_large_statement_fills_each_notification_before_starting_the_next() {
         )
         .await
         .unwrap();
-    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = futures::channel::mpsc::unbounded();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = tx.unbounded_send(n.payload().to_string());
-            }
-        }
-    });
-    listener.batch_execute("LISTEN taskcast").await.unwrap();
+    let (_listener, mut rx) = listen(&db).await;
     let expected: Vec<String> = writer
         .query(
             "UPDATE image_tasks SET progress = 50 \
@@ -395,4 +371,28 @@ async fn changes_made_while_a_listener_is_down_are_delivered_after_it_reconnects
     let caught_up = sub.next_state().await;
     assert_eq!(caught_up["version"], last["version"]);
     assert_eq!(caught_up["stage"], "while down");
+}
+
+/// A connection listening on the `taskcast` channel, and the payloads it receives. Keep the
+/// client: dropping it ends the connection.
+async fn listen(
+    db: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    futures::channel::mpsc::UnboundedReceiver<String>,
+) {
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message {
+                let _ = tx.unbounded_send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN taskcast").await.unwrap();
+    (listener, rx)
 }
