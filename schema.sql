@@ -176,6 +176,12 @@ DECLARE
   bytes integer := -1;
   entry_bytes integer;
 BEGIN
+  -- A taskcast node alone on the database marks its own pushes so (set_config in the push
+  -- statement, TASKCAST_NOTIFY_OWN_PUSHES=auto): it publishes them to its own subscribers,
+  -- and no other node listens. Every other writer, and every other statement, notifies.
+  IF current_setting('taskcast.quiet', true) = 'on' THEN
+    RETURN NULL;
+  END IF;
   -- Every updated row, changed or not (comparing with the old rows cost more than the
   -- UPDATE itself, so the UPDATE trigger keeps none): a row whose version did not change
   -- is ignored by the listeners, which only read versions newer than they hold. Inserted

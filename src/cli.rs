@@ -76,8 +76,10 @@ fn serve_heading(id: &str) -> Option<&'static str> {
         | "app_url"
         | "public_url"
         | "metrics_token" => "Who may push and watch",
-        "database_url" | "db_pool_size" | "db_timeout_ms" | "notify_channel" | "status_map"
-        | "write_mode" | "max_batch" | "writer_queue" => "Database",
+        "database_url" | "db_pool_size" | "db_timeout_ms" | "notify_channel"
+        | "notify_own_pushes" | "status_map" | "write_mode" | "max_batch" | "writer_queue" => {
+            "Database"
+        }
         "listen" | "demo" | "log_format" | "shutdown_timeout_secs" => "Server",
         _ if id.starts_with("max_") || id.ends_with("_secs") || id == "feed_recent" => {
             "Limits and timeouts"
@@ -337,6 +339,16 @@ pub struct ServeArgs {
     /// The Postgres NOTIFY channel nodes listen on (one per deployment, not per task).
     #[arg(long, env = "TASKCAST_NOTIFY_CHANNEL", default_value = "taskcast")]
     pub notify_channel: String,
+    /// When this node's pushes send the NOTIFY: `auto` only while another taskcast node
+    /// listens on the database (alone, the node publishes its own pushes and nobody else
+    /// needs them); `always` for a program of your own that LISTENs on the channel.
+    #[arg(
+        long,
+        env = "TASKCAST_NOTIFY_OWN_PUSHES",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub notify_own_pushes: crate::store::NotifyOwnPushes,
     /// The app's status words, as word:status pairs (e.g.
     /// `queued:pending,running:processing,done:completed`). Read case-insensitively beside
     /// built-in aliases; pushes write the first word given for a status.

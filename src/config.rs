@@ -12,6 +12,7 @@ use crate::cli::{
     ServeArgs, default_max_connections, default_max_http_connections, defaults, open_file_limit,
 };
 use crate::domain::StatusMap;
+use crate::store::NotifyOwnPushes;
 use crate::store::connect::{PgTarget, SslMode, Verification};
 use crate::writer::WriteMode;
 
@@ -96,6 +97,8 @@ pub struct Config {
     pub allow_loopback_origins: bool,
     /// The NOTIFY channel the listener follows (Postgres only).
     pub notify_channel: String,
+    /// When this node's pushes send the NOTIFY (TASKCAST_NOTIFY_OWN_PUSHES).
+    pub notify_own_pushes: NotifyOwnPushes,
     pub write_mode: WriteMode,
     /// The app's status words (TASKCAST_STATUS_MAP).
     pub status_map: StatusMap,
@@ -128,6 +131,7 @@ impl Config {
             allowed_origins: Vec::new(),
             allow_loopback_origins: true,
             notify_channel: crate::store::schema::DEFAULT_CHANNEL.to_string(),
+            notify_own_pushes: NotifyOwnPushes::Auto,
             write_mode: WriteMode::Group,
             status_map: StatusMap::default(),
             demo: in_memory,
@@ -280,6 +284,7 @@ impl Config {
             allowed_origins,
             allow_loopback_origins: !production,
             notify_channel: args.notify_channel,
+            notify_own_pushes: args.notify_own_pushes,
             write_mode: args.write_mode,
             status_map,
             // The in-memory store is the "try it" mode: it shows the demo, except in

@@ -88,6 +88,8 @@ impl App {
                 let pool = PoolOptions {
                     size: limits.db_pool_size,
                     timeout: limits.db_timeout,
+                    quiet_when_alone: config.notify_own_pushes
+                        == crate::store::NotifyOwnPushes::Auto,
                 };
                 let pg = Store::Postgres(PgStore::connect(url, pool, config.status_map.clone())?);
                 match pg.check_ready().await {
@@ -141,6 +143,7 @@ impl App {
                 commits: writer.commits(),
                 connect_timeout: limits.db_timeout.max(Duration::from_secs(1)),
                 reported: Default::default(),
+                peers: Default::default(),
             }),
             _ => None,
         };
@@ -213,6 +216,11 @@ impl App {
     /// The hub, for observing subscriptions (tests, metrics).
     pub fn hub(&self) -> Hub {
         self.state.subscribers.hub.clone()
+    }
+
+    /// Whether this node's pushes skip the NOTIFY now (Postgres only), for observing it.
+    pub fn quiet(&self) -> Option<store::Quiet> {
+        (self.notify_listener.as_ref()).map(|listener| listener.store.quiet().clone())
     }
 
     /// Serves until `shutdown` completes, then stops accepting, answers every push already

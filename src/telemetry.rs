@@ -57,6 +57,7 @@ pub const DB_TIMEOUTS: &str = "taskcast_db_timeouts_total";
 pub const QUEUE_QUERIES: &str = "taskcast_queue_queries_total";
 pub const QUEUE_FRAMES: &str = "taskcast_queue_frames_total";
 pub const STALLED_TASKS: &str = "taskcast_stalled_tasks";
+pub const NOTIFY_QUIET: &str = "taskcast_notify_quiet";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -116,6 +117,10 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open WebSocket and SSE connections.");
     describe_gauge!(HUB_TASKS, "Tasks with at least one local subscriber.");
+    describe_gauge!(
+        NOTIFY_QUIET,
+        "1 while this node's pushes skip the NOTIFY (no other node listens on the database; TASKCAST_NOTIFY_OWN_PUSHES=auto), else 0."
+    );
     describe_counter!(
         QUEUE_QUERIES,
         "Statements run to count places in line (at most one recount per window)."

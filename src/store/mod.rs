@@ -16,7 +16,7 @@ pub mod schema;
 pub mod shape;
 
 pub use memory::MemoryStore;
-pub use postgres::{PgStore, PoolOptions, Sweep};
+pub use postgres::{NotifyOwnPushes, PgStore, PoolOptions, Quiet, Rechecks, Sweep};
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -39,7 +39,9 @@ use crate::error::Error;
 use taskcast_wire::Secret;
 
 mod derived;
+mod quiet;
 pub use derived::Sweep;
+pub use quiet::{NotifyOwnPushes, Quiet, Rechecks};
 
 /// What the pool takes from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +51,9 @@ pub struct PoolOptions {
     /// Bound on every database call, the wait for a connection included
     /// (`TASKCAST_DB_TIMEOUT_MS`).
     pub timeout: Duration,
+    /// Pushes skip the NOTIFY while no other node listens
+    /// (`TASKCAST_NOTIFY_OWN_PUSHES=auto`); false for `always`.
+    pub quiet_when_alone: bool,
 }
 
 /// Cloning is shallow: the pool and the cached shape are reference-counted.
@@ -63,6 +68,8 @@ pub struct PgStore {
     statuses: StatusMap,
     /// The table's shape, once read. std RwLock: nothing awaits while it is held.
     shape: Arc<RwLock<Option<Arc<Shape>>>>,
+    /// Whether pushes may skip the NOTIFY now; the listener sets it.
+    quiet: Quiet,
 }
 
 impl PgStore {
@@ -109,7 +116,13 @@ impl PgStore {
             timeout: options.timeout,
             statuses,
             shape: Arc::default(),
+            quiet: Quiet::new(options.quiet_when_alone),
         })
+    }
+
+    /// Whether this node's pushes skip the NOTIFY (for the listener, which decides).
+    pub fn quiet(&self) -> &Quiet {
+        &self.quiet
     }
 
     /// The table's shape: cached, or read from the catalog now.

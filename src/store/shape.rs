@@ -103,8 +103,10 @@ pub struct Statements {
     pub feed: String,
     pub create: String,
     pub lock: String,
+    /// The push statement: `$1`–`$10` the pushes' columns, `$11` `'on'` to skip the
+    /// NOTIFY (see `crate::store::Quiet`).
     pub apply: String,
-    /// [`Statements::apply`] narrowed by the push rules; `$11` is [`StatusWords::open`].
+    /// [`Statements::apply`] narrowed by the push rules; `$12` is [`StatusWords::open`].
     pub apply_open: String,
     /// The cancel request (`None` without [`CANCEL_COLUMN`]): one conditional UPDATE that
     /// sets it on an unfinished task not yet asked, then the row (read columns plus
@@ -362,9 +364,13 @@ impl Statements {
             "uuid" => "$1::uuid[]".to_string(),
             _ => format!("$1::text[]::{id_type}[]"),
         };
+        // `$11` is 'on' while the node is alone on the database (see
+        // `crate::store::Quiet`): the `taskcast_notify` trigger then skips the statement.
+        // A materialized CTE the UPDATE joins is run once, before any row is written.
         let apply = |extra: &str| {
             format!(
-                "UPDATE public.image_tasks AS t SET \
+                "WITH quiet AS MATERIALIZED (SELECT set_config('taskcast.quiet', $11, true)) \
+                 UPDATE public.image_tasks AS t SET \
                    progress = COALESCE(u.progress::numeric, t.progress), \
                    stage = COALESCE(u.stage, t.stage), \
                    status = COALESCE(u.status::{status_type}, t.status), \
@@ -376,7 +382,7 @@ impl Statements {
                  FROM unnest({ids}, $2::text[], $3::text[], $4::text[], $5::int8[], \
                              $6::text[], $7::text[], $8::int8[], $9::int8[], $10::text[]) \
                    AS u(id, progress, stage, status, seq, image_url, error, step, \
-                        total_steps, preview_url) \
+                        total_steps, preview_url), quiet \
                  WHERE t.id = u.id AND t.id = ANY({ids}){extra} \
                  RETURNING {}",
                 read_columns("t.", absent)
@@ -440,8 +446,8 @@ impl Statements {
             // The exact word first: `lower()` costs more than the rest of the WHERE clause,
             // and a status stored in lowercase (the usual case) needs no more.
             apply_open: apply(
-                " AND (t.status::text = ANY($11::text[]) \
-                       OR lower(t.status::text) = ANY($11::text[])) \
+                " AND (t.status::text = ANY($12::text[]) \
+                       OR lower(t.status::text) = ANY($12::text[])) \
                   AND t.taskcast_version < 9223372036854775807 \
                   AND (u.seq IS NULL OR t.taskcast_seq IS NULL OR u.seq > t.taskcast_seq)",
             ),

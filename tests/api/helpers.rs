@@ -159,6 +159,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub hub: Hub,
     pub db: Option<TestDb>,
+    /// Whether the node's pushes skip the NOTIFY now (Postgres only).
+    pub quiet: Option<taskcast::store::Quiet>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -212,6 +214,7 @@ async fn start(
     let app = App::build(config).await.expect("the app builds");
     let addr = app.local_addr();
     let hub = app.hub();
+    let quiet = app.quiet();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
@@ -221,6 +224,7 @@ async fn start(
         http: reqwest::Client::new(),
         hub,
         db,
+        quiet,
         stop: Some(stop),
         server: Some(server),
     }

@@ -26,6 +26,7 @@ mod partition;
 mod process;
 mod proxy;
 mod queue;
+mod quiet;
 mod reporter;
 mod reporter_tls;
 mod schema;

@@ -33,23 +33,40 @@ impl PgStore {
                 Late::Running.describe(self.timeout) + " (the push waited behind a slow commit)",
             ));
         }
+        // Read once per batch, after the writer counted the commit in flight (see
+        // `Quiet::is_on`).
+        let quiet = self.quiet.is_on();
         let result = bounded::run(
             &self.pool,
             &self.tls,
             deadline,
-            async |client: &mut Object| self.try_apply_batch(client, batch).await,
+            async |client: &mut Object| self.try_apply_batch(client, batch, quiet).await,
         )
         .await;
-        match result {
+        let result = match result {
             Ok(results) => Ok(results),
             Err(e) => Err(self.classify_write(e).await),
+        };
+        if quiet {
+            // No notification tells the listener about these: it reads them again, as it
+            // would have on one (a commit whose answer was lost, a row it cannot read).
+            let unclean = batch.iter().enumerate().filter(|(index, _)| match &result {
+                Ok(results) => results[*index].is_err(),
+                Err(_) => true,
+            });
+            let unclean: Vec<TaskId> = unclean.map(|(_, (task, _))| *task).collect();
+            if !unclean.is_empty() {
+                self.quiet.recheck(unclean);
+            }
         }
+        result
     }
 
     async fn try_apply_batch(
         &self,
         client: &mut Object,
         batch: &[(TaskId, ProgressUpdate)],
+        quiet: bool,
     ) -> Result<BatchResult, DbError> {
         let shape = self.shape(client).await?;
         let mut results: Vec<Option<Result<Outcome, Error>>> =
@@ -80,11 +97,13 @@ impl PgStore {
         let mut order: Vec<usize> = (0..batch.len()).filter(|&i| results[i].is_none()).collect();
         order.sort_by_key(|&i| batch[i].0);
 
+        let quiet = if quiet { "on" } else { "off" };
         if !order.is_empty() {
             let apply_open = client.prepare_cached(&shape.sql.apply_open).await?;
             let columns = Columns::new(batch, &order, &shape);
             let open = shape.words.open();
             let mut params = columns.params();
+            params.push(&quiet);
             params.push(&open);
             match client.query(&apply_open, &params).await {
                 Ok(rows) => {
@@ -112,7 +131,7 @@ impl PgStore {
             .filter(|&i| results[i].is_none())
             .collect();
         if !rest.is_empty() {
-            match apply_locked(client, &shape, batch, &rest).await {
+            match apply_locked(client, &shape, batch, &rest, quiet).await {
                 Ok(locked) => {
                     for (index, result) in locked {
                         results[index] = Some(result);
@@ -149,6 +168,7 @@ async fn apply_locked(
     shape: &Shape,
     batch: &[(TaskId, ProgressUpdate)],
     indices: &[usize],
+    quiet: &str,
 ) -> Result<Vec<(usize, Result<Outcome, Error>)>, DbError> {
     let lock = client.prepare_cached(&shape.sql.lock).await?;
     let apply = client.prepare_cached(&shape.sql.apply).await?;
@@ -190,8 +210,10 @@ async fn apply_locked(
 
     if !to_apply.is_empty() {
         let columns = Columns::new(batch, &to_apply, shape);
+        let mut params = columns.params();
+        params.push(&quiet);
         let mut applied = HashMap::with_capacity(to_apply.len());
-        for row in tx.query(&apply, &columns.params()).await? {
+        for row in tx.query(&apply, &params).await? {
             let task = decode(&row, &shape.statuses)?;
             applied.insert(task.state.task_id, task.state);
         }

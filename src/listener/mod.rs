@@ -6,6 +6,9 @@
 //! only the rows its hub has subscribers for and whose version is news. Notifications sent
 //! while the connection is down are lost, so after every (re)connect it re-reads every
 //! subscribed task; the hub's version rule makes the overlap harmless.
+//!
+//! It also finds out whether another node listens (see [`peers`]): while none does, this
+//! node's pushes skip the NOTIFY ([`crate::store::Quiet`]).
 
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
@@ -26,14 +29,18 @@ use crate::store::PgStore;
 use crate::store::connect::PgTarget;
 use crate::writer::LocalCommits;
 
+mod peers;
+pub use peers::Peers;
+use peers::{Control, OTHER_LISTENERS, QUIET_SPELL};
+
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Capped low: one connect attempt a second is cheap, and recovery after an outage is
 /// then at most about a second late.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How often the connection proves it is alive with `SELECT 1`, answered within the
-/// connect timeout: a link that went silent (a partition sends no RST, and an idle LISTEN
-/// connection sends nothing) is noticed within this plus that timeout, then the listener
-/// reconnects and resyncs.
+/// How often the connection proves it is alive with a query (the check for other nodes,
+/// see [`peers`]), answered within the connect timeout: a link that went silent (a
+/// partition sends no RST, and an idle LISTEN connection sends nothing) is noticed within
+/// this plus that timeout, then the listener reconnects and resyncs.
 const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 /// Finished tasks re-read per feed when catching up: the latest ones, where a change
 /// missed while disconnected most likely is.
@@ -53,6 +60,8 @@ pub struct Listener {
     pub connect_timeout: Duration,
     /// Unreadable rows already logged, so a row is warned about once, not per change.
     pub reported: Reported,
+    /// This node's id and what it heard of other nodes.
+    pub peers: Peers,
 }
 
 /// Which (task, column) problems were logged; bounded, forgotten wholesale when full.
@@ -93,7 +102,14 @@ impl Listener {
         let mut backoff = MIN_BACKOFF;
         let mut connections: u64 = 0;
         loop {
-            match self.session(&shutdown, connections).await {
+            let end = self.session(&shutdown, connections).await;
+            // Deaf to other nodes until connected again: notify meanwhile, and tell them
+            // once back (a node that started meanwhile missed the quiet pushes).
+            if self.store.quiet().stop() {
+                self.peers.owe_loud();
+                metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(0.0);
+            }
+            match end {
                 End::Shutdown => return,
                 End::Lost { listened, why } => {
                     if listened {
@@ -161,6 +177,16 @@ impl Listener {
             Err(_) => return lost(false)("LISTEN timed out".to_string()),
         }
         tracing::info!(channel = %self.channel, reconnects = connections, "listening for changes");
+        // Other nodes stop skipping the NOTIFY for their pushes once they hear this.
+        if let Err(why) = self.say(&client, self.peers.hello()).await {
+            return lost(true)(why);
+        }
+        if self.peers.take_owed_loud()
+            && let Err(why) = self.say(&client, self.peers.loud()).await
+        {
+            self.peers.owe_loud();
+            return lost(true)(why);
+        }
         // After LISTEN, so a change is either in what we read or in a later notification.
         if let Err(e) = self.resync().await {
             return lost(true)(e.chain());
@@ -172,21 +198,108 @@ impl Listener {
                 _ = shutdown.wait() => return End::Shutdown,
                 payload = notifications.recv() => match payload {
                     Some(payload) => {
-                        if let Err(e) = self.apply(&payload).await {
-                            return lost(true)(e.chain());
+                        let done = match Control::parse(&payload) {
+                            Some(Control::Node(id)) if self.peers.is_other(id) => {
+                                self.peers.heard();
+                                self.notify_again(&client).await
+                            }
+                            // Its quiet pushes are committed: read what they may have changed.
+                            Some(Control::Loud(id)) if self.peers.is_other(id) => {
+                                self.resync().await.map_err(|e| e.chain())
+                            }
+                            Some(_) => Ok(()),
+                            None => self.apply(&payload).await.map_err(|e| e.chain()),
+                        };
+                        if let Err(why) = done {
+                            return lost(true)(why);
                         }
                     }
                     None => return lost(true)("the connection closed".to_string()),
                 },
+                _ = self.store.quiet().rechecks_waiting() => {
+                    if let Err(e) = self.recheck().await {
+                        return lost(true)(e.chain());
+                    }
+                }
                 _ = liveness.tick() => {
-                    match timeout(self.connect_timeout, client.simple_query("SELECT 1")).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return lost(true)(e.to_string()),
-                        Err(_) => return lost(true)("liveness query timed out".to_string()),
+                    if let Err(why) = self.check_peers(&client).await {
+                        return lost(true)(why);
                     }
                 }
             }
         }
+    }
+
+    /// Sends `message` on the channel (to every node, this one included).
+    async fn say(&self, client: &tokio_postgres::Client, message: String) -> Result<(), String> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.channel, &message];
+        let notify = client.execute("SELECT pg_notify($1, $2)", &params);
+        match timeout(self.connect_timeout, notify).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("NOTIFY timed out".to_string()),
+        }
+    }
+
+    /// Proves the connection alive, tells the other nodes this one is here, and lets this
+    /// node's pushes skip the NOTIFY for a while if no other node listens.
+    async fn check_peers(&self, client: &tokio_postgres::Client) -> Result<(), String> {
+        let sent = tokio::time::Instant::now();
+        let query = format!("SELECT pg_notify($1, $2), ({OTHER_LISTENERS})");
+        let hello = self.peers.hello();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.channel, &hello];
+        let check = client.query_one(&query, &params);
+        let others: i64 = match timeout(self.connect_timeout, check).await {
+            Ok(Ok(row)) => row.try_get(1).map_err(|e| e.to_string())?,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("liveness query timed out".to_string()),
+        };
+        let quiet = self.store.quiet();
+        if others == 0 && !self.peers.heard_recently(sent) {
+            if quiet.enabled() {
+                quiet.allow_for(sent, QUIET_SPELL);
+                metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(1.0);
+            }
+            Ok(())
+        } else {
+            self.notify_again(client).await
+        }
+    }
+
+    /// Another node listens: this node's pushes notify again. If they were quiet, once the
+    /// quiet ones in flight are committed and published, the other nodes are told to read
+    /// their subscribed tasks again (a quiet push may have come after they listened).
+    async fn notify_again(&self, client: &tokio_postgres::Client) -> Result<(), String> {
+        if !self.store.quiet().stop() {
+            return Ok(());
+        }
+        metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(0.0);
+        tracing::info!("another node listens: this node's pushes notify again");
+        self.commits.settled(self.connect_timeout).await;
+        if let Err(why) = self.say(client, self.peers.loud()).await {
+            self.peers.owe_loud();
+            return Err(why);
+        }
+        Ok(())
+    }
+
+    /// Reads again the tasks whose quiet pushes did not end cleanly (see
+    /// [`crate::store::Quiet::recheck`]), as a notification of them would have.
+    async fn recheck(&self) -> Result<(), Error> {
+        let rechecks = self.store.quiet().take_rechecks();
+        if rechecks.all {
+            return self.resync().await;
+        }
+        let wanted: Vec<TaskId> = (rechecks.tasks.into_iter())
+            .filter(|&task| self.hub.wants(task, i64::MAX))
+            .collect();
+        for chunk in wanted.chunks(RESYNC_CHUNK) {
+            metrics::counter!(crate::telemetry::LISTENER_ROWS_READ).increment(chunk.len() as u64);
+            let seen = self.held_versions(chunk);
+            let rows = self.store.get_many(chunk).await?;
+            self.publish(rows, &seen);
+        }
+        Ok(())
     }
 
     /// Reads the rows a notification names that local subscribers have not seen yet.
