@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout};
+
+use super::Listener;
 
 /// The other nodes' listener sessions on this database, older versions included.
 pub const OTHER_LISTENERS: &str = "SELECT count(*) FROM pg_stat_activity \
@@ -119,6 +121,61 @@ impl Peers {
     /// True once after [`Peers::owe_loud`].
     pub fn take_owed_loud(&self) -> bool {
         self.inner.owes_loud.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl Listener {
+    /// Sends `message` on the channel (to every node, this one included).
+    pub(super) async fn say(&self, client: &tokio_postgres::Client, message: String) -> Result<(), String> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.channel, &message];
+        let notify = client.execute("SELECT pg_notify($1, $2)", &params);
+        match timeout(self.connect_timeout, notify).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("NOTIFY timed out".to_string()),
+        }
+    }
+
+    /// Proves the connection alive, tells the other nodes this one is here, and lets this
+    /// node's pushes skip the NOTIFY for a while if no other node listens.
+    pub(super) async fn check_peers(&self, client: &tokio_postgres::Client) -> Result<(), String> {
+        let sent = tokio::time::Instant::now();
+        let query = format!("SELECT pg_notify($1, $2), ({OTHER_LISTENERS})");
+        let hello = self.peers.hello();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.channel, &hello];
+        let check = client.query_one(&query, &params);
+        let others: i64 = match timeout(self.connect_timeout, check).await {
+            Ok(Ok(row)) => row.try_get(1).map_err(|e| e.to_string())?,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("liveness query timed out".to_string()),
+        };
+        let quiet = self.store.quiet();
+        if others == 0 && !self.peers.heard_recently(sent) {
+            if quiet.enabled() {
+                quiet.allow_for(sent, QUIET_SPELL);
+                metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(1.0);
+            }
+            Ok(())
+        } else {
+            self.notify_again(client).await
+        }
+    }
+
+    /// Another node listens: this node's pushes notify again. If they were quiet, once the
+    /// quiet ones in flight are committed and published, the other nodes are told to read
+    /// their subscribed tasks again (a quiet push may have come after they listened).
+    pub(super) async fn notify_again(&self, client: &tokio_postgres::Client) -> Result<(), String> {
+        if !self.store.quiet().stop() {
+            return Ok(());
+        }
+        metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(0.0);
+        tracing::info!("another node listens: this node's pushes notify again");
+        self.commits.settled(self.connect_timeout).await;
+        if let Err(why) = self.say(client, self.peers.loud()).await {
+            self.peers.owe_loud();
+            return Err(why);
+        }
+        Ok(())
     }
 }
 
