@@ -3,9 +3,17 @@
 //! Each connection's read buffer (up to TASKCAST_MAX_HEADER_BYTES) is freed when it closes,
 //! but glibc keeps freed chunks inside its per-thread arenas: after 2,000 connections held
 //! 31 KiB headers, RSS stayed at ~70 MiB of ~93 MiB once they closed (`cargo bench --bench
-//! headers`). `malloc_trim(0)` returns the free pages of every arena. It runs only after the
-//! number of open HTTP connections fell by [`FALL`] from its peak, so a steady server never
-//! pays for it.
+//! headers`). The same holds for the HTTP phase of a WebSocket or SSE stream (hyper's
+//! buffers, the upgrade's boxes) once it detaches. `malloc_trim(0)` returns the free pages
+//! of every arena. Once a second, [`Trimmer::tick`] decides; it trims when either
+//!
+//! - the open HTTP connections fell by [`FALL`] from their peak since the last tick, or
+//! - at least [`FALL`] connections left the HTTP phase (closed, detached or evicted) since
+//!   the last trim, and fewer than [`QUIET`] left during the last tick: the churn is over.
+//!
+//! So a steady server never pays: one whose connections stay open (or stay kept alive)
+//! never trims, nor does one whose connections come and go at [`QUIET`] a second or more.
+//! One where they come and go more slowly trims at most once per [`FALL`] of them.
 
 use std::time::Duration;
 
@@ -13,30 +21,67 @@ use tokio::sync::watch;
 
 use super::Slots;
 
-/// How often the open-connection count is checked.
-const EVERY: Duration = Duration::from_secs(5);
-/// A fall this large from the peak counts as the end of a flood.
+/// How often the connection counts are checked.
+const EVERY: Duration = Duration::from_secs(1);
+/// A fall this large from the peak, or this many connections gone through the HTTP phase,
+/// counts as a flood.
 const FALL: usize = 256;
+/// A tick in which fewer connections than this left the HTTP phase ends a flood.
+const QUIET: u64 = 16;
 
 /// Runs until `stop` changes (or its sender is dropped).
 pub async fn trim_after_floods(slots: Slots, mut stop: watch::Receiver<()>) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = Trimmer::new(slots.left());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
         let (peak, now) = slots.take_peak();
-        if peak.saturating_sub(now) >= FALL {
+        let left = slots.left();
+        if trimmer.tick(peak, now, left) {
             let trimmed = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
             tracing::debug!(
                 peak,
                 now,
+                left,
                 trimmed,
                 "returned freed connection memory to the OS"
             );
         }
+    }
+}
+
+/// The trim rule, kept apart from the clock and the allocator so it can be tested.
+struct Trimmer {
+    /// [`Slots::left`] at the last trim.
+    left_at_trim: u64,
+    /// [`Slots::left`] at the last tick.
+    left_at_tick: u64,
+}
+
+impl Trimmer {
+    fn new(left: u64) -> Self {
+        Trimmer {
+            left_at_trim: left,
+            left_at_tick: left,
+        }
+    }
+
+    /// One tick's counts: the peak of open HTTP connections since the last tick, the number
+    /// open now, and [`Slots::left`] now. True if memory should be trimmed now.
+    fn tick(&mut self, peak: usize, open: usize, left: u64) -> bool {
+        let this_tick = left.saturating_sub(self.left_at_tick);
+        self.left_at_tick = left;
+        let fell = peak.saturating_sub(open) >= FALL;
+        let churn_is_over =
+            left.saturating_sub(self.left_at_trim) >= FALL as u64 && this_tick < QUIET;
+        if fell || churn_is_over {
+            self.left_at_trim = left;
+        }
+        fell || churn_is_over
     }
 }
 
@@ -50,4 +95,73 @@ fn trim() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUIET_TICK: u64 = QUIET - 1;
+
+    #[test]
+    fn a_steady_server_never_trims() {
+        let mut trimmer = Trimmer::new(0);
+        let mut left = 0;
+        for _ in 0..1000 {
+            // Connections stay open, and a few come and go each tick.
+            left += QUIET;
+            assert!(!trimmer.tick(500, 500, left));
+        }
+    }
+
+    #[test]
+    fn a_fall_of_256_from_the_peak_trims() {
+        let mut trimmer = Trimmer::new(0);
+        assert!(!trimmer.tick(2000, 2000 - FALL + 1, 0));
+        assert!(trimmer.tick(2000, 2000 - FALL, 0));
+    }
+
+    #[test]
+    fn a_quiet_tick_after_256_connections_went_through_trims() {
+        let mut trimmer = Trimmer::new(0);
+        // 256 browsers connect and upgrade in one tick: the open count never falls.
+        assert!(!trimmer.tick(200, 0, FALL as u64), "the flood is still on");
+        assert!(trimmer.tick(0, 0, FALL as u64 + QUIET_TICK));
+    }
+
+    #[test]
+    fn a_quiet_tick_after_fewer_than_256_connections_does_not_trim() {
+        let mut trimmer = Trimmer::new(0);
+        assert!(!trimmer.tick(200, 0, FALL as u64 - 1));
+        assert!(!trimmer.tick(0, 0, FALL as u64 - 1));
+    }
+
+    #[test]
+    fn churn_that_goes_on_does_not_trim_until_a_quiet_tick() {
+        let mut trimmer = Trimmer::new(0);
+        let mut left = 0;
+        for _ in 0..100 {
+            left += QUIET;
+            assert!(!trimmer.tick(100, 100, left));
+        }
+        assert!(trimmer.tick(100, 100, left));
+    }
+
+    #[test]
+    fn after_a_trim_the_churn_starts_over() {
+        let mut trimmer = Trimmer::new(0);
+        let mut left = 10 * FALL as u64;
+        assert!(!trimmer.tick(200, 0, left));
+        assert!(trimmer.tick(0, 0, left));
+        // Then connections trickle through, every tick a quiet one.
+        let trimmed_at = left;
+        loop {
+            left += QUIET_TICK;
+            let trimmed = trimmer.tick(0, 0, left);
+            assert_eq!(trimmed, left - trimmed_at >= FALL as u64, "{left}");
+            if trimmed {
+                break;
+            }
+        }
+    }
 }

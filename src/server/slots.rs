@@ -41,6 +41,8 @@ struct Shared {
     next_id: AtomicU64,
     /// The most connections open at once since [`Slots::take_peak`].
     peak: AtomicUsize,
+    /// Connections that left the cap so far (closed, detached or evicted), each once.
+    left: AtomicU64,
     /// Evicted connections whose task has not yet closed the socket: their slot is free but
     /// their descriptor is not, so admitting by eviction stops at [`Shared::closing_cap`].
     closing: AtomicUsize,
@@ -88,6 +90,7 @@ impl Slots {
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(0),
                 peak: AtomicUsize::new(0),
+                left: AtomicU64::new(0),
                 closing: AtomicUsize::new(0),
                 closed: Notify::new(),
                 live: Mutex::new(BTreeMap::new()),
@@ -168,6 +171,11 @@ impl Slots {
         let now = self.len();
         (self.shared.peak.swap(now, Ordering::Relaxed), now)
     }
+
+    /// How many connections have left the cap (closed, detached or evicted) since start.
+    pub fn left(&self) -> u64 {
+        self.shared.left.load(Ordering::Relaxed)
+    }
 }
 
 fn evict_oldest(live: &mut BTreeMap<u64, Arc<Track>>) -> bool {
@@ -175,6 +183,7 @@ fn evict_oldest(live: &mut BTreeMap<u64, Arc<Track>>) -> bool {
     match victim.and_then(|id| live.remove(&id)) {
         Some(track) => {
             track.shared.closing.fetch_add(1, Ordering::AcqRel);
+            track.shared.left.fetch_add(1, Ordering::Relaxed);
             track.released.store(true, Ordering::Release);
             track.wake.notify_one();
             true
@@ -291,6 +300,7 @@ impl Track {
                 .lock()
                 .expect("slots lock poisoned")
                 .remove(&self.id);
+            self.shared.left.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -395,6 +405,34 @@ mod tests {
         assert!(slots.is_empty());
         drop(stream);
         assert!(slots.is_empty());
+    }
+
+    #[test]
+    fn a_connection_counts_as_left_once_whether_detached_closed_or_evicted() {
+        let slots = slots(1);
+        let detached = slots.admit().expect("a free slot");
+        assert!(detached.track().request_started());
+        detached.track().detach();
+        assert_eq!(slots.left(), 1, "detached");
+        drop(detached);
+        assert_eq!(
+            slots.left(),
+            1,
+            "a detached stream's close is not counted again"
+        );
+        let closed = slots.admit().expect("a free slot");
+        drop(closed);
+        assert_eq!(slots.left(), 2, "closed");
+        let evicted = slots.admit().expect("a free slot");
+        let _next = slots.admit().expect("the idle one is evicted");
+        assert!(evicted.track().evicted());
+        assert_eq!(slots.left(), 3, "evicted");
+        drop(evicted);
+        assert_eq!(
+            slots.left(),
+            3,
+            "an evicted socket's close is not counted again"
+        );
     }
 
     /// A paused clock jumps straight to each deadline, so the times are exact up to the
