@@ -5,11 +5,14 @@
 //! 31 KiB headers, RSS stayed at ~70 MiB of ~93 MiB once they closed (`cargo bench --bench
 //! headers`). The same holds for the HTTP phase of a WebSocket or SSE stream (hyper's
 //! buffers, the upgrade's boxes) once it detaches. `malloc_trim(0)` returns the free pages
-//! of every arena. Once a second, [`Trimmer::tick`] decides; it trims when either
+//! of every arena. Once a second, [`Trimmer::tick`] decides. A flood is over, and memory
+//! is trimmed, at the first quiet tick (fewer than [`QUIET`] connections left the HTTP
+//! phase: closed, detached or evicted) after either
 //!
-//! - the open HTTP connections fell by [`FALL`] from their peak since the last tick, or
-//! - at least [`FALL`] connections left the HTTP phase (closed, detached or evicted) since
-//!   the last trim, and fewer than [`QUIET`] left during the last tick: the churn is over.
+//! - the open HTTP connections fell by [`FALL`] from their peak (then at the latest
+//!   [`PATIENCE`] ticks after the last such fall, in case steady traffic is never quiet), or
+//! - at least [`FALL`] connections left the HTTP phase since the last trim: a flood of
+//!   WebSocket upgrades detaches each slot, so the open count never falls.
 //!
 //! So a steady server never pays: one whose connections stay open (or stay kept alive)
 //! never trims, nor does one whose connections come and go at [`QUIET`] a second or more.
@@ -28,6 +31,8 @@ const EVERY: Duration = Duration::from_secs(1);
 const FALL: usize = 256;
 /// A tick in which fewer connections than this left the HTTP phase ends a flood.
 const QUIET: u64 = 16;
+/// Ticks a fall from the peak waits for a quiet one before it trims anyway.
+const PATIENCE: u32 = 5;
 
 /// Runs until `stop` changes (or its sender is dropped).
 pub async fn trim_after_floods(slots: Slots, mut stop: watch::Receiver<()>) {
@@ -60,6 +65,9 @@ struct Trimmer {
     left_at_trim: u64,
     /// [`Slots::left`] at the last tick.
     left_at_tick: u64,
+    /// Ticks since the open connections last fell by [`FALL`] from their peak, while that
+    /// fall waits for its trim.
+    since_fall: Option<u32>,
 }
 
 impl Trimmer {
@@ -67,6 +75,7 @@ impl Trimmer {
         Trimmer {
             left_at_trim: left,
             left_at_tick: left,
+            since_fall: None,
         }
     }
 
@@ -75,13 +84,21 @@ impl Trimmer {
     fn tick(&mut self, peak: usize, open: usize, left: u64) -> bool {
         let this_tick = left.saturating_sub(self.left_at_tick);
         self.left_at_tick = left;
-        let fell = peak.saturating_sub(open) >= FALL;
-        let churn_is_over =
-            left.saturating_sub(self.left_at_trim) >= FALL as u64 && this_tick < QUIET;
-        if fell || churn_is_over {
-            self.left_at_trim = left;
+        let quiet = this_tick < QUIET;
+        if peak.saturating_sub(open) >= FALL {
+            self.since_fall = Some(0);
+        } else if let Some(ticks) = self.since_fall.as_mut() {
+            *ticks += 1;
         }
-        fell || churn_is_over
+        let trim = match self.since_fall {
+            Some(ticks) => quiet || ticks >= PATIENCE,
+            None => quiet && left.saturating_sub(self.left_at_trim) >= FALL as u64,
+        };
+        if trim {
+            self.left_at_trim = left;
+            self.since_fall = None;
+        }
+        trim
     }
 }
 
@@ -115,10 +132,34 @@ mod tests {
     }
 
     #[test]
-    fn a_fall_of_256_from_the_peak_trims() {
+    fn a_fall_of_256_from_the_peak_trims_at_the_next_quiet_tick() {
         let mut trimmer = Trimmer::new(0);
-        assert!(!trimmer.tick(2000, 2000 - FALL + 1, 0));
-        assert!(trimmer.tick(2000, 2000 - FALL, 0));
+        let left = FALL as u64 - 1;
+        assert!(!trimmer.tick(2000, 2000 - FALL + 1, left));
+        assert!(!trimmer.tick(0, 0, left), "a fall of 255 is no flood");
+        let left = left + FALL as u64;
+        assert!(!trimmer.tick(2000, 2000 - FALL, left), "still falling");
+        assert!(trimmer.tick(0, 0, left + QUIET_TICK));
+    }
+
+    #[test]
+    fn a_fall_into_traffic_that_is_never_quiet_trims_5_ticks_later() {
+        let mut trimmer = Trimmer::new(0);
+        let mut left = 2000;
+        assert!(!trimmer.tick(2100, 100, left));
+        for _ in 1..PATIENCE {
+            left += QUIET;
+            assert!(!trimmer.tick(100, 100, left));
+        }
+        left += QUIET;
+        assert!(trimmer.tick(100, 100, left));
+        for _ in 0..100 {
+            left += QUIET;
+            assert!(
+                !trimmer.tick(100, 100, left),
+                "the traffic itself never trims"
+            );
+        }
     }
 
     #[test]
