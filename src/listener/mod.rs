@@ -181,11 +181,13 @@ impl Listener {
         if let Err(why) = self.say(&client, self.peers.hello()).await {
             return lost(true)(why);
         }
-        if self.peers.take_owed_loud()
-            && let Err(why) = self.say(&client, self.peers.loud()).await
-        {
-            self.peers.owe_loud();
-            return lost(true)(why);
+        if self.peers.take_owed_loud() {
+            // Its quiet commits may still be in flight (each has up to the timeout).
+            self.commits.settled(self.connect_timeout).await;
+            if let Err(why) = self.say(&client, self.peers.loud()).await {
+                self.peers.owe_loud();
+                return lost(true)(why);
+            }
         }
         // After LISTEN, so a change is either in what we read or in a later notification.
         if let Err(e) = self.resync().await {
@@ -195,7 +197,11 @@ impl Listener {
         liveness.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.wait() => return End::Shutdown,
+                _ = shutdown.wait() => {
+                    // A node that heard another one while shutting down still tells it.
+                    let _ = self.notify_again(&client).await;
+                    return End::Shutdown;
+                }
                 payload = notifications.recv() => match payload {
                     Some(payload) => {
                         let done = match Control::parse(&payload) {

@@ -126,7 +126,11 @@ impl Peers {
 
 impl Listener {
     /// Sends `message` on the channel (to every node, this one included).
-    pub(super) async fn say(&self, client: &tokio_postgres::Client, message: String) -> Result<(), String> {
+    pub(super) async fn say(
+        &self,
+        client: &tokio_postgres::Client,
+        message: String,
+    ) -> Result<(), String> {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.channel, &message];
         let notify = client.execute("SELECT pg_notify($1, $2)", &params);
         match timeout(self.connect_timeout, notify).await {

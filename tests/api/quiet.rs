@@ -61,6 +61,20 @@ async fn payloads_within(
     seen
 }
 
+/// Waits for three hellos: the one sent on connecting and two checks' (each sent with its
+/// check, before the node acts on the answer), so a node alone has acted on finding itself
+/// alone at least once.
+async fn checked_alone(notifications: &mut tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut hellos = 0;
+    while hellos < 3 {
+        let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+            .await
+            .expect("the node says hello within its check interval")
+            .unwrap();
+        hellos += usize::from(payload.starts_with("taskcast:node:"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_alone_skips_the_notify_for_its_pushes_and_plain_sql_still_notifies() {
     let db = migrated().await;
@@ -118,6 +132,8 @@ async fn a_push_that_went_out_quiet_after_another_node_listened_reaches_that_nod
     // Hold the first node's next check for other nodes: it keeps the quiet it has, and
     // hears nothing (its listener waits on the check).
     let mut held = tap.catch(b"pg_stat_activity").caught().await;
+    // What the first node said so far (its hellos, the task's INSERT): not the second's.
+    let earlier = payloads_within(&mut notifications, Duration::from_millis(100)).await;
     let b = spawn_app_on(db.url.clone(), None).await;
     // The second node's hello: its listener is connected (and then reads its subscribed
     // tasks, none yet; the pause lets that finish, so it cannot pick up the push below).
@@ -126,7 +142,7 @@ async fn a_push_that_went_out_quiet_after_another_node_listened_reaches_that_nod
             .await
             .expect("the second node says hello")
             .unwrap();
-        if payload.starts_with("taskcast:node:") {
+        if payload.starts_with("taskcast:node:") && !earlier.contains(&payload) {
             break;
         }
     }
@@ -137,6 +153,12 @@ async fn a_push_that_went_out_quiet_after_another_node_listened_reaches_that_nod
         .push_ok(task, json!({"progress": 70, "stage": "quiet, unseen"}))
         .await;
     assert!(quiet(&a), "the push went out quiet");
+    let pushed = format!("{task} {}", answer["version"]);
+    let after_push = payloads_within(&mut notifications, Duration::from_millis(300)).await;
+    assert!(
+        !after_push.iter().any(|p| p.contains(&pushed)),
+        "the push was notified: {after_push:?}"
+    );
 
     // The check answers: another node listens. The first node notifies from now on, and
     // tells the second to read its tasks again, which brings it the quiet push.
@@ -165,16 +187,7 @@ async fn notify_own_pushes_always_keeps_notifying_a_node_alone() {
         config.notify_own_pushes = NotifyOwnPushes::Always;
     })
     .await;
-    // Two hellos: the one sent on connecting and the first check's, so the node has
-    // found itself alone at least once.
-    let mut hellos = 0;
-    while hellos < 2 {
-        let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
-            .await
-            .expect("the node says hello within its check interval")
-            .unwrap();
-        hellos += usize::from(payload.starts_with("taskcast:node:"));
-    }
+    checked_alone(&mut notifications).await;
     assert!(!quiet(&node));
     let task = node.create_task().await;
     // Drain the task's INSERT notification.
@@ -230,4 +243,44 @@ async fn a_quiet_push_whose_commit_answer_is_lost_still_reaches_its_subscribers(
     let state = sub.next_state().await;
     assert_eq!(state["stage"], "answer lost", "{state}");
     caught.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_naive_write_mode_never_goes_quiet() {
+    let db = migrated().await;
+    let (_client, mut notifications) = listen(&db).await;
+    let node = spawn_app_on_with(db.url.clone(), None, |config| {
+        config.write_mode = taskcast::writer::WriteMode::Naive;
+    })
+    .await;
+    checked_alone(&mut notifications).await;
+    assert!(!quiet(&node), "naive commits run concurrently: never quiet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_node_whose_listener_was_cut_says_loud_once_reconnected() {
+    let db = migrated().await;
+    let (client, mut notifications) = listen(&db).await;
+    let node = spawn_app_on(db.url.clone(), None).await;
+    wait_until(|| quiet(&node)).await;
+    // A node that started while this one was deaf would not know of its quiet pushes.
+    let killed = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'taskcast-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let payload = tokio::time::timeout_at(deadline, notifications.recv())
+            .await
+            .expect("the node says loud once its listener is back")
+            .unwrap();
+        if payload.starts_with("taskcast:loud:") {
+            break;
+        }
+    }
 }

@@ -51,12 +51,19 @@ impl PgStore {
             // No notification tells the listener about these: it reads them again, as it
             // would have on one (a commit whose answer was lost, a row it cannot read).
             let unclean = batch.iter().enumerate().filter(|(index, _)| match &result {
-                Ok(results) => results[*index].is_err(),
-                Err(_) => true,
+                Ok(results) => results[*index].as_ref().is_err_and(may_hide_a_commit),
+                Err(e) => may_hide_a_commit(e),
             });
             let unclean: Vec<TaskId> = unclean.map(|(_, (task, _))| *task).collect();
             if !unclean.is_empty() {
-                self.quiet.recheck(unclean);
+                // Once now, and once more when a commit the server had not finished when
+                // the answer was given up on must have ended (cancelled or committed).
+                self.quiet.recheck(unclean.iter().copied());
+                let (quiet, late) = (self.quiet.clone(), self.timeout * 2);
+                tokio::spawn(async move {
+                    tokio::time::sleep(late).await;
+                    quiet.recheck(unclean);
+                });
             }
         }
         result
@@ -304,6 +311,19 @@ impl<'a> Columns<'a> {
             &self.preview_urls,
         ]
     }
+}
+
+/// An outcome after which the row may hold a commit nobody was told of: unknown, or a
+/// database fault (the locked path's later statements), or a row not readable back.
+/// Refusals (not found, finished, invalid) changed nothing.
+fn may_hide_a_commit(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::CommitUnknown { .. }
+            | Error::Unavailable { .. }
+            | Error::Internal { .. }
+            | Error::UnreadableRow { .. }
+    )
 }
 
 /// A statement that lost a lock race (deadlock or serialization failure) and changed
