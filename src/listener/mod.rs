@@ -336,7 +336,7 @@ impl Listener {
         if !tasks.is_empty() {
             tracing::info!(
                 tasks = tasks.len(),
-                "resynced subscribed tasks after connecting"
+                "resynced subscribed tasks (after connecting, or another node's quiet pushes)"
             );
         }
         // Feeds: what a fresh subscriber's snapshot would hold (bounded), so a change
