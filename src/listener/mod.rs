@@ -107,7 +107,6 @@ impl Listener {
             // once back (a node that started meanwhile missed the quiet pushes).
             if self.store.quiet().stop() {
                 self.peers.owe_loud();
-                metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(0.0);
             }
             match end {
                 End::Shutdown => return,

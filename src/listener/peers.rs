@@ -153,12 +153,8 @@ impl Listener {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("liveness query timed out".to_string()),
         };
-        let quiet = self.store.quiet();
         if others == 0 && !self.peers.heard_recently(sent) {
-            if quiet.enabled() {
-                quiet.allow_for(sent, QUIET_SPELL);
-                metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(1.0);
-            }
+            self.store.quiet().allow_for(sent, QUIET_SPELL);
             Ok(())
         } else {
             self.notify_again(client).await
@@ -172,7 +168,6 @@ impl Listener {
         if !self.store.quiet().stop() {
             return Ok(());
         }
-        metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(0.0);
         tracing::info!("another node listens: this node's pushes notify again");
         self.commits.settled(self.connect_timeout).await;
         if let Err(why) = self.say(client, self.peers.loud()).await {

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
-use tokio_postgres::AsyncMessage;
 
-use crate::helpers::{KEY, TestApp, TestDb, spawn_app_on};
+use crate::helpers::{KEY, TestApp, TestDb, kill_listeners, listen, spawn_app_on};
 
 /// `n` nodes sharing one migrated database; the first node owns (and drops) it.
 pub(crate) async fn spawn_nodes(n: usize) -> (Vec<TestApp>, String) {
@@ -186,15 +185,7 @@ async fn a_node_whose_listener_is_killed_reconnects_and_its_subscribers_converge
     // Kill every listener of this database a few times while the pushes go on.
     let mut killed = 0;
     for _ in 0..3 {
-        let rows = admin
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE application_name = 'taskcast-listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap();
-        killed += rows.len();
+        killed += kill_listeners(&admin).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert!(killed >= 2, "no listener was found to kill");
@@ -371,28 +362,4 @@ async fn changes_made_while_a_listener_is_down_are_delivered_after_it_reconnects
     let caught_up = sub.next_state().await;
     assert_eq!(caught_up["version"], last["version"]);
     assert_eq!(caught_up["stage"], "while down");
-}
-
-/// A connection listening on the `taskcast` channel, and the payloads it receives. Keep the
-/// client: dropping it ends the connection.
-async fn listen(
-    db: &TestDb,
-) -> (
-    tokio_postgres::Client,
-    futures::channel::mpsc::UnboundedReceiver<String>,
-) {
-    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, rx) = futures::channel::mpsc::unbounded();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = tx.unbounded_send(n.payload().to_string());
-            }
-        }
-    });
-    listener.batch_execute("LISTEN taskcast").await.unwrap();
-    (listener, rx)
 }

@@ -679,3 +679,43 @@ async fn tap_answers(
         }
     }
 }
+
+// ---- The notify channel, seen from outside the nodes ----
+
+/// A connection listening on the `taskcast` channel (not a taskcast node: its session is
+/// not named `taskcast-listener`), and the payloads it receives. Keep the client: dropping
+/// it ends the connection.
+pub async fn listen(
+    db: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    futures::channel::mpsc::UnboundedReceiver<String>,
+) {
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.unbounded_send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN taskcast").await.unwrap();
+    (listener, rx)
+}
+
+/// Ends every taskcast node's listener session on `client`'s database; how many there were.
+pub async fn kill_listeners(client: &tokio_postgres::Client) -> usize {
+    client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'taskcast-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("terminate the listeners")
+        .len()
+}

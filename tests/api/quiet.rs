@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
-use tokio_postgres::AsyncMessage;
 
-use crate::helpers::{Tap, TestApp, TestDb, spawn_app_on, spawn_app_on_with, wait_until};
+use crate::helpers::{
+    Tap, TestApp, TestDb, kill_listeners, listen, spawn_app_on, spawn_app_on_with, wait_until,
+};
 use taskcast::store::NotifyOwnPushes;
 
 async fn migrated() -> TestDb {
@@ -24,38 +25,31 @@ fn quiet(node: &TestApp) -> bool {
     node.quiet.as_ref().expect("a Postgres node").is_on()
 }
 
-/// A connection LISTENing on the `taskcast` channel (not a taskcast node: its session is
-/// not named `taskcast-listener`), and the payloads it receives.
-async fn listen(
-    db: &TestDb,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    let (client, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = message {
-                let _ = tx.send(n.payload().to_string());
-            }
+type Payloads = futures::channel::mpsc::UnboundedReceiver<String>;
+
+/// The next payload that `wanted` accepts (others are skipped), within 10 s.
+async fn next_payload(rx: &mut Payloads, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let payload = tokio::time::timeout_at(deadline, rx.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 10 s"))
+            .expect("the listening connection is open");
+        if wanted(&payload) {
+            return payload;
         }
-    });
-    client.batch_execute("LISTEN taskcast").await.unwrap();
-    (client, rx)
+    }
+}
+
+fn is_hello(payload: &str) -> bool {
+    payload.starts_with("taskcast:node:")
 }
 
 /// The payloads that arrive within `window`, in order.
-async fn payloads_within(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    window: Duration,
-) -> Vec<String> {
+async fn payloads_within(rx: &mut Payloads, window: Duration) -> Vec<String> {
     let mut seen = Vec::new();
     let until = tokio::time::Instant::now() + window;
-    while let Ok(Some(payload)) = tokio::time::timeout_at(until, rx.recv()).await {
+    while let Ok(Some(payload)) = tokio::time::timeout_at(until, rx.next()).await {
         seen.push(payload);
     }
     seen
@@ -64,14 +58,9 @@ async fn payloads_within(
 /// Waits for three hellos: the one sent on connecting and two checks' (each sent with its
 /// check, before the node acts on the answer), so a node alone has acted on finding itself
 /// alone at least once.
-async fn checked_alone(notifications: &mut tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let mut hellos = 0;
-    while hellos < 3 {
-        let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
-            .await
-            .expect("the node says hello within its check interval")
-            .unwrap();
-        hellos += usize::from(payload.starts_with("taskcast:node:"));
+async fn checked_alone(notifications: &mut Payloads) {
+    for _ in 0..3 {
+        next_payload(notifications, "the node says hello", is_hello).await;
     }
 }
 
@@ -137,15 +126,10 @@ async fn a_push_that_went_out_quiet_after_another_node_listened_reaches_that_nod
     let b = spawn_app_on(db.url.clone(), None).await;
     // The second node's hello: its listener is connected (and then reads its subscribed
     // tasks, none yet; the pause lets that finish, so it cannot pick up the push below).
-    loop {
-        let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
-            .await
-            .expect("the second node says hello")
-            .unwrap();
-        if payload.starts_with("taskcast:node:") && !earlier.contains(&payload) {
-            break;
-        }
-    }
+    next_payload(&mut notifications, "the second node says hello", |p| {
+        is_hello(p) && !earlier.iter().any(|e| e == p)
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut sub = b.subscribe(task).await;
     sub.next_state().await;
@@ -266,23 +250,10 @@ async fn a_quiet_node_whose_listener_was_cut_says_loud_once_reconnected() {
     let node = spawn_app_on(db.url.clone(), None).await;
     wait_until(|| quiet(&node)).await;
     // A node that started while this one was deaf would not know of its quiet pushes.
-    let killed = client
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'taskcast-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(killed.len(), 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let payload = tokio::time::timeout_at(deadline, notifications.recv())
-            .await
-            .expect("the node says loud once its listener is back")
-            .unwrap();
-        if payload.starts_with("taskcast:loud:") {
-            break;
-        }
-    }
+    let killed = kill_listeners(&client).await;
+    assert_eq!(killed, 1);
+    next_payload(&mut notifications, "the node says loud once back", |p| {
+        p.starts_with("taskcast:loud:")
+    })
+    .await;
 }

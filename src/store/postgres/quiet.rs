@@ -101,13 +101,18 @@ impl Quiet {
             .as_millis() as u64
             + 1;
         self.inner.until_ms.store(until, Ordering::SeqCst);
+        metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(1.0);
     }
 
     /// Another node may be listening: notify from now on. True if the node went quiet
     /// since the last stop (its spell may have run out meanwhile: its quiet pushes are
     /// still unknown to the other node).
     pub fn stop(&self) -> bool {
-        self.inner.until_ms.swap(0, Ordering::SeqCst) != 0
+        let was_quiet = self.inner.until_ms.swap(0, Ordering::SeqCst) != 0;
+        if was_quiet {
+            metrics::gauge!(crate::telemetry::NOTIFY_QUIET).set(0.0);
+        }
+        was_quiet
     }
 
     /// Pushes to `tasks` went out quiet and did not end cleanly: they may have committed
