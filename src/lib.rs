@@ -59,7 +59,7 @@ use crate::routes::{AppState, BodyLimits};
 use crate::shutdown::Shutdown;
 use crate::store::{MemoryStore, PgStore, PoolOptions, Store};
 use crate::subscribers::{SubscriberLimits, Subscribers};
-use crate::writer::{WriteMode, Writer, WriterOptions};
+use crate::writer::{Writer, WriterOptions};
 
 /// A bound, not yet serving, server: the one seam shared by the binary and the tests.
 pub struct App {
@@ -88,11 +88,8 @@ impl App {
                 let pool = PoolOptions {
                     size: limits.db_pool_size,
                     timeout: limits.db_timeout,
-                    // Naive mode commits concurrently, and the listener's wait for quiet
-                    // commits in flight counts commits, not which ones: never quiet there.
                     quiet_when_alone: config.notify_own_pushes
-                        == crate::store::NotifyOwnPushes::Auto
-                        && config.write_mode == WriteMode::Group,
+                        == crate::store::NotifyOwnPushes::Auto,
                 };
                 let pg = Store::Postgres(PgStore::connect(url, pool, config.status_map.clone())?);
                 match pg.check_ready().await {

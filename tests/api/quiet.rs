@@ -232,15 +232,35 @@ async fn a_quiet_push_whose_commit_answer_is_lost_still_reaches_its_subscribers(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_naive_write_mode_never_goes_quiet() {
+async fn the_naive_write_mode_goes_quiet_alone_and_its_pushes_still_reach_subscribers() {
     let db = migrated().await;
     let (_client, mut notifications) = listen(&db).await;
     let node = spawn_app_on_with(db.url.clone(), None, |config| {
         config.write_mode = taskcast::writer::WriteMode::Naive;
     })
     .await;
-    checked_alone(&mut notifications).await;
-    assert!(!quiet(&node), "naive commits run concurrently: never quiet");
+    wait_until(|| quiet(&node)).await;
+    let task = node.create_task().await;
+    let mut sub = node.subscribe(task).await;
+    sub.next_state().await;
+
+    // Drain what came so far (the task's INSERT, the node's hellos).
+    payloads_within(&mut notifications, Duration::from_millis(100)).await;
+    let answer = node
+        .push_ok(task, json!({"progress": 40, "stage": "naive, quiet"}))
+        .await;
+    let state = sub.next_state().await;
+    assert_eq!(
+        (&state["stage"], &state["version"]),
+        (&json!("naive, quiet"), &answer["version"]),
+        "the node publishes it itself"
+    );
+    assert!(quiet(&node));
+    let after_push = payloads_within(&mut notifications, Duration::from_millis(500)).await;
+    assert!(
+        !after_push.iter().any(|p| p.contains(&task.to_string())),
+        "the push was notified: {after_push:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
