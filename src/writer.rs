@@ -331,11 +331,44 @@ impl Writer {
         result
     }
 
+    /// Starts a push now and returns its answer to await later, owning nothing borrowed:
+    /// for a caller that keeps many in flight, in order (the push stream). The push is
+    /// queued (or applied, in memory) before this returns, so pushes submitted one after
+    /// another keep their order; dropping the answer does not cancel the commit.
+    pub fn submit(&self, task: TaskId, update: ProgressUpdate) -> Submitted {
+        if let Store::Memory(memory) = &self.store {
+            return Submitted::done(self.apply_in_memory(memory, task, update));
+        }
+        match self.mode {
+            WriteMode::Group => match self.send_job(task, update) {
+                Ok(answer) => Submitted::Queued(answer),
+                Err(e) => Submitted::done(Err(e)),
+            },
+            WriteMode::Naive => {
+                let writer = self.clone();
+                Submitted::Spawned(tokio::spawn(async move { writer.push(task, update).await }))
+            }
+        }
+    }
+
     fn enqueue(
         &self,
         task: TaskId,
         update: ProgressUpdate,
     ) -> Result<impl Future<Output = Result<Outcome, Error>> + use<>, Error> {
+        let answer = self.send_job(task, update)?;
+        Ok(async move {
+            answer
+                .await
+                .map_err(|_| Error::internal("waiting for the commit", "the writer stopped"))?
+        })
+    }
+
+    fn send_job(
+        &self,
+        task: TaskId,
+        update: ProgressUpdate,
+    ) -> Result<oneshot::Receiver<Result<Outcome, Error>>, Error> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             task,
@@ -353,11 +386,53 @@ impl Writer {
                 source: None,
             },
         })?;
-        Ok(async move {
-            answer
-                .await
-                .map_err(|_| Error::internal("waiting for the commit", "the writer stopped"))?
-        })
+        Ok(answer)
+    }
+}
+
+/// A push's answer from [`Writer::submit`]. Every form is `Send + Sync + Unpin`, so a
+/// stream can hold a queue of them.
+pub enum Submitted {
+    /// Answered already (in memory, or refused); `None` once taken. Boxed: a stream
+    /// holds up to TASKCAST_MAX_BATCH_ITEMS of these, mostly the small ones.
+    Done(Option<Box<Result<Outcome, Error>>>),
+    /// In the writer's queue.
+    Queued(oneshot::Receiver<Result<Outcome, Error>>),
+    /// Committing on its own (naive mode).
+    Spawned(JoinHandle<Result<Outcome, Error>>),
+}
+
+impl Submitted {
+    /// An answer known already.
+    pub fn done(answer: Result<Outcome, Error>) -> Self {
+        Submitted::Done(Some(Box::new(answer)))
+    }
+}
+
+impl Future for Submitted {
+    type Output = Result<Outcome, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        match &mut *self {
+            Submitted::Done(answer) => Poll::Ready(match answer.take() {
+                Some(answer) => *answer,
+                None => Err(Error::internal(
+                    "a push's answer",
+                    "polled after it was taken",
+                )),
+            }),
+            Submitted::Queued(answer) => std::pin::Pin::new(answer).poll(cx).map(|answer| {
+                answer
+                    .map_err(|_| Error::internal("waiting for the commit", "the writer stopped"))?
+            }),
+            Submitted::Spawned(task) => std::pin::Pin::new(task).poll(cx).map(|joined| {
+                joined.map_err(|e| Error::internal("committing a push", e.to_string()))?
+            }),
+        }
     }
 }
 
