@@ -65,6 +65,8 @@ pub enum Error {
     RequestTimeout { within: std::time::Duration },
     #[error("the body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
+    #[error("a push stream's body is newline-delimited JSON (Content-Type: application/x-ndjson)")]
+    StreamMediaType,
     #[error("this endpoint speaks WebSocket; send an Upgrade: websocket request")]
     UpgradeRequired,
     /// The task's `taskcast_version` is at the bigint maximum: no newer version exists.
@@ -193,7 +195,7 @@ impl Error {
             Error::RateLimited(_) => "limit_exceeded",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::RequestTimeout { .. } => "request_timeout",
-            Error::UnsupportedMediaType => "unsupported_media_type",
+            Error::UnsupportedMediaType | Error::StreamMediaType => "unsupported_media_type",
             Error::UpgradeRequired => "upgrade_required",
             Error::SchemaMissing { .. } => "schema_missing",
             Error::VersionExhausted(_) => "version_exhausted",
@@ -219,7 +221,9 @@ impl Error {
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::UnsupportedMediaType | Error::StreamMediaType => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             Error::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Error::SchemaMissing { .. }
             | Error::StatusNotStorable { .. }
@@ -277,6 +281,9 @@ impl Error {
                 "send the whole body promptly, or raise TASKCAST_BODY_TIMEOUT_SECS"
             }
             Error::UnsupportedMediaType => "set Content-Type: application/json",
+            Error::StreamMediaType => {
+                "set Content-Type: application/x-ndjson, one JSON object per line"
+            }
             Error::UpgradeRequired => "connect with a WebSocket client, e.g. new WebSocket(url)",
             Error::SchemaMissing { .. } => {
                 "run `taskcast migrate` (or apply schema.sql in the Supabase SQL editor); \
@@ -422,6 +429,7 @@ impl Error {
             Error::PayloadTooLarge { .. }
                 | Error::RequestTimeout { .. }
                 | Error::UnsupportedMediaType
+                | Error::StreamMediaType
                 | Error::Unauthorized
         ) {
             response.headers_mut().insert(

@@ -166,6 +166,7 @@ impl App {
                 body_timeout: limits.body_timeout,
                 max_batch_body_bytes: limits.max_batch_body_bytes,
                 max_batch_items: limits.max_batch_items,
+                keep_alive_timeout: limits.keep_alive_timeout,
             },
             metrics_token: config.metrics_token.clone(),
             subscribers: Arc::new(Subscribers {

@@ -1,5 +1,5 @@
-//! The generator's writes, `POST /api/tasks/{id}/progress` and `POST /api/progress`,
-//! answered straight from hyper.
+//! The generator's writes, `POST /api/tasks/{id}/progress`, `POST /api/progress` and
+//! `POST /api/progress/stream`, answered straight from hyper.
 //!
 //! They are most of a node's requests, and warp's filter tree cost them more than the push
 //! itself: each request walked the chain of routes, building and moving a future for every
@@ -19,10 +19,10 @@ use warp::hyper::body::Incoming;
 use warp::reply::Response;
 
 use super::body::{MAX_BATCH_BODY, MAX_BODY, check_type_and_length, read_limited};
-use super::{AppState, push, respond};
+use super::{AppState, push, respond, stream};
 use crate::error::Error;
 use crate::origin;
-use crate::server::{BoxFuture, Shortcut};
+use crate::server::{BoxFuture, Connection, Shortcut, StreamDeadline};
 
 /// The shortcut for the generator's two write routes.
 pub struct GeneratorWrites {
@@ -37,24 +37,30 @@ impl GeneratorWrites {
     }
 }
 
-/// Which of the two routes a request is for.
+/// Which of the three routes a request is for.
 #[derive(Debug, PartialEq)]
 enum Route {
     /// One push, with the raw id segment.
     Push(String),
     Batch,
+    Stream,
 }
 
 impl Shortcut for GeneratorWrites {
-    fn serve(&self, request: Request<Incoming>) -> Result<BoxFuture<Response>, Request<Incoming>> {
+    fn serve(
+        &self,
+        request: Request<Incoming>,
+        connection: &Connection,
+    ) -> Result<BoxFuture<Response>, Request<Incoming>> {
         let Some(route) = plain_route(&request) else {
             return Err(request);
         };
         let state = self.state.clone();
+        let deadline = (route == Route::Stream).then(|| connection.stream_deadline());
         Ok(Box::pin(async move {
             let started = Instant::now();
             let path = request.uri().path().to_owned();
-            let response = answer(state, route, request).await;
+            let response = answer(state, route, request, deadline).await;
             tracing::debug!(
                 method = "POST",
                 path,
@@ -88,6 +94,9 @@ fn plain_route<B>(request: &Request<B>) -> Option<Route> {
     if path == "/api/progress" {
         return Some(Route::Batch);
     }
+    if path == "/api/progress/stream" {
+        return Some(Route::Stream);
+    }
     let id = path
         .strip_prefix("/api/tasks/")?
         .strip_suffix("/progress")?;
@@ -108,7 +117,12 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 /// The answer to a plain generator write, as the filter tree gives it.
-async fn answer(state: Arc<AppState>, route: Route, request: Request<Incoming>) -> Response {
+async fn answer(
+    state: Arc<AppState>,
+    route: Route,
+    request: Request<Incoming>,
+    deadline: Option<StreamDeadline>,
+) -> Response {
     let (parts, body) = request.into_parts();
     let text = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let allowed = match state.origins.check(text(header::ORIGIN)) {
@@ -118,9 +132,18 @@ async fn answer(state: Arc<AppState>, route: Route, request: Request<Incoming>) 
     if let Err(e) = state.push_key.verify(text(header::AUTHORIZATION)) {
         return e.into_response();
     }
-    let (limit, setting) = match route {
+    let (limit, setting) = match &route {
         Route::Push(_) => (state.bodies.max_body_bytes, MAX_BODY),
         Route::Batch => (state.bodies.max_batch_body_bytes, MAX_BATCH_BODY),
+        Route::Stream => {
+            let Some(deadline) = deadline else {
+                return Error::internal("a push stream", "no hold on its connection")
+                    .into_response();
+            };
+            let content_type = text(header::CONTENT_TYPE);
+            let response = stream::open(state, content_type, body, deadline).await;
+            return origin::allow(response, allowed);
+        }
     };
     let length = content_length(&parts.headers).unwrap_or(None);
     if let Err(e) = check_type_and_length(text(header::CONTENT_TYPE), length, limit, setting) {
@@ -136,6 +159,9 @@ async fn answer(state: Arc<AppState>, route: Route, request: Request<Incoming>) 
     let answered = match route {
         Route::Push(raw_id) => push::push(raw_id, state, body).await,
         Route::Batch => push::push_batch(state, body).await,
+        Route::Stream => {
+            return Error::internal("a push stream", "read as one body").into_response();
+        }
     };
     origin::allow(respond(answered), allowed)
 }

@@ -7,6 +7,7 @@ mod body;
 mod direct;
 mod operations;
 mod push;
+mod stream;
 mod tasks;
 
 use std::sync::Arc;
@@ -50,6 +51,9 @@ pub struct BodyLimits {
     pub body_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
     pub max_batch_items: usize,
+    /// A push stream ends when no line arrived for this long (as a kept-alive connection
+    /// closes when no request came).
+    pub keep_alive_timeout: std::time::Duration,
 }
 
 /// The whole API as one filter, with rejections mapped by [`error::recover`]. `more` are
@@ -91,6 +95,21 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
         ))
         .then(push::push_batch)
         .map(respond);
+
+    // The push stream is served in its plain form by `direct` (it needs the connection);
+    // a request that reaches the filter tree is told what to change.
+    let stream = warp::path!("api" / "progress" / "stream")
+        .and(warp::post())
+        .and(authorized(state.push_key.clone()))
+        .map(|| {
+            Error::invalid(
+                "request",
+                "a push stream must be a plain POST: no query string, header values in \
+                 visible ASCII, and a numeric Content-Length if any (usually none: chunked)"
+                    .to_string(),
+            )
+            .into_response()
+        });
 
     let cancel = warp::path!("api" / "tasks" / String / "cancel")
         .and(warp::post())
@@ -160,6 +179,8 @@ pub fn routes(state: AppState, more: BoxedFilter<(Response,)>) -> BoxedFilter<(R
 
     let api = push
         .or(batch)
+        .unify()
+        .or(stream)
         .unify()
         .or(create)
         .unify()

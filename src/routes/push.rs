@@ -28,7 +28,7 @@ pub(super) async fn push(
 }
 
 /// Counts a push by outcome for `taskcast_pushes_total`, passing it through.
-fn count(result: Result<Outcome, Error>) -> Result<Outcome, Error> {
+pub(super) fn count(result: Result<Outcome, Error>) -> Result<Outcome, Error> {
     telemetry::count_push(match &result {
         Ok(outcome) if outcome.applied() => "applied",
         Ok(_) => "stale",

@@ -31,7 +31,7 @@ use crate::error::Error;
 use accept::AcceptErrors;
 use slots::Lease;
 pub use slots::Slots;
-pub use tracked::{BoxFuture, Shortcut};
+pub use tracked::{BoxFuture, Connection, Shortcut, StreamDeadline};
 use tracked::{TrackedIo, TrackedService};
 
 /// Connections over the cap that are being told 503 at once; more are closed unanswered.

@@ -5,6 +5,9 @@
 //! ```text
 //! accepted --first request's header--> busy --response--> idle --first byte--> head --header--> busy ...
 //!   header timeout from connect          none             keep-alive timeout   header timeout
+//!                                         |
+//!                                         +--push stream--> stream (2 x keep-alive timeout
+//!                                                           without a byte read or an answer sent)
 //! ```
 //!
 //! A WebSocket (101) or an SSE stream leaves the cap ("detached"): it has its own cap,
@@ -26,6 +29,9 @@ const BUSY: u8 = 2;
 const IDLE: u8 = 3;
 const DETACHED: u8 = 4;
 const EVICTED: u8 = 5;
+/// A request whose answer streams while its body is still read (the push stream): in
+/// flight, so never evicted, but closed once neither side moved for a while.
+const STREAM: u8 = 6;
 
 /// The open plain-HTTP connections. Cloning is shallow.
 #[derive(Clone)]
@@ -202,15 +208,39 @@ impl Track {
     /// Bytes arrived: on an idle kept-alive connection they start the next request's
     /// header, whose deadline (usually shorter) replaces the keep-alive one.
     pub fn on_read(&self) {
-        if self.phase.load(Ordering::Relaxed) == IDLE
-            && self
+        match self.phase.load(Ordering::Relaxed) {
+            IDLE if self
                 .phase
                 .compare_exchange(IDLE, HEAD, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+                .is_ok() =>
+            {
+                self.since_ms.store(self.shared.now_ms(), Ordering::Release);
+                self.wake.notify_one();
+            }
+            // The deadline moved later: the watcher finds that out when it wakes.
+            STREAM => self.since_ms.store(self.shared.now_ms(), Ordering::Release),
+            _ => {}
+        }
+    }
+
+    /// The request's answer streams while its body is still being read: the connection
+    /// stays in flight (never evicted), and closes once neither a byte arrived nor
+    /// [`Track::stream_moved`] was called for twice the keep-alive timeout: a client that
+    /// stops reading its answers cannot hold the connection forever.
+    pub fn stream_started(&self) {
+        self.since_ms.store(self.shared.now_ms(), Ordering::Release);
+        if self
+            .phase
+            .compare_exchange(BUSY, STREAM, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
         {
-            self.since_ms.store(self.shared.now_ms(), Ordering::Release);
             self.wake.notify_one();
         }
+    }
+
+    /// A streaming answer sent more of itself.
+    pub fn stream_moved(&self) {
+        self.since_ms.store(self.shared.now_ms(), Ordering::Release);
     }
 
     /// hyper parsed a whole request header. False if the connection was evicted first;
@@ -278,6 +308,7 @@ impl Track {
         let timeout = match self.phase.load(Ordering::Acquire) {
             ACCEPTED | HEAD => self.shared.header_timeout,
             IDLE => self.shared.keep_alive_timeout,
+            STREAM => self.shared.keep_alive_timeout * 2,
             EVICTED => return Some(self.shared.epoch),
             _ => return None,
         };

@@ -88,7 +88,7 @@ impl AsyncWrite for TrackedIo {
 pub struct TrackedService<S> {
     inner: S,
     shortcut: Option<Arc<dyn Shortcut>>,
-    track: Arc<Track>,
+    connection: Connection,
 }
 
 impl<S> TrackedService<S> {
@@ -96,7 +96,7 @@ impl<S> TrackedService<S> {
         TrackedService {
             inner,
             shortcut,
-            track,
+            connection: Connection { track },
         }
     }
 }
@@ -104,13 +104,52 @@ impl<S> TrackedService<S> {
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Requests answered without the filter tree: the hot ones, in their plain form. Its
-/// answers are plain responses, never streams or upgrades.
+/// answers are plain responses, or a push stream (see [`StreamDeadline::start`]); never
+/// upgrades.
 pub trait Shortcut: Send + Sync + 'static {
     /// The answer when this request is one the shortcut serves; else the request back,
     /// untouched, for the routes (moved back as it is: boxing it would cost every request
     /// an allocation).
     #[allow(clippy::result_large_err)]
-    fn serve(&self, request: Request<Incoming>) -> Result<BoxFuture<Response>, Request<Incoming>>;
+    fn serve(
+        &self,
+        request: Request<Incoming>,
+        connection: &Connection,
+    ) -> Result<BoxFuture<Response>, Request<Incoming>>;
+}
+
+/// The connection a shortcut's request came on.
+pub struct Connection {
+    track: Arc<Track>,
+}
+
+/// A streaming answer's hold on its connection's deadline (see [`StreamDeadline::start`]).
+pub struct StreamDeadline {
+    track: Arc<Track>,
+}
+
+impl Connection {
+    /// A handle on this connection's deadline, for an answer that may stream.
+    pub fn stream_deadline(&self) -> StreamDeadline {
+        StreamDeadline {
+            track: self.track.clone(),
+        }
+    }
+}
+
+impl StreamDeadline {
+    /// The answer streams while the request body is still read: the connection stays in
+    /// flight (never evicted, no keep-alive deadline) and is closed once no byte arrived
+    /// and [`StreamDeadline::moved`] was not called for twice the keep-alive timeout. The
+    /// answer must say `Connection: close`: the stream is the connection's last request.
+    pub fn start(&self) {
+        self.track.stream_started();
+    }
+
+    /// The answer sent more of itself.
+    pub fn moved(&self) {
+        self.track.stream_moved();
+    }
 }
 
 impl<S> Service<Request<Incoming>> for TrackedService<S>
@@ -124,7 +163,7 @@ where
     type Future = BoxFuture<Result<Response, S::Error>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        if !self.track.request_started() {
+        if !self.connection.track.request_started() {
             // Evicted between parsing the header and here: the socket is closing.
             let refused = Error::Unavailable {
                 what: "an HTTP connection slot (TASKCAST_MAX_HTTP_CONNECTIONS reached)",
@@ -132,12 +171,13 @@ where
             };
             return Box::pin(std::future::ready(Ok(refused.into_response())));
         }
-        let track = self.track.clone();
+        let track = self.connection.track.clone();
         let request = match &self.shortcut {
-            Some(shortcut) => match shortcut.serve(request) {
+            Some(shortcut) => match shortcut.serve(request, &self.connection) {
                 Ok(answer) => {
                     return Box::pin(async move {
                         let response = answer.await;
+                        // A push stream stays in its phase: this only moves its deadline.
                         track.response_ready();
                         Ok(response)
                     });

@@ -359,6 +359,16 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Starts the server's shutdown, as its signal would; the handle ends when it stopped.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.server.take().expect("the server runs")
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {

@@ -33,6 +33,7 @@ mod schema;
 mod sse;
 mod stalled;
 mod steps;
+mod stream;
 mod tables;
 mod tls;
 mod websocket;
