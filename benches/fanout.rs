@@ -41,7 +41,10 @@
 //! BENCH_INFLIGHT (256: pushes in flight at most; at a commit time of `t` the pusher
 //! offers at most BENCH_INFLIGHT / `t` pushes/s, so a slow commit caps the offered rate);
 //! BENCH_PG_OPTIONS (say `-c synchronous_commit=off` or `-c commit_delay=100`: settings for
-//! taskcast's sessions only, the database's configuration is left alone);
+//! taskcast's sessions only, the database's configuration is left alone); BENCH_PUSH
+//! (`post`, the default: one POST per push; `stream`: taskcast's pushes go as lines of
+//! four push streams, `POST /api/progress/stream`, each answer line timed; the TCP floor
+//! is then the like-for-like floor, lines without HTTP);
 //! other `TASKCAST_*` variables are passed to the server (say TASKCAST_COMMIT_INTERVAL_MS=0);
 //! TASKCAST_BIN runs another taskcast binary, BENCH_WRAPPER (say `valgrind
 //! --tool=callgrind`) runs the servers under a profiler. Figures go to
@@ -130,6 +133,8 @@ struct Settings {
     /// Pushes in flight at most: with commits taking `t`, the pusher offers at most
     /// `inflight / t` pushes per second.
     inflight: usize,
+    /// BENCH_PUSH=stream: taskcast's pushes go as lines of push streams, not POSTs.
+    stream: bool,
 }
 
 impl Settings {
@@ -185,6 +190,7 @@ impl Settings {
             saturation,
             ladder_from,
             inflight: env_usize("BENCH_INFLIGHT", 256),
+            stream: std::env::var("BENCH_PUSH").is_ok_and(|p| p.trim() == "stream"),
         }
     }
 
@@ -845,14 +851,20 @@ async fn create_tasks(
             source: None,
         })
         .collect();
-    let target = PushTarget {
+    let mut target = PushTarget {
         urls: created
             .iter()
             .map(|(id, _)| format!("http://{addr}/api/tasks/{id}/progress"))
             .collect(),
         authorization: Some(format!("Bearer {PUSH_KEY}")),
         tcp: None,
+        stream: None,
     };
+    if settings.stream {
+        // The same tasks, pushed as lines of push streams.
+        target.urls = created.iter().map(|(id, _)| id.clone()).collect();
+        target.stream = Some(addr);
+    }
     Ok((subscribe, target))
 }
 
@@ -876,6 +888,7 @@ fn floor_topics(
             urls: (0..settings.tasks).map(|topic| topic.to_string()).collect(),
             authorization: None,
             tcp: Some(server.tcp_addr.ok_or("the floor has no TCP push port")?),
+            stream: None,
         },
         false => PushTarget {
             urls: (0..settings.tasks)
@@ -883,6 +896,7 @@ fn floor_topics(
                 .collect(),
             authorization: None,
             tcp: None,
+            stream: None,
         },
     };
     Ok((subscribe, target))
@@ -893,8 +907,13 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
     let floor_of = |kind: Kind| runs.iter().find(|r| r.kind == kind);
     println!();
     println!(
-        "fanout ({}): {} tasks × {} subscribers, {} rounds of {:.0} s at each rate (medians); store: {store}",
+        "fanout ({}, taskcast pushed by {}): {} tasks × {} subscribers, {} rounds of {:.0} s at each rate (medians); store: {store}",
         settings.workload,
+        if settings.stream {
+            "push streams"
+        } else {
+            "POSTs"
+        },
         settings.tasks,
         settings.subs,
         settings.rounds,
@@ -1030,6 +1049,7 @@ fn report(settings: &Settings, store: &str, durable: bool, runs: &[Run]) -> Resu
     let json = json!({
         "bench": "fanout",
         "workload": settings.workload,
+        "push_path": if settings.stream { "stream" } else { "post" },
         "machine": report::machine(),
         "store": if durable { "postgres" } else { "memory" },
         "tasks": settings.tasks, "subscribers_per_task": settings.subs,

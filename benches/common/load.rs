@@ -233,6 +233,9 @@ pub struct PushTarget {
     /// Push as plain TCP lines `<topic> <body>\n` to this address (the floor's second
     /// publish path) instead of HTTP; nothing is answered, so no ack time is recorded.
     pub tcp: Option<SocketAddr>,
+    /// Push as lines of taskcast's push streams (`POST /api/progress/stream`) to this
+    /// address instead of one POST each; `urls` are then the task ids.
+    pub stream: Option<SocketAddr>,
 }
 
 /// Connections the TCP pusher spreads its lines over.
@@ -281,6 +284,9 @@ impl Pusher {
     pub async fn run(&self, rate: f64, duration: Duration, phase: usize) -> Pushed {
         if let Some(addr) = self.target.tcp {
             return self.run_lines(addr, rate, duration, phase).await;
+        }
+        if let Some(addr) = self.target.stream {
+            return self.run_stream(addr, rate, duration, phase).await;
         }
         let scheduled = (rate * duration.as_secs_f64()).round() as u64;
         let slots = Arc::new(Semaphore::new(self.max_inflight));
@@ -399,5 +405,177 @@ impl Pusher {
             failed: scheduled - ok,
             ack: Arc::new(Histogram::default()),
         }
+    }
+}
+
+/// One push stream of [`Pusher::run_stream`]: the send time of each line not yet
+/// answered, oldest first (answers come in order).
+#[derive(Default)]
+struct Unanswered {
+    sent: std::sync::Mutex<std::collections::VecDeque<Instant>>,
+}
+
+impl Pusher {
+    /// [`Pusher::run`] over taskcast's push streams: the pace is the same, each push is
+    /// one chunk (one write) of a long request, and each answer line is timed.
+    async fn run_stream(
+        &self,
+        addr: SocketAddr,
+        rate: f64,
+        duration: Duration,
+        phase: usize,
+    ) -> Pushed {
+        use tokio::io::AsyncWriteExt;
+        let scheduled = (rate * duration.as_secs_f64()).round() as u64;
+        let ack = Arc::new(Histogram::default());
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut writers = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
+        let mut readers = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
+        let auth = self.target.authorization.as_deref().unwrap_or_default();
+        for _ in 0..TCP_PUSH_CONNECTIONS {
+            let Ok(stream) = TcpStream::connect(addr).await else {
+                return Pushed {
+                    scheduled,
+                    failed: scheduled,
+                    ..Pushed::default()
+                };
+            };
+            let _ = stream.set_nodelay(true);
+            let (read, mut write) = stream.into_split();
+            let head = format!(
+                "POST /api/progress/stream HTTP/1.1\r\nhost: taskcast\r\nauthorization: {auth}\r\n\
+                 content-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+            );
+            if write.write_all(head.as_bytes()).await.is_err() {
+                return Pushed {
+                    scheduled,
+                    failed: scheduled,
+                    ..Pushed::default()
+                };
+            }
+            let unanswered = Arc::new(Unanswered::default());
+            readers.push(tokio::spawn(read_answers(
+                read,
+                unanswered.clone(),
+                ack.clone(),
+                ok.clone(),
+                failed.clone(),
+            )));
+            writers.push((write, unanswered));
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let started = Instant::now();
+        let give_up = duration + Duration::from_secs(1);
+        let mut issued = 0u64;
+        let mut line = String::new();
+        while issued < scheduled {
+            tick.tick().await;
+            let elapsed = started.elapsed();
+            if elapsed > give_up {
+                break;
+            }
+            let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).min(scheduled);
+            while issued < due {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let task = &self.target.urls[n % self.target.urls.len()];
+                let step = (n / self.target.urls.len()) as u64;
+                let body = push_body(phase, step);
+                line.clear();
+                // `{"task_id":"<id>",` then the push body without its opening brace.
+                let len = r#"{"task_id":"","#.len() + task.len() + body.len() - 1 + 1;
+                line.push_str(&format!("{len:x}\r\n{{\"task_id\":\"{task}\","));
+                line.push_str(&body[1..]);
+                line.push_str("\n\r\n");
+                let (write, unanswered) = &mut writers[n % TCP_PUSH_CONNECTIONS];
+                unanswered.sent.lock().unwrap().push_back(Instant::now());
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    unanswered.sent.lock().unwrap().pop_back();
+                }
+                issued += 1;
+            }
+        }
+        // The end of each body; the answers end once every line read is answered.
+        for (write, _) in &mut writers {
+            let _ = write.write_all(b"0\r\n\r\n").await;
+        }
+        for reader in readers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+        }
+        let answered = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+        Pushed {
+            scheduled,
+            ok: ok.load(Ordering::Relaxed),
+            failed: scheduled.saturating_sub(answered) + failed.load(Ordering::Relaxed),
+            ack,
+        }
+    }
+}
+
+/// Reads one push stream's chunked answer, timing each line against its send time.
+async fn read_answers(
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    unanswered: Arc<Unanswered>,
+    ack: Arc<Histogram>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) {
+    use tokio::io::AsyncReadExt;
+    // Raw bytes read and not yet decoded; answer bytes decoded and not yet a whole line.
+    let (mut raw, mut lines) = (Vec::with_capacity(64 * 1024), Vec::with_capacity(64 * 1024));
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut head_done = false;
+    loop {
+        let n = match read.read(&mut scratch).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        raw.extend_from_slice(&scratch[..n]);
+        let mut at = 0;
+        if !head_done {
+            let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            if !raw.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+            at = end + 4;
+            head_done = true;
+        }
+        // Whole chunks only: `<size>\r\n<data>\r\n`.
+        while let Some(end) = raw[at..].windows(2).position(|w| w == b"\r\n") {
+            let Some(size) = std::str::from_utf8(&raw[at..at + end])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+            else {
+                return;
+            };
+            if size == 0 {
+                return;
+            }
+            let data = at + end + 2;
+            if raw.len() < data + size + 2 {
+                break;
+            }
+            lines.extend_from_slice(&raw[data..data + size]);
+            at = data + size + 2;
+        }
+        raw.drain(..at);
+        let mut start = 0;
+        while let Some(newline) = lines[start..].iter().position(|&b| b == b'\n') {
+            let line = &lines[start..start + newline];
+            let sent = unanswered.sent.lock().unwrap().pop_front();
+            if line.starts_with(br#"{"status":200"#) {
+                if let Some(sent) = sent {
+                    ack.record(sent.elapsed());
+                }
+                ok.fetch_add(1, Ordering::Relaxed);
+            } else {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            start += newline + 1;
+        }
+        lines.drain(..start);
     }
 }
