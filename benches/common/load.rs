@@ -525,8 +525,8 @@ async fn read_answers(
     // Raw bytes read and not yet decoded; answer bytes decoded and not yet a whole line.
     let (mut raw, mut lines) = (Vec::with_capacity(64 * 1024), Vec::with_capacity(64 * 1024));
     let mut scratch = vec![0u8; 64 * 1024];
-    let mut head_done = false;
-    loop {
+    let (mut head_done, mut ended) = (false, false);
+    while !ended {
         let n = match read.read(&mut scratch).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
@@ -552,7 +552,9 @@ async fn read_answers(
                 return;
             };
             if size == 0 {
-                return;
+                // The last chunk: count the lines this read completed, then stop.
+                ended = true;
+                break;
             }
             let data = at + end + 2;
             if raw.len() < data + size + 2 {
