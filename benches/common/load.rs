@@ -238,6 +238,44 @@ pub struct PushTarget {
     pub stream: Option<SocketAddr>,
 }
 
+/// A paced run's schedule: `rate` pushes per second for `duration`, checked every
+/// millisecond; a push the schedule could not send by a second past the end is not sent.
+struct Pace {
+    tick: tokio::time::Interval,
+    started: Instant,
+    give_up: Duration,
+    rate: f64,
+    scheduled: u64,
+}
+
+impl Pace {
+    fn new(rate: f64, duration: Duration) -> Pace {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Pace {
+            tick,
+            started: Instant::now(),
+            give_up: duration + Duration::from_secs(1),
+            rate,
+            scheduled: (rate * duration.as_secs_f64()).round() as u64,
+        }
+    }
+
+    /// Waits for the next tick: how many pushes are due by then in all, or `None` once
+    /// `issued` reached the schedule or the run is past its end.
+    async fn due(&mut self, issued: u64) -> Option<u64> {
+        if issued >= self.scheduled {
+            return None;
+        }
+        self.tick.tick().await;
+        let elapsed = self.started.elapsed();
+        if elapsed > self.give_up {
+            return None;
+        }
+        Some(((elapsed.as_secs_f64() * self.rate) as u64 + 1).min(self.scheduled))
+    }
+}
+
 /// Connections the TCP pusher spreads its lines over.
 const TCP_PUSH_CONNECTIONS: usize = 4;
 
@@ -293,18 +331,9 @@ impl Pusher {
         let ack = Arc::new(Histogram::default());
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let started = Instant::now();
-        let give_up = duration + Duration::from_secs(1);
+        let mut pace = Pace::new(rate, duration);
         let mut issued = 0u64;
-        'schedule: while issued < scheduled {
-            tick.tick().await;
-            let elapsed = started.elapsed();
-            if elapsed > give_up {
-                break;
-            }
-            let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).min(scheduled);
+        'schedule: while let Some(due) = pace.due(issued).await {
             while issued < due {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break 'schedule;
@@ -375,18 +404,9 @@ impl Pusher {
                 }
             }
         }
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let started = Instant::now();
-        let give_up = duration + Duration::from_secs(1);
+        let mut pace = Pace::new(rate, duration);
         let (mut issued, mut ok) = (0u64, 0u64);
-        while issued < scheduled {
-            tick.tick().await;
-            let elapsed = started.elapsed();
-            if elapsed > give_up {
-                break;
-            }
-            let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).min(scheduled);
+        while let Some(due) = pace.due(issued).await {
             while issued < due {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let topic = &self.target.urls[n % self.target.urls.len()];
@@ -464,19 +484,10 @@ impl Pusher {
             )));
             writers.push((write, unanswered));
         }
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let started = Instant::now();
-        let give_up = duration + Duration::from_secs(1);
+        let mut pace = Pace::new(rate, duration);
         let mut issued = 0u64;
         let mut line = String::new();
-        while issued < scheduled {
-            tick.tick().await;
-            let elapsed = started.elapsed();
-            if elapsed > give_up {
-                break;
-            }
-            let due = ((elapsed.as_secs_f64() * rate) as u64 + 1).min(scheduled);
+        while let Some(due) = pace.due(issued).await {
             while issued < due {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let task = &self.target.urls[n % self.target.urls.len()];

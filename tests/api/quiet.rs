@@ -9,8 +9,10 @@ use futures::StreamExt;
 use serde_json::json;
 
 use crate::helpers::{
-    Tap, TestApp, TestDb, kill_listeners, listen, spawn_app_on, spawn_app_on_with, wait_until,
+    Subscriber, Tap, TestApp, TestDb, kill_listeners, listen, spawn_app_on, spawn_app_on_with,
+    wait_until,
 };
+use taskcast::domain::TaskId;
 use taskcast::store::NotifyOwnPushes;
 
 async fn migrated() -> TestDb {
@@ -64,33 +66,44 @@ async fn checked_alone(notifications: &mut Payloads) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_alone_skips_the_notify_for_its_pushes_and_plain_sql_still_notifies() {
-    let db = migrated().await;
-    let (_client, mut notifications) = listen(&db).await;
-    let node = spawn_app_on(db.url.clone(), None).await;
-    wait_until(|| quiet(&node)).await;
+/// Once `node` is quiet: a push to a new task reaches the node's own subscriber, with the
+/// push's version, and is not notified. Returns the task and its subscriber.
+async fn quiet_push_reaches_its_subscriber(
+    node: &TestApp,
+    notifications: &mut Payloads,
+) -> (TaskId, Subscriber) {
+    wait_until(|| quiet(node)).await;
     let task = node.create_task().await;
     let mut sub = node.subscribe(task).await;
     sub.next_state().await;
 
     // Drain what came so far (the task's INSERT, the node's hellos).
-    payloads_within(&mut notifications, Duration::from_millis(100)).await;
+    payloads_within(notifications, Duration::from_millis(100)).await;
     let answer = node
         .push_ok(task, json!({"progress": 40, "stage": "quiet"}))
         .await;
+    let state = sub.next_state().await;
     assert_eq!(
-        sub.next_state().await["stage"],
-        "quiet",
+        (&state["stage"], &state["version"]),
+        (&json!("quiet"), &answer["version"]),
         "the node publishes it itself"
     );
-    assert!(quiet(&node));
-    let after_push = payloads_within(&mut notifications, Duration::from_millis(500)).await;
+    assert!(quiet(node));
+    let after_push = payloads_within(notifications, Duration::from_millis(500)).await;
     assert!(
         !after_push.iter().any(|p| p.contains(&task.to_string())),
         "the push was notified: {after_push:?} (version {})",
         answer["version"]
     );
+    (task, sub)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_alone_skips_the_notify_for_its_pushes_and_plain_sql_still_notifies() {
+    let db = migrated().await;
+    let (_client, mut notifications) = listen(&db).await;
+    let node = spawn_app_on(db.url.clone(), None).await;
+    let (task, mut sub) = quiet_push_reaches_its_subscriber(&node, &mut notifications).await;
 
     // The app's own UPDATE is not taskcast's: it notifies, and the node delivers it.
     let client = db.client().await;
@@ -239,28 +252,7 @@ async fn the_naive_write_mode_goes_quiet_alone_and_its_pushes_still_reach_subscr
         config.write_mode = taskcast::writer::WriteMode::Naive;
     })
     .await;
-    wait_until(|| quiet(&node)).await;
-    let task = node.create_task().await;
-    let mut sub = node.subscribe(task).await;
-    sub.next_state().await;
-
-    // Drain what came so far (the task's INSERT, the node's hellos).
-    payloads_within(&mut notifications, Duration::from_millis(100)).await;
-    let answer = node
-        .push_ok(task, json!({"progress": 40, "stage": "naive, quiet"}))
-        .await;
-    let state = sub.next_state().await;
-    assert_eq!(
-        (&state["stage"], &state["version"]),
-        (&json!("naive, quiet"), &answer["version"]),
-        "the node publishes it itself"
-    );
-    assert!(quiet(&node));
-    let after_push = payloads_within(&mut notifications, Duration::from_millis(500)).await;
-    assert!(
-        !after_push.iter().any(|p| p.contains(&task.to_string())),
-        "the push was notified: {after_push:?}"
-    );
+    quiet_push_reaches_its_subscriber(&node, &mut notifications).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
