@@ -169,6 +169,9 @@ impl App {
                 keep_alive_timeout: limits.keep_alive_timeout,
             },
             metrics_token: config.metrics_token.clone(),
+            streams: Arc::new(Semaphore::new(AppState::max_streams(
+                limits.max_http_connections,
+            ))),
             subscribers: Arc::new(Subscribers {
                 hub: hub.clone(),
                 store,

@@ -41,6 +41,16 @@ pub struct AppState {
     pub metrics_token: Option<crate::auth::Secret>,
     /// The store and subscribe auth too: each is held once, there.
     pub subscribers: Arc<Subscribers>,
+    /// Push streams open at once: a quarter of TASKCAST_MAX_HTTP_CONNECTIONS, so streams,
+    /// which hold their connection and are never evicted, cannot fill the HTTP cap.
+    pub streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// The push streams a node serves at once for `max_http_connections`.
+    pub fn max_streams(max_http_connections: usize) -> usize {
+        (max_http_connections / 4).max(1)
+    }
 }
 
 /// Bounds on request bodies, from the configuration.

@@ -9,12 +9,15 @@
 //! Bounds, from the existing settings: a line is at most TASKCAST_MAX_BODY_BYTES (a longer
 //! one is answered 413 and skipped to its newline) and must arrive whole within
 //! TASKCAST_BODY_TIMEOUT_SECS of its first byte (else 408, and the stream ends); at most
-//! TASKCAST_MAX_BATCH_ITEMS lines wait for their answers, and the body is not read further
-//! until the oldest is answered, so a client that does not read its answers stops being
-//! read. The stream ends cleanly when no line arrived for TASKCAST_KEEP_ALIVE_TIMEOUT_SECS
-//! (an empty line keeps it open) and at shutdown: the lines read are answered, the rest is
-//! not read, and the response ends. The connection's own deadline (see
-//! [`StreamDeadline::start`]) closes it when neither side moved for twice that.
+//! TASKCAST_MAX_BATCH_ITEMS lines wait for their answers (one in naive write mode, whose
+//! commits would otherwise overtake each other), and the body is not read further until
+//! the oldest is answered, so a client that does not read its answers stops being read.
+//! The stream ends when no line arrived and no answer left for
+//! TASKCAST_KEEP_ALIVE_TIMEOUT_SECS (a blank line keeps it open) and at shutdown: the lines
+//! read are answered, the rest is not read, and the response ends. The connection's own
+//! deadline (see [`StreamDeadline::start`]) closes it when neither side moved for twice
+//! that. At most a quarter of TASKCAST_MAX_HTTP_CONNECTIONS are push streams at once
+//! (more get 503), since a stream holds its connection and is never evicted.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -63,6 +66,23 @@ pub(super) async fn open(
     if !takes_type(content_type) {
         return closing(Error::StreamMediaType.into_response());
     }
+    if body.is_end_stream() {
+        let empty = Error::invalid(
+            "body",
+            "a push stream needs a body: send its lines as they come, chunked \
+             (Transfer-Encoding: chunked), one JSON object per line"
+                .to_string(),
+        );
+        return closing(empty.into_response());
+    }
+    let Ok(slot) = state.streams.clone().try_acquire_owned() else {
+        let full = Error::Unavailable {
+            what: "a push stream slot (a quarter of TASKCAST_MAX_HTTP_CONNECTIONS are push \
+                   streams already; push with POST meanwhile)",
+            source: None,
+        };
+        return closing(full.into_response());
+    };
     let kind = match state.subscribers.store.id_kind().await {
         Ok(kind) => kind,
         Err(e) => return closing(e.into_response()),
@@ -80,16 +100,21 @@ pub(super) async fn open(
         line: BytesMut::new(),
         skipping: false,
         pending: VecDeque::new(),
-        max_pending: bodies.max_batch_items.max(1),
+        // Naive mode commits concurrently: one line at a time keeps them in order.
+        max_pending: match state.writer.keeps_order() {
+            true => bodies.max_batch_items.max(1),
+            false => 1,
+        },
         max_line: bodies.max_body_bytes,
         line_within: bodies.body_timeout,
         idle_within: bodies.keep_alive_timeout,
         timer: Box::pin(tokio::time::sleep(bodies.keep_alive_timeout)),
-        last_line: tokio::time::Instant::now(),
+        last_moved: tokio::time::Instant::now(),
         line_started: None,
         stopping: Some(stopping),
         deadline,
         lines: 0,
+        _slot: slot,
         state,
     };
     let mut response = warp::reply::stream(lines).into_response();
@@ -130,13 +155,17 @@ struct PushLines {
     line_within: Duration,
     idle_within: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    last_line: tokio::time::Instant,
+    /// When the last line arrived or the last answer went out: the idle time counts from
+    /// the later, so a slow commit does not eat the client's time for its next line.
+    last_moved: tokio::time::Instant,
     /// When the first byte of the line being read arrived.
     line_started: Option<tokio::time::Instant>,
     /// Completes at shutdown; `None` once it did.
     stopping: Option<Stopping>,
     deadline: StreamDeadline,
     lines: u64,
+    /// Held while the stream is open.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl PushLines {
@@ -151,7 +180,7 @@ impl PushLines {
     /// One whole line (its newline removed).
     fn take_line(&mut self, text: &[u8]) {
         let text = text.strip_suffix(b"\r").unwrap_or(text);
-        self.last_line = tokio::time::Instant::now();
+        self.last_moved = tokio::time::Instant::now();
         if text.iter().all(u8::is_ascii_whitespace) {
             // A keep-alive line: nothing to answer.
             return;
@@ -166,11 +195,14 @@ impl PushLines {
         self.pending.push_back(submitted);
     }
 
-    /// A line passed the limit: it is answered 413 now and the rest of it dropped.
+    /// A line passed the limit: it is answered 413 now and the rest of it dropped (still
+    /// within the line's time: a line is whole within TASKCAST_BODY_TIMEOUT_SECS).
     fn refuse_long_line(&mut self) {
         self.lines += 1;
         self.line = BytesMut::new();
         self.skipping = true;
+        self.line_started
+            .get_or_insert_with(tokio::time::Instant::now);
         let refused = Error::PayloadTooLarge {
             limit: self.max_line,
             setting: super::body::MAX_BODY,
@@ -192,12 +224,19 @@ impl PushLines {
             }
             if self.skipping {
                 self.skipping = newline.is_none();
+                if newline.is_some() {
+                    self.line_started = None;
+                    self.last_moved = tokio::time::Instant::now();
+                }
                 continue;
             }
             if self.line.len() + part.len() > self.max_line {
                 self.refuse_long_line();
-                self.skipping = newline.is_none();
-                self.line_started = None;
+                if newline.is_some() {
+                    self.skipping = false;
+                    self.line_started = None;
+                    self.last_moved = tokio::time::Instant::now();
+                }
                 continue;
             }
             match newline {
@@ -261,7 +300,7 @@ impl PushLines {
         self.body.as_ref()?;
         match self.line_started {
             Some(started) => Some(started + self.line_within),
-            None if self.pending.is_empty() => Some(self.last_line + self.idle_within),
+            None if self.pending.is_empty() => Some(self.last_moved + self.idle_within),
             None => None,
         }
     }
@@ -289,7 +328,8 @@ impl Stream for PushLines {
                 this.timer.as_mut().reset(at);
             }
             if this.timer.as_mut().poll(cx).is_ready() {
-                if this.line_started.is_some() {
+                // A line being skipped was answered 413 already.
+                if this.line_started.is_some() && !this.skipping {
                     this.lines += 1;
                     let late = Error::RequestTimeout {
                         within: this.line_within,
@@ -319,6 +359,7 @@ impl Stream for PushLines {
         }
         if !out.is_empty() {
             this.deadline.moved();
+            this.last_moved = tokio::time::Instant::now();
             return Poll::Ready(Some(Ok(out.freeze())));
         }
         if this.body.is_none() && this.pending.is_empty() {

@@ -13,7 +13,9 @@
 //! A WebSocket (101) or an SSE stream leaves the cap ("detached"): it has its own cap,
 //! TASKCAST_MAX_CONNECTIONS, and its own deadlines. When the cap is full, the oldest
 //! connection that is not in the middle of a request is evicted, so idle or slow
-//! connections can never keep a push out; a request in flight is never cut.
+//! connections can never keep a push out; a request in flight is never cut. A push stream
+//! is a request in flight for as long as it moves, so the routes let at most a quarter of
+//! the cap be push streams.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};

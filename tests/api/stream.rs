@@ -198,11 +198,15 @@ async fn each_line_is_answered_in_order_after_its_commit_and_reaches_subscribers
     stream.finish().await;
     assert_eq!(stream.answer().await["state"]["progress"], 40.0);
     assert_eq!(stream.next().await, None, "the answer ends with the body");
+    assert!(
+        stream.ended,
+        "a clean end (the last chunk), not a cut connection"
+    );
     assert_eq!(sub.next_state().await["progress"], 40.0);
 }
 
 #[tokio::test]
-async fn a_stream_without_the_key_or_of_another_type_is_refused_before_any_line() {
+async fn a_stream_without_the_key_of_another_type_or_without_a_body_is_refused_before_any_line() {
     let app = spawn_app(StoreKind::Memory).await;
     let mut anonymous = PushStream::open_with(app.addr, "").await;
     let head = anonymous.head().await;
@@ -225,6 +229,20 @@ async fn a_stream_without_the_key_or_of_another_type_is_refused_before_any_line(
             .as_str()
             .unwrap()
             .contains("application/x-ndjson"),
+        "{body}"
+    );
+    // No body at all: a 400 that says to send the lines chunked.
+    let response = app
+        .http
+        .post(app.url("/api/progress/stream"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("chunked"),
         "{body}"
     );
     // Not the plain form (a query string): told what to change, not a 404.
@@ -292,18 +310,22 @@ async fn a_line_that_stops_halfway_is_answered_408_and_the_stream_ends() {
     let late = stream.answer().await;
     assert_eq!(late["status"], 408, "{late}");
     assert_eq!(stream.next().await, None, "the answer ends after the 408");
+    assert!(
+        stream.ended,
+        "a clean end (the last chunk), not a cut connection"
+    );
 }
 
 #[tokio::test]
 async fn a_stream_with_no_line_for_the_keep_alive_timeout_ends_and_empty_lines_keep_it_open() {
     let app = spawn_app_with(StoreKind::Memory, |config| {
-        config.limits.keep_alive_timeout = Duration::from_secs(1);
+        config.limits.keep_alive_timeout = Duration::from_secs(2);
     })
     .await;
     let task = app.create_task().await;
     let mut stream = PushStream::open(app.addr).await;
-    // Empty lines every 400 ms for 2 s: past the timeout, and still open.
-    for _ in 0..5 {
+    // Empty lines every 400 ms for 3.2 s: past the timeout, and still open.
+    for _ in 0..8 {
         stream.send(b"\n").await;
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
@@ -311,16 +333,17 @@ async fn a_stream_with_no_line_for_the_keep_alive_timeout_ends_and_empty_lines_k
         .send_line(&json!({"task_id": task.to_string(), "progress": 7}))
         .await;
     assert_eq!(stream.answer().await["state"]["progress"], 7.0);
-    // Then nothing: the answer ends after about a second, cleanly (the last chunk).
+    // Then nothing: the answer ends after about two seconds, cleanly (the last chunk).
     let started = std::time::Instant::now();
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(5), stream.next())
+        tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .expect("the stream ends by itself"),
         None
     );
     assert!(stream.ended, "a clean end, not a cut connection");
-    assert!(started.elapsed() >= Duration::from_millis(800));
+    // Counted by the server from its answer; this clock starts when the answer arrived.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
 }
 
 #[tokio::test]
@@ -434,24 +457,106 @@ async fn while_a_commit_is_held_a_stream_reads_at_most_max_batch_items_lines_ahe
 }
 
 #[tokio::test]
-async fn at_shutdown_a_stream_ends_cleanly_once_its_lines_are_answered() {
-    let mut app = spawn_app(StoreKind::Postgres).await;
+async fn at_shutdown_a_stream_answers_the_line_it_is_committing_then_ends_cleanly() {
+    let db = TestDb::create().await;
+    taskcast::store::schema::migrate(&db.url).await.unwrap();
+    let tap = Tap::to_db(&db).await;
+    let mut app = spawn_app_on_with(tap.url(&db), None, |config| {
+        config.limits.db_timeout = Duration::from_secs(20);
+    })
+    .await;
     let task = app.create_task().await;
     let mut stream = PushStream::open(app.addr).await;
+    let armed = tap.catch(b"in-flight-at-shutdown");
     stream
-        .send_line(&json!({"task_id": task.to_string(), "progress": 1}))
+        .send_line(&json!({"task_id": task.to_string(), "stage": "in-flight-at-shutdown"}))
         .await;
-    assert_eq!(stream.answer().await["status"], 200);
+    let caught = armed.caught().await;
+    // The commit is held; the node starts shutting down, then the commit goes through.
     let stopped = app.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    caught.release();
+    let answer = stream.answer().await;
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(answer["state"]["stage"], "in-flight-at-shutdown");
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .expect("the stream ends at shutdown"),
         None
     );
-    assert!(stream.ended, "a clean end, not a cut connection");
+    assert!(
+        stream.ended,
+        "a clean end (the last chunk), not a cut connection"
+    );
     tokio::time::timeout(Duration::from_secs(15), stopped)
         .await
         .expect("the server stops")
         .unwrap();
+}
+
+#[tokio::test]
+async fn push_streams_hold_at_most_a_quarter_of_the_http_connections() {
+    let app = spawn_app_with(StoreKind::Memory, |config| {
+        config.limits.max_http_connections = 8;
+    })
+    .await;
+    let task = app.create_task().await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = PushStream::open(app.addr).await;
+        assert!(stream.head().await.starts_with("HTTP/1.1 200"));
+        open.push(stream);
+    }
+    let mut third = PushStream::open(app.addr).await;
+    let head = third.head().await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+    // The other connections stay for everything else.
+    let pushed = app.push(task, json!({"progress": 3})).await;
+    assert_eq!(pushed.status(), 200);
+    // A slot frees when a stream ends (once the server has dropped it).
+    let mut first = open.remove(0);
+    first.finish().await;
+    assert_eq!(first.next().await, None);
+    let reopened = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut again = PushStream::open(app.addr).await;
+            if again.head().await.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "the ended stream's slot is free again");
+}
+
+#[tokio::test]
+async fn in_naive_write_mode_a_stream_applies_its_lines_in_order() {
+    let app = spawn_app_with(StoreKind::Postgres, |config| {
+        config.write_mode = taskcast::writer::WriteMode::Naive;
+    })
+    .await;
+    let task = app.create_task().await;
+    let mut stream = PushStream::open(app.addr).await;
+    // Naive commits run concurrently; without one line at a time, a later line's commit
+    // can land first and an earlier one overwrite it.
+    let mut lines = String::new();
+    for n in 1..=40 {
+        lines.push_str(&format!(
+            "{}\n",
+            json!({"task_id": task.to_string(), "progress": n})
+        ));
+    }
+    stream.send(lines.as_bytes()).await;
+    for n in 1..=40 {
+        let answer = stream.answer().await;
+        assert_eq!(answer["state"]["progress"], f64::from(n), "{answer}");
+    }
+    let state: Value = app.get_task(task).await.json().await.unwrap();
+    assert_eq!(
+        state["progress"], 40.0,
+        "the last line is the state: {state}"
+    );
 }

@@ -11,11 +11,10 @@
 //! The in-memory store has nothing to group (its apply takes a lock and never awaits), so
 //! its pushes are applied in the caller's task, without the hop to the writer task.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -25,6 +24,9 @@ use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::telemetry;
+
+mod commits;
+pub use commits::{CommitInFlight, LocalCommits};
 
 struct Job {
     task: TaskId,
@@ -41,144 +43,6 @@ pub enum WriteMode {
     /// Each push commits on its own pool connection: one UPDATE per push. A baseline for
     /// benchmarks, not for production.
     Naive,
-}
-
-/// This node's commits in flight, for the NOTIFY listener: a notification of this node's
-/// own commit can overtake the writer's publish, and waiting for that publish spares the
-/// listener a query per push. Cloning is shallow.
-#[derive(Clone, Default)]
-pub struct LocalCommits {
-    /// In a watch, so that `settled` can wait for a change; its lock is the only one
-    /// taken, once when a commit starts and once when it ends.
-    inner: Arc<watch::Sender<InFlight>>,
-}
-
-/// Commits are numbered as they start; they may end in any order (naive mode commits
-/// concurrently), so `settled` waits for numbers, not for a count.
-#[derive(Default)]
-struct InFlight {
-    /// The number the next commit takes.
-    next: u64,
-    /// The numbers of the commits started and not yet ended.
-    running: BTreeSet<u64>,
-}
-
-/// Marks a local commit as in flight until dropped; drop it after publishing what the
-/// commit applied. See [`LocalCommits::settled`].
-pub struct CommitInFlight {
-    commits: LocalCommits,
-    number: u64,
-}
-
-impl Drop for CommitInFlight {
-    fn drop(&mut self) {
-        // Only the end of the lowest commit in flight can end a wait: wake waiters then.
-        self.commits.inner.send_if_modified(|in_flight| {
-            let was_lowest = in_flight.running.first() == Some(&self.number);
-            in_flight.running.remove(&self.number);
-            was_lowest
-        });
-    }
-}
-
-impl LocalCommits {
-    /// Call before a local commit starts; keep the guard until its states are published.
-    pub fn start(&self) -> CommitInFlight {
-        let mut number = 0;
-        // A start never ends a wait, so it wakes no one.
-        self.inner.send_if_modified(|in_flight| {
-            number = in_flight.next;
-            in_flight.next += 1;
-            in_flight.running.insert(number);
-            false
-        });
-        CommitInFlight {
-            commits: self.clone(),
-            number,
-        }
-    }
-
-    /// Waits, at most `limit`, until every local commit started before this call has
-    /// published. Commits started after the call are not waited for.
-    pub fn settled(&self, limit: Duration) -> impl Future<Output = ()> + Send + 'static {
-        // Taken now, not when first polled: "before this call" is what the caller means.
-        let mut in_flight = self.inner.subscribe();
-        let until = in_flight.borrow().next;
-        async move {
-            let ended = in_flight.wait_for(|now| now.running.first().is_none_or(|&n| n >= until));
-            let _ = tokio::time::timeout(limit, ended).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod local_commits_tests {
-    use std::future::Future;
-    use std::pin::{Pin, pin};
-
-    use futures::FutureExt;
-
-    use super::*;
-
-    const LIMIT: Duration = Duration::from_secs(5);
-
-    /// Polls a wait once, without letting the (paused) clock move: true if it returned.
-    fn returned(wait: Pin<&mut impl Future<Output = ()>>) -> bool {
-        wait.now_or_never().is_some()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_commit_started_after_settled_that_finishes_first_does_not_end_the_wait() {
-        let commits = LocalCommits::default();
-        let earlier = commits.start();
-        let mut settled = pin!(commits.settled(LIMIT));
-        assert!(
-            !returned(settled.as_mut()),
-            "the earlier commit is in flight"
-        );
-        let later = commits.start();
-        drop(later);
-        assert!(
-            !returned(settled.as_mut()),
-            "a later commit ended while the earlier one is still in flight"
-        );
-        drop(earlier);
-        assert!(returned(settled), "the earlier commit ended");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn settled_returns_at_once_with_nothing_in_flight() {
-        let commits = LocalCommits::default();
-        assert!(returned(pin!(commits.settled(LIMIT))), "none ever started");
-        drop(commits.start());
-        drop(commits.start());
-        assert!(returned(pin!(commits.settled(LIMIT))), "both ended");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn settled_returns_when_the_earlier_commits_end_even_if_later_ones_stay_in_flight() {
-        let commits = LocalCommits::default();
-        let (first, second) = (commits.start(), commits.start());
-        let mut settled = pin!(commits.settled(LIMIT));
-        assert!(!returned(settled.as_mut()));
-        let _later = commits.start();
-        drop(second);
-        assert!(!returned(settled.as_mut()), "the first commit is in flight");
-        drop(first);
-        assert!(
-            returned(settled),
-            "the commits started before the call ended; the later one is not waited for"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_limit_bounds_the_wait_for_a_commit_that_never_ends() {
-        let commits = LocalCommits::default();
-        let _stuck = commits.start();
-        let called = Instant::now();
-        commits.settled(LIMIT).await;
-        assert_eq!(called.elapsed(), LIMIT);
-    }
 }
 
 /// How the writer groups pushes (from `Limits`).
@@ -248,19 +112,32 @@ impl Writer {
         }
         match self.mode {
             WriteMode::Group => self.enqueue(task, update)?.await,
+            // On its own task, as the writer's commits are: a cancelled request cannot cut
+            // a commit short between its UPDATE and its publish (or its re-read when quiet).
             WriteMode::Naive => {
-                let _commit = self.commits.start();
-                let mut results = self
-                    .store
-                    .apply_batch(&[(task, update)], Instant::now())
-                    .await?;
-                let result = results.pop().expect("one result per push");
-                if let Ok(Outcome::Applied(state)) = &result {
-                    self.hub.publish(state);
-                }
-                result
+                Submitted::Spawned(tokio::spawn(self.clone().commit_alone(task, update))).await
             }
         }
+    }
+
+    /// Naive mode's commit: one UPDATE on its own pool connection, then the publish.
+    async fn commit_alone(self, task: TaskId, update: ProgressUpdate) -> Result<Outcome, Error> {
+        let _commit = self.commits.start();
+        let mut results = self
+            .store
+            .apply_batch(&[(task, update)], Instant::now())
+            .await?;
+        let result = results.pop().expect("one result per push");
+        if let Ok(Outcome::Applied(state)) = &result {
+            self.hub.publish(state);
+        }
+        result
+    }
+
+    /// Whether pushes submitted one after another commit in that order. Naive mode's
+    /// commits run concurrently: a caller that needs the order awaits each answer first.
+    pub fn keeps_order(&self) -> bool {
+        self.mode == WriteMode::Group || matches!(self.store, Store::Memory(_))
     }
 
     /// Commits several pushes, in order; each gets its own result. In group mode they
@@ -332,9 +209,10 @@ impl Writer {
     }
 
     /// Starts a push now and returns its answer to await later, owning nothing borrowed:
-    /// for a caller that keeps many in flight, in order (the push stream). The push is
-    /// queued (or applied, in memory) before this returns, so pushes submitted one after
-    /// another keep their order; dropping the answer does not cancel the commit.
+    /// for a caller that keeps many in flight (the push stream). The push is queued (or
+    /// applied, in memory) before this returns, so pushes submitted one after another
+    /// keep their order, except in naive mode (see [`Writer::keeps_order`]); dropping the
+    /// answer does not cancel the commit.
     pub fn submit(&self, task: TaskId, update: ProgressUpdate) -> Submitted {
         if let Store::Memory(memory) = &self.store {
             return Submitted::done(self.apply_in_memory(memory, task, update));
@@ -345,8 +223,7 @@ impl Writer {
                 Err(e) => Submitted::done(Err(e)),
             },
             WriteMode::Naive => {
-                let writer = self.clone();
-                Submitted::Spawned(tokio::spawn(async move { writer.push(task, update).await }))
+                Submitted::Spawned(tokio::spawn(self.clone().commit_alone(task, update)))
             }
         }
     }
