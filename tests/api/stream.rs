@@ -9,7 +9,12 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{KEY, StoreKind, Tap, TestDb, spawn_app, spawn_app_on_with, spawn_app_with};
+use taskcast::config::Config;
+use taskcast::domain::TaskId;
+
+use crate::helpers::{
+    KEY, StoreKind, Tap, TestApp, TestDb, spawn_app, spawn_app_on_with, spawn_app_with,
+};
 
 /// One push stream, as a generator would hold it.
 struct PushStream {
@@ -125,6 +130,15 @@ impl PushStream {
             .expect("an answer within 10 s")
             .expect("an answer line before the end")
     }
+}
+
+/// A node on the in-memory store, its configuration adjusted by `tune`, a task on it, and a
+/// push stream open to it.
+async fn memory_stream(tune: impl FnOnce(&mut Config)) -> (TestApp, TaskId, PushStream) {
+    let app = spawn_app_with(StoreKind::Memory, tune).await;
+    let task = app.create_task().await;
+    let stream = PushStream::open(app.addr).await;
+    (app, task, stream)
 }
 
 #[tokio::test]
@@ -264,12 +278,10 @@ async fn a_stream_without_the_key_of_another_type_or_without_a_body_is_refused_b
 
 #[tokio::test]
 async fn a_line_over_the_limit_is_answered_413_and_the_lines_after_it_are_served() {
-    let app = spawn_app_with(StoreKind::Memory, |config| {
+    let (_app, task, mut stream) = memory_stream(|config| {
         config.limits.max_body_bytes = 1024;
     })
     .await;
-    let task = app.create_task().await;
-    let mut stream = PushStream::open(app.addr).await;
     let long = json!({"task_id": task.to_string(), "stage": "x".repeat(3000)}).to_string();
     // The long line arrives in pieces, its newline in the same chunk as the next line.
     stream.send(&long.as_bytes()[..1500]).await;
@@ -296,12 +308,10 @@ async fn a_line_over_the_limit_is_answered_413_and_the_lines_after_it_are_served
 
 #[tokio::test]
 async fn a_line_that_stops_halfway_is_answered_408_and_the_stream_ends() {
-    let app = spawn_app_with(StoreKind::Memory, |config| {
+    let (_app, task, mut stream) = memory_stream(|config| {
         config.limits.body_timeout = Duration::from_secs(1);
     })
     .await;
-    let task = app.create_task().await;
-    let mut stream = PushStream::open(app.addr).await;
     stream
         .send_line(&json!({"task_id": task.to_string(), "progress": 5}))
         .await;
@@ -318,12 +328,10 @@ async fn a_line_that_stops_halfway_is_answered_408_and_the_stream_ends() {
 
 #[tokio::test]
 async fn a_stream_with_no_line_for_the_keep_alive_timeout_ends_and_empty_lines_keep_it_open() {
-    let app = spawn_app_with(StoreKind::Memory, |config| {
+    let (_app, task, mut stream) = memory_stream(|config| {
         config.limits.keep_alive_timeout = Duration::from_secs(2);
     })
     .await;
-    let task = app.create_task().await;
-    let mut stream = PushStream::open(app.addr).await;
     // Empty lines every 400 ms for 3.2 s: past the timeout, and still open.
     for _ in 0..8 {
         stream.send(b"\n").await;
@@ -348,13 +356,11 @@ async fn a_stream_with_no_line_for_the_keep_alive_timeout_ends_and_empty_lines_k
 
 #[tokio::test]
 async fn a_client_that_stops_reading_its_answers_is_read_no_further_and_cut_off() {
-    let app = spawn_app_with(StoreKind::Memory, |config| {
+    let (app, task, mut stream) = memory_stream(|config| {
         config.limits.keep_alive_timeout = Duration::from_secs(1);
         config.limits.max_batch_items = 4;
     })
     .await;
-    let task = app.create_task().await;
-    let mut stream = PushStream::open(app.addr).await;
     stream.head().await;
     // Lines carrying a large stage, so the answers fill the socket buffers; never read.
     let line = format!(
