@@ -46,6 +46,13 @@ enum Route {
     Stream,
 }
 
+/// A route taken, with what its answer needs.
+enum Taken {
+    Push(String),
+    Batch,
+    Stream(StreamDeadline),
+}
+
 impl Shortcut for GeneratorWrites {
     fn serve(
         &self,
@@ -56,11 +63,15 @@ impl Shortcut for GeneratorWrites {
             return Err(request);
         };
         let state = self.state.clone();
-        let deadline = (route == Route::Stream).then(|| connection.stream_deadline());
+        let taken = match route {
+            Route::Push(raw_id) => Taken::Push(raw_id),
+            Route::Batch => Taken::Batch,
+            Route::Stream => Taken::Stream(connection.stream_deadline()),
+        };
         Ok(Box::pin(async move {
             let started = Instant::now();
             let path = request.uri().path().to_owned();
-            let response = answer(state, route, request, deadline).await;
+            let response = answer(state, taken, request).await;
             tracing::debug!(
                 method = "POST",
                 path,
@@ -117,12 +128,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 /// The answer to a plain generator write, as the filter tree gives it.
-async fn answer(
-    state: Arc<AppState>,
-    route: Route,
-    request: Request<Incoming>,
-    deadline: Option<StreamDeadline>,
-) -> Response {
+async fn answer(state: Arc<AppState>, taken: Taken, request: Request<Incoming>) -> Response {
     let (parts, body) = request.into_parts();
     let text = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let allowed = match state.origins.check(text(header::ORIGIN)) {
@@ -132,18 +138,19 @@ async fn answer(
     if let Err(e) = state.push_key.verify(text(header::AUTHORIZATION)) {
         return e.into_response();
     }
-    let (limit, setting) = match &route {
-        Route::Push(_) => (state.bodies.max_body_bytes, MAX_BODY),
-        Route::Batch => (state.bodies.max_batch_body_bytes, MAX_BATCH_BODY),
-        Route::Stream => {
-            let Some(deadline) = deadline else {
-                return Error::internal("a push stream", "no hold on its connection")
-                    .into_response();
-            };
+    // A stream reads its body line by line; the others read it whole first.
+    let one = match taken {
+        Taken::Stream(deadline) => {
             let content_type = text(header::CONTENT_TYPE);
             let response = stream::open(state, content_type, body, deadline).await;
             return origin::allow(response, allowed);
         }
+        Taken::Push(raw_id) => Some(raw_id),
+        Taken::Batch => None,
+    };
+    let (limit, setting) = match one {
+        Some(_) => (state.bodies.max_body_bytes, MAX_BODY),
+        None => (state.bodies.max_batch_body_bytes, MAX_BATCH_BODY),
     };
     let length = content_length(&parts.headers).unwrap_or(None);
     if let Err(e) = check_type_and_length(text(header::CONTENT_TYPE), length, limit, setting) {
@@ -156,12 +163,9 @@ async fn answer(
         Ok(Err(e)) => return e.into_response(),
         Err(_) => return Error::RequestTimeout { within }.into_response(),
     };
-    let answered = match route {
-        Route::Push(raw_id) => push::push(raw_id, state, body).await,
-        Route::Batch => push::push_batch(state, body).await,
-        Route::Stream => {
-            return Error::internal("a push stream", "read as one body").into_response();
-        }
+    let answered = match one {
+        Some(raw_id) => push::push(raw_id, state, body).await,
+        None => push::push_batch(state, body).await,
     };
     origin::allow(respond(answered), allowed)
 }
