@@ -478,9 +478,16 @@ async fn at_shutdown_a_stream_answers_the_line_it_is_committing_then_ends_cleanl
         .send_line(&json!({"task_id": task.to_string(), "stage": "in-flight-at-shutdown"}))
         .await;
     let caught = armed.caught().await;
-    // The commit is held; the node starts shutting down, then the commit goes through.
+    // The commit is held; the node starts shutting down (it stops accepting once the
+    // shutdown is triggered), then the commit goes through.
     let stopped = app.begin_shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while TcpStream::connect(app.addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the node stops accepting at shutdown");
     caught.release();
     let answer = stream.answer().await;
     assert_eq!(answer["status"], 200, "{answer}");
