@@ -276,6 +276,28 @@ impl Pace {
     }
 }
 
+impl Pushed {
+    /// A run that could not start: every scheduled push failed.
+    fn none_sent(scheduled: u64) -> Pushed {
+        Pushed {
+            scheduled,
+            failed: scheduled,
+            ..Pushed::default()
+        }
+    }
+}
+
+/// The line pushers' connections to `addr` (TCP_NODELAY set), or `None` if one failed.
+async fn connect_pushers(addr: SocketAddr) -> Option<Vec<TcpStream>> {
+    let mut streams = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
+    for _ in 0..TCP_PUSH_CONNECTIONS {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        streams.push(stream);
+    }
+    Some(streams)
+}
+
 /// Connections the TCP pusher spreads its lines over.
 const TCP_PUSH_CONNECTIONS: usize = 4;
 
@@ -388,22 +410,9 @@ impl Pusher {
     ) -> Pushed {
         use tokio::io::AsyncWriteExt;
         let scheduled = (rate * duration.as_secs_f64()).round() as u64;
-        let mut streams = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
-        for _ in 0..TCP_PUSH_CONNECTIONS {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    streams.push(stream);
-                }
-                Err(_) => {
-                    return Pushed {
-                        scheduled,
-                        failed: scheduled,
-                        ..Pushed::default()
-                    };
-                }
-            }
-        }
+        let Some(mut streams) = connect_pushers(addr).await else {
+            return Pushed::none_sent(scheduled);
+        };
         let mut pace = Pace::new(rate, duration);
         let (mut issued, mut ok) = (0u64, 0u64);
         while let Some(due) = pace.due(issued).await {
@@ -453,26 +462,17 @@ impl Pusher {
         let mut writers = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
         let mut readers = Vec::with_capacity(TCP_PUSH_CONNECTIONS);
         let auth = self.target.authorization.as_deref().unwrap_or_default();
-        for _ in 0..TCP_PUSH_CONNECTIONS {
-            let Ok(stream) = TcpStream::connect(addr).await else {
-                return Pushed {
-                    scheduled,
-                    failed: scheduled,
-                    ..Pushed::default()
-                };
-            };
-            let _ = stream.set_nodelay(true);
+        let Some(streams) = connect_pushers(addr).await else {
+            return Pushed::none_sent(scheduled);
+        };
+        for stream in streams {
             let (read, mut write) = stream.into_split();
             let head = format!(
                 "POST /api/progress/stream HTTP/1.1\r\nhost: taskcast\r\nauthorization: {auth}\r\n\
                  content-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
             );
             if write.write_all(head.as_bytes()).await.is_err() {
-                return Pushed {
-                    scheduled,
-                    failed: scheduled,
-                    ..Pushed::default()
-                };
+                return Pushed::none_sent(scheduled);
             }
             let unanswered = Arc::new(Unanswered::default());
             readers.push(tokio::spawn(read_answers(

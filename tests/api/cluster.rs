@@ -328,14 +328,7 @@ async fn changes_made_while_a_listener_is_down_are_delivered_after_it_reconnects
         .unwrap();
     let listeners = "SELECT count(*) FROM pg_stat_activity \
                      WHERE application_name = 'taskcast-listener' AND datname = current_database()";
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'taskcast-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap();
+    kill_listeners(&admin).await;
     let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
     while admin
         .query_one(listeners, &[])
